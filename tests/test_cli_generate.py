@@ -1,0 +1,40 @@
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from twig_batch.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_writes_png_and_record(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["generate", "a red cube", "--model", "tiny", "--out", str(out), "--num-images", "2",
+                                 "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    for i in range(2):
+        with Image.open(out / f"image-{i:04d}.png") as im:
+            im.verify()
+        record = json.loads((out / f"image-{i:04d}.json").read_text())
+        assert record["prompt"] == "a red cube" and record["base_seed"] == 5 and record["model"] == "tiny"
+        assert record["settings"]["cfg_weight"] == 5.0 and record["timings"]["image_tokens_s"] > 0
+    assert (out / "image-0000.png").read_bytes() != (out / "image-0001.png").read_bytes()
+
+
+def test_generate_bad_model_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_generate_bad_setting(tmp_path):
+    result = runner.invoke(app, ["generate", "x", "--cfg-weight", "nan", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "cfg weight" in result.output
+
+
+def test_make_tiny_model_both_layouts(tmp_path):
+    for layout in ("hf", "deepseek"):
+        result = runner.invoke(app, ["make-tiny-model", str(tmp_path / layout), "--layout", layout])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / layout / "config.json").is_file()

@@ -1,0 +1,101 @@
+"""The `twig-batch` command line."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from twig_batch.errors import TwigBatchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Batch text-to-image with Janus-Pro and Thinking-while-Generating.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model_cmd(
+    folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    layout: str = typer.Option("hf", help="hf (transformers layout) or deepseek (DeepSeek's original layout)."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    vq_downsample: int = typer.Option(4, help="4 (96-px images) or 16 (Janus-Pro's 384-px geometry)."),
+) -> None:
+    """Build a random tiny Janus with an offline tokenizer and save it like a real checkpoint."""
+    from twig_batch.model.tiny import make_tiny_model
+
+    try:
+        make_tiny_model(folder, layout=layout, seed=seed, vq_downsample=vq_downsample)
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo(f"tiny Janus ({layout} layout) written to {folder}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    model: str = typer.Option("tiny", help="'tiny', a checkpoint folder (either layout) or a Hugging Face id."),
+    out: Path = typer.Option(Path("twig-output/generate"), help="Output folder."),
+    seed: int = typer.Option(0, help="Base seed; image i uses a seed derived from (seed, prompt, i)."),
+    num_images: int = typer.Option(1, min=1, help="How many images."),
+    mode: str = typer.Option("plain", help="plain, twig or seed."),
+    bands: int = typer.Option(3, help="Horizontal bands (must divide the 24 token rows)."),
+    reflect: bool = typer.Option(True, help="Reflect on each band and redraw it once when it scores low."),
+    theta: float = typer.Option(90.0, help="Reflection score (0-100) at or above which a band is accepted."),
+    think_max_tokens: int = typer.Option(512, help="Most new tokens per thought."),
+    cfg_weight: float = typer.Option(5.0, help="Classifier-free guidance weight."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely image tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16."),
+) -> None:
+    """Generate images for one prompt: PNGs plus one JSON record per image."""
+    from twig_batch.devices import resolve_device, resolve_dtype
+    from twig_batch.model import load_janus
+    from twig_batch.pipeline import ImageRequest, generate_images
+    from twig_batch.seeds import derive_seed
+    from twig_batch.settings import GenerationSettings
+
+    try:
+        settings = GenerationSettings(mode=mode, bands=bands, reflect=reflect, theta=theta,
+                                      think_max_tokens=think_max_tokens, cfg_weight=cfg_weight,
+                                      temperature=temperature, top_k=top_k, top_p=top_p)
+        if not prompt.strip():
+            raise TwigBatchError("the prompt is empty")
+        torch_device = resolve_device(device)
+        start = time.perf_counter()
+        bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
+        load_s = time.perf_counter() - start
+        requests = [ImageRequest("cli", prompt, i, derive_seed(seed, prompt, i)) for i in range(num_images)]
+        results = generate_images(bundle, requests, settings)
+    except TwigBatchError as exc:
+        _fail(exc)
+    out.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        stem = f"image-{result.request.sample_index:04d}"
+        result.image.save(out / f"{stem}.png")
+        for label, band_image in result.band_images:
+            band_image.save(out / f"{stem}.{label}.png")
+        record = result.record() | {"model": model, "base_seed": seed, "settings": settings.to_dict(),
+                                    "image": f"{stem}.png", "load_s": load_s}
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    typer.echo(f"{len(results)} image(s) written to {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except TwigBatchError as exc:  # anything that escaped a command's own handling
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

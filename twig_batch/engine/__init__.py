@@ -1,0 +1,1 @@
+"""Token generation: sampling, the reference loop and the batched engine."""

@@ -1,0 +1,51 @@
+"""Classifier-free guidance and sampling over logits, batch-invariant by construction."""
+from __future__ import annotations
+
+import torch
+
+from twig_batch.seeds import STREAM_IMAGE, uniform_noise
+
+
+def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+    """Rows come as (conditional, unconditional) pairs: [2B, V] -> [B, V] = u + w (c - u)."""
+    cond, uncond = logits_pairs[0::2], logits_pairs[1::2]
+    return uncond + cfg_weight * (cond - uncond)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p  # the most likely token always survives
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    step: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stream: int = STREAM_IMAGE,
+) -> torch.Tensor:
+    """Gumbel-max sampling from softmax(logits / T) with per-row noise; T == 0 means greedy."""
+    logits = logits.to(torch.float64)
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    u = uniform_noise(seeds, step, logits.shape[-1], stream).to(logits.device)
+    gumbel = -torch.log(-torch.log(u))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per row."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,202 @@
+"""`load_janus`: the one way every part of twig-batch gets a model.
+
+A reference is `tiny` (a random tiny model built offline and cached), a local folder in the
+transformers layout or in DeepSeek's original layout, or a Hugging Face id (resolved through the
+local Hugging Face cache / hub). Every failure becomes one `ModelLoadError` with a plain message.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from twig_batch.errors import ModelLoadError
+from twig_batch.model import bundle as tokens_mod
+from twig_batch.model.bundle import JanusBundle, SpecialTokens
+from twig_batch.model.deepseek_layout import deepseek_state_to_hf, janus_config_from_deepseek
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")
+
+
+def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> JanusBundle:
+    """Load Janus-Pro from `ref` onto `device` in `dtype`."""
+    if ref == "tiny":
+        from twig_batch.model.tiny import tiny_model_path
+
+        folder = tiny_model_path()
+    else:
+        folder = _resolve_folder(ref)
+    layout = detect_layout(folder)
+    raw = _read_json(folder / "config.json")
+    tokenizer = _load_tokenizer(folder, layout)
+    special = _special_tokens(tokenizer, folder)
+    if layout == "hf":
+        from transformers import JanusConfig
+
+        config = JanusConfig.from_dict(raw)
+    else:
+        config = janus_config_from_deepseek(raw, special.image, {"bos_token_id": special.bos,
+                                                                  "eos_token_id": special.eos,
+                                                                  "pad_token_id": special.pad})
+    state = _read_state(folder)
+    if layout == "deepseek":
+        state = deepseek_state_to_hf(state)
+    model = _build_and_fill(config, state, folder, device, dtype)
+    mean, std = _image_normalisation(folder)
+    return JanusBundle(model=model, tokenizer=tokenizer, tokens=special, ref=ref, layout=layout,
+                       image_mean=mean, image_std=std)
+
+
+def detect_layout(folder: Path) -> str:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"model folder {folder} has no config.json: not a Janus checkpoint")
+    raw = _read_json(config_path)
+    if raw.get("model_type") == "janus":
+        return "hf"
+    if "language_config" in raw and "gen_vision_config" in raw:
+        return "deepseek"
+    raise ModelLoadError(
+        f"unknown checkpoint layout in {config_path} (model_type={raw.get('model_type')!r}): expected transformers' "
+        "Janus layout (model_type 'janus') or DeepSeek's original layout (language_config + gen_vision_config)"
+    )
+
+
+def _resolve_folder(ref: str) -> Path:
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model reference {ref} is a file; pass the checkpoint folder")
+        return path
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(f"model folder {ref} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref))
+    except Exception as exc:  # network, auth, unknown repo: all one message
+        raise ModelLoadError(
+            f"model {ref!r} is neither a local folder nor reachable on the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def _load_tokenizer(folder: Path, layout: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise ModelLoadError(f"model folder {folder} has no tokenizer (tokenizer.json)")
+    try:
+        # AutoTokenizer would consult DeepSeek's config.json, whose model type it does not know.
+        loader = AutoTokenizer if layout == "hf" else PreTrainedTokenizerFast
+        return loader.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {exc}") from None
+
+
+def _special_tokens(tokenizer, folder: Path) -> SpecialTokens:
+    vocab = tokenizer.get_vocab()
+    names = {"bos": tokens_mod.BOS, "eos": tokens_mod.EOS, "pad": tokens_mod.PAD, "image": tokens_mod.IMAGE,
+             "boi": tokens_mod.BOI, "eoi": tokens_mod.EOI}
+    missing = [text for text in names.values() if text not in vocab]
+    if missing:
+        raise ModelLoadError(f"the tokenizer in {folder} lacks Janus's special tokens: {', '.join(missing)}")
+    return SpecialTokens(**{field: vocab[text] for field, text in names.items()})
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for name in _WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                shards = sorted(set(_read_json(path)["weight_map"].values()))
+                absent = [s for s in shards if not (folder / s).is_file()]
+                if absent:
+                    raise ModelLoadError(f"model folder {folder} is missing weight shards: {', '.join(absent[:5])}")
+                return [folder / s for s in shards]
+            return [path]
+    raise ModelLoadError(f"model folder {folder} has no weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state.update(load_file(str(path)))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read weights {path}: {exc}") from None
+    return state
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(config, device, dtype, init_weights: bool = False) -> torch.nn.Module:
+    """Allocate a Janus model directly on `device` in `dtype` (random init only when asked)."""
+    from transformers import JanusForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    skip = contextlib.nullcontext() if init_weights else no_init_weights()
+    with skip, _default_dtype(dtype), torch.device(device):
+        model = JanusForConditionalGeneration(config)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _build_and_fill(config, state, folder: Path, device, dtype) -> torch.nn.Module:
+    model = build_model(config, device, dtype)
+    expected = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches, e.g. " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(f"{len(missing)} missing weights, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:3])}")
+    if problems:
+        raise ModelLoadError(f"weights in {folder} do not fit its config: " + " | ".join(problems))
+    with torch.no_grad():
+        for key, target in expected.items():
+            source = state.get(key)
+            if source is None:  # tied lm_head
+                source = state["model.language_model.embed_tokens.weight"]
+            target.copy_(source.to(dtype))
+    return model
+
+
+def _image_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    path = folder / "preprocessor_config.json"
+    raw = _read_json(path) if path.is_file() else {}
+    return tuple(raw.get("image_mean", (0.5,) * 3)), tuple(raw.get("image_std", (0.5,) * 3))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TWIG_BATCH_CACHE", Path.home() / ".cache" / "twig-batch"))

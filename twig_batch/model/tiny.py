@@ -1,0 +1,130 @@
+"""Tiny random Janus models, built offline, saved exactly like real checkpoints.
+
+They exercise every code path (LM, generation head, VQ decoder, SigLIP understanding path) in
+seconds on a CPU. The default keeps Janus-Pro's 24 x 24 token grid (so any band count that divides
+24 works) with a 4x VQ decoder (96-px images); `vq_downsample=16` gives the real 384-px geometry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from twig_batch.model import bundle as names
+from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
+
+TINY_VERSION = 1
+_WORDS = (
+    "a an the red green blue yellow white black orange purple small large tiny huge old new bright dark cube "
+    "sphere cat dog bird tree house car boat mountain river sky cloud sun moon star city street forest field "
+    "flower garden beach ocean wave road bridge tower castle window door table chair cup book lamp painting "
+    "portrait landscape photo of on in under over next to with and near behind top middle bottom part image "
+    "band left right center background foreground light shadow sunset morning night snow rain glass metal wood "
+    "stone describe score improve sentence visible content artist stage draw paint thought reflection"
+).split()
+
+
+def train_tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained here on generated text, with Janus's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(_WORDS), (4000, 8), generator=generator).tolist()
+    corpus = [" ".join(_WORDS[i] for i in row) for row in picks] + [" ".join(_WORDS)]
+    specials = [names.BOS, names.EOS, names.PAD, names.IMAGE, names.BOI, names.EOI, "<|User|>", "<|Assistant|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=names.BOS, eos_token=names.EOS, pad_token=names.PAD,
+        extra_special_tokens={"image_token": names.IMAGE, "boi_token": names.BOI, "eoi_token": names.EOI},
+    )
+
+
+def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsample: int = 4):
+    from transformers import JanusConfig, LlamaConfig
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    levels = {4: [1, 1, 1], 16: [1, 1, 2, 2, 4]}
+    if vq_downsample not in levels:
+        raise ValueError(f"vq_downsample must be 4 or 16, got {vq_downsample}")
+    hidden = 64
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, **special)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=96,
+                               patch_size=4, projection_dim=hidden, num_image_tokens=576)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=512, base_channels=32, latent_channels=32,
+                          channel_multiplier=levels[vq_downsample], num_res_blocks=1, projection_dim=hidden,
+                          image_token_embed_dim=hidden)
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token_id,
+                       tie_word_embeddings=False)
+
+
+def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_downsample: int = 4) -> Path:
+    """Build a random tiny Janus and save it in `layout` ('hf' or 'deepseek') under `folder`."""
+    from twig_batch.model.loading import build_model
+
+    if layout not in ("hf", "deepseek"):
+        raise ValueError(f"layout must be 'hf' or 'deepseek', got {layout!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    special = {"bos_token_id": vocab[names.BOS], "eos_token_id": vocab[names.EOS], "pad_token_id": vocab[names.PAD]}
+    config = tiny_config(len(tokenizer), vocab[names.IMAGE], special, vq_downsample)
+    torch.manual_seed(seed)
+    model = build_model(config, "cpu", torch.float32, init_weights=True)
+    tokenizer.save_pretrained(str(folder))
+    preprocessor = {"image_size": config.vision_config.image_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    if layout == "hf":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model.save_pretrained(str(folder))
+        _save_generation_config(folder, vocab[names.BOI], special)
+    else:
+        state = hf_state_to_deepseek({k: v.contiguous() for k, v in model.state_dict().items()})
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "config.json").write_text(json.dumps(deepseek_config_from_janus(config), indent=2))
+    return folder
+
+
+def _save_generation_config(folder: Path, boi_id: int, special: dict) -> None:
+    # transformers' own Janus image generate reads boi_token_id from generation_kwargs; the
+    # _from_model_config flag must be False or it ignores the file.
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**special, generation_kwargs={"boi_token_id": boi_id}, num_image_tokens=576)
+    config._from_model_config = False
+    config.save_pretrained(str(folder))
+
+
+def tiny_model_path() -> Path:
+    """The cached default tiny model (HF layout), built on first use; safe under concurrent builders."""
+    from twig_batch.model.loading import default_cache_dir
+
+    target = default_cache_dir() / f"tiny-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        make_tiny_model(staging)
+        try:
+            os.rename(staging, target)  # atomic: a racing builder's copy is identical, keep whichever won
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

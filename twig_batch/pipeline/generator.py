@@ -1,0 +1,68 @@
+"""`generate_images`: requests in, finished images and their records out, for any batch size."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from twig_batch.engine.batched import generate_plain_batch
+from twig_batch.imaging import decode_codes, to_pil
+from twig_batch.settings import GenerationSettings
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    prompt_id: str
+    prompt: str
+    sample_index: int
+    seed: int
+
+
+@dataclass
+class ImageResult:
+    request: ImageRequest
+    codes: torch.Tensor
+    image: Image.Image
+    mode: str
+    band_images: list[tuple[str, Image.Image]] = field(default_factory=list)  # (label, partial image)
+    thoughts: list[str] = field(default_factory=list)
+    reflections: list[dict] = field(default_factory=list)
+    redrawn_bands: list[int] = field(default_factory=list)
+    trigger_log: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """The JSON-able summary of this image (no pixels)."""
+        return {
+            "id": self.request.prompt_id, "prompt": self.request.prompt, "sample_index": self.request.sample_index,
+            "seed": self.request.seed, "mode": self.mode, "width": self.image.width, "height": self.image.height,
+            "thoughts": self.thoughts, "reflections": self.reflections, "redrawn_bands": self.redrawn_bands,
+            "n_triggers": sum(1 for t in self.trigger_log if t.get("fired")),
+            "n_injections": sum(1 for t in self.trigger_log if t.get("injected")),
+            "timings": self.timings,
+        }
+
+
+def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSettings) -> list[ImageResult]:
+    """Generate one image per request; all requests share the settings, each has its own seed."""
+    if not requests:
+        return []
+    settings.check_geometry(bundle.grid)
+    if settings.mode != "plain":
+        from twig_batch.pipeline.staged import generate_staged  # noqa: PLC0415 (staged modes are optional here)
+
+        return generate_staged(bundle, requests, settings)
+    start = time.perf_counter()
+    codes = generate_plain_batch(bundle, [r.prompt for r in requests], [r.seed for r in requests], settings)
+    tokens_s = time.perf_counter() - start
+    start = time.perf_counter()
+    images = to_pil(decode_codes(bundle, codes))
+    decode_s = time.perf_counter() - start
+    share = 1.0 / len(requests)
+    return [
+        ImageResult(request=r, codes=c, image=img, mode="plain",
+                    timings={"image_tokens_s": tokens_s * share, "decode_s": decode_s * share})
+        for r, c, img in zip(requests, codes, images)
+    ]

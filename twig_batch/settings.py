@@ -1,0 +1,59 @@
+"""Generation settings: one slotted dataclass, validated once, shared by the CLI, the API and Ray."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from twig_batch.errors import InputError
+
+MODES = ("plain", "twig", "seed")
+
+
+@dataclass(slots=True)
+class GenerationSettings:
+    mode: str = "plain"
+    cfg_weight: float = 5.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    bands: int = 3
+    reflect: bool = True
+    theta: float = 90.0
+    think_max_tokens: int = 512
+    guidance_max_tokens: int = 300
+    guidance_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not _finite(self.cfg_weight) or self.cfg_weight < 0:
+            raise InputError(f"cfg weight must be a finite number >= 0, got {self.cfg_weight!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise InputError(f"top-p must lie in (0, 1], got {self.top_p}")
+        if self.bands < 1:
+            raise InputError(f"bands must be >= 1, got {self.bands}")
+        if not _finite(self.theta) or not (0 <= self.theta <= 100):
+            raise InputError(f"theta must lie in [0, 100], got {self.theta!r}")
+        for name in ("think_max_tokens", "guidance_max_tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+
+    def check_geometry(self, token_rows: int) -> None:
+        """Bands split the image's token rows evenly; call once the model (and its grid) is known."""
+        if token_rows % self.bands:
+            divisors = [k for k in range(1, token_rows + 1) if token_rows % k == 0]
+            raise InputError(
+                f"bands={self.bands} does not divide the image's {token_rows} token rows; use one of {divisors}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
