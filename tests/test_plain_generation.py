@@ -57,3 +57,18 @@ def test_image_size_tiny_and_real_geometry(tiny64, tmp_path):
     real = load_janus(str(make_tiny_model(tmp_path / "real", vq_downsample=16)))
     assert real.image_px == 384
     assert to_pil(decode_codes(real, codes[:1]))[0].size == (384, 384)
+
+
+def test_band_with_prefix_matches_reference(tiny64):
+    from twig_batch.engine.batched import draw_image_tokens_batch
+    from twig_batch.engine.reference import reference_image_tokens
+    from twig_batch.prompts import t2i_prompt_ids
+
+    settings = GenerationSettings()
+    rows = [t2i_prompt_ids(tiny64, p) for p in PROMPTS[:3]]
+    prefix = torch.randint(0, 512, (3, 192), generator=torch.Generator().manual_seed(0))
+    batch = draw_image_tokens_batch(tiny64, rows, [5, 6, 7], settings, 192, prefix_codes=prefix, first_step=192)
+    for b in range(3):
+        ref = reference_image_tokens(tiny64, rows[b], [5, 6, 7][b], settings, 192, prefix_codes=prefix[b],
+                                     first_step=192)
+        assert torch.equal(batch[b], ref)

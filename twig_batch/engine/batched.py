@@ -1,13 +1,17 @@
-"""Batched plain generation: many prompts, CFG row pairs, left padding, per-row positions and seeds.
+"""Batched image-token drawing: many images, CFG row pairs, left padding, per-row positions and seeds.
 
 Rows are laid out (cond_0, uncond_0, cond_1, uncond_1, ...). Prompts of different lengths are
 left-padded and masked; positions count real tokens only, so a row computes what it would alone.
+Control tokens injected into some images take cache slots in every row but stay masked out (and
+do not advance positions) for the images that were not injected, which therefore compute exactly
+what they would without the injection.
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
+from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
 from twig_batch.settings import GenerationSettings
@@ -24,32 +28,48 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def generate_plain_batch(bundle, prompts: list[str], seeds: list[int], settings: GenerationSettings) -> torch.Tensor:
-    """Codes [B, grid * grid] for B prompts; row b uses seeds[b] and matches `reference_plain`."""
-    if len(prompts) != len(seeds):
-        raise ValueError("one seed per prompt")
+def draw_image_tokens_batch(
+    bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
+    prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
+) -> torch.Tensor:
+    """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`.
+
+    `prefix_codes` [B, n0]: image codes already drawn for each image (same n0 for all).
+    """
+    if len(cond_rows) != len(seeds):
+        raise ValueError("one seed per image")
     device = bundle.device
     rows: list[list[int]] = []
-    for prompt in prompts:
-        ids = t2i_prompt_ids(bundle, prompt)
+    for ids in cond_rows:
         rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
     ids, mask = pad_left(rows, bundle.tokens.pad)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    embeds = bundle.embed_text(ids)
+    if prefix_codes is not None and prefix_codes.numel():
+        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
+        n0 = image.shape[1]
+        embeds = torch.cat([embeds, image], dim=1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], n0), dtype=mask.dtype, device=device)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
     lm = bundle.language_model
     cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=bundle.embed_text(ids), attention_mask=mask, position_ids=positions,
-             past_key_values=cache, use_cache=True)
-    hidden = out.last_hidden_state[:, -1]
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True).last_hidden_state[:, -1]
     next_position = positions[:, -1:] + 1
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)
     codes = []
-    for step in range(bundle.image_tokens):
+    for i in range(n_tokens):
+        step = first_step + i
         logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
         tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
         codes.append(tokens)
-        if step + 1 == bundle.image_tokens:
+        if observer is not None:
+            injection = observer.observe(step, hidden[0::2], logits, tokens)
+            if injection is not None and bool(injection.rows.any()):
+                mask, next_position = _inject(bundle, cache, mask, next_position, injection)
+        if i + 1 == n_tokens:
             break
         mask = torch.cat([mask, ones], dim=1)
         step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
@@ -57,3 +77,23 @@ def generate_plain_batch(bundle, prompts: list[str], seeds: list[int], settings:
                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
         next_position = next_position + 1
     return torch.stack(codes, dim=1).cpu()
+
+
+def _inject(bundle, cache, mask, next_position, injection):
+    """Append K control tokens to the injected images' row pairs (masked slots for the others)."""
+    rows = injection.rows.to(mask.device).repeat_interleave(2)  # [2B]
+    k = injection.embeds.shape[1]
+    control = injection.embeds.to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
+    slot_mask = rows.long().unsqueeze(1).expand(-1, k)
+    mask = torch.cat([mask, slot_mask], dim=1)
+    positions = next_position + torch.arange(k, device=mask.device)
+    bundle.language_model(inputs_embeds=control, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True)
+    return mask, next_position + rows.long().unsqueeze(1) * k
+
+
+def generate_plain_batch(bundle, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+                         observer: ImageTokenObserver | None = None) -> torch.Tensor:
+    """Plain text-to-image codes [B, grid * grid]; row b matches `reference_plain(prompts[b], seeds[b])`."""
+    rows = [t2i_prompt_ids(bundle, p) for p in prompts]
+    return draw_image_tokens_batch(bundle, rows, seeds, settings, bundle.image_tokens, observer=observer)

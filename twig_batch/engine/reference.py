@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
 from twig_batch.settings import GenerationSettings
@@ -14,16 +15,18 @@ from twig_batch.settings import GenerationSettings
 
 @torch.no_grad()
 def reference_image_tokens(
-    bundle, pair_ids: torch.Tensor, seed: int, settings: GenerationSettings, n_tokens: int,
-    prefix_codes: torch.Tensor | None = None, first_step: int = 0,
+    bundle, cond_ids: list[int], seed: int, settings: GenerationSettings, n_tokens: int,
+    prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
 ) -> torch.Tensor:
-    """Sample `n_tokens` image codes after a CFG pair of text rows `pair_ids` [2, L].
+    """Sample `n_tokens` image codes for one image whose conditional text row is `cond_ids`.
 
-    `prefix_codes` [n] are image codes already drawn (they extend both rows); sampling step numbers
-    continue from `first_step`, so a band's noise depends only on its place in the image.
+    The CFG partner row is derived from it. `prefix_codes` [n] are image codes already drawn (they
+    extend both rows); sampling step numbers continue from `first_step`, so a band's noise depends
+    only on its place in the image. An `observer` may inject control tokens after any step.
     """
     lm = bundle.language_model
-    embeds = bundle.embed_text(pair_ids.to(bundle.device))
+    pair = torch.tensor([cond_ids, unconditional_ids(cond_ids, bundle.tokens.pad)], device=bundle.device)
+    embeds = bundle.embed_text(pair)
     if prefix_codes is not None and prefix_codes.numel():
         image = bundle.embed_image_codes(prefix_codes.to(bundle.device)).unsqueeze(0).expand(2, -1, -1)
         embeds = torch.cat([embeds, image], dim=1)
@@ -32,9 +35,15 @@ def reference_image_tokens(
     seeds = torch.tensor([seed], dtype=torch.int64)
     codes = []
     for i in range(n_tokens):
+        step = first_step + i
         logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-        token = sample_tokens(logits, seeds, first_step + i, settings.temperature, settings.top_k, settings.top_p)
+        token = sample_tokens(logits, seeds, step, settings.temperature, settings.top_k, settings.top_p)
         codes.append(token)
+        if observer is not None:
+            injection = observer.observe(step, hidden[0:1], logits, token)
+            if injection is not None and bool(injection.rows[0]):
+                control = injection.embeds[0:1].to(bundle.device, bundle.dtype).expand(2, -1, -1)
+                lm(inputs_embeds=control, past_key_values=cache, use_cache=True)
         if i + 1 < n_tokens:
             step_embeds = bundle.embed_image_codes(token.to(bundle.device).repeat(2)).unsqueeze(1)
             hidden = lm(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
@@ -46,6 +55,7 @@ def cfg_pair(bundle, prompt: str) -> torch.Tensor:
     return torch.tensor([ids, unconditional_ids(ids, bundle.tokens.pad)], dtype=torch.long)
 
 
-def reference_plain(bundle, prompt: str, seed: int, settings: GenerationSettings) -> torch.Tensor:
+def reference_plain(bundle, prompt: str, seed: int, settings: GenerationSettings, observer=None) -> torch.Tensor:
     """Plain Janus-Pro text-to-image (SPEC §2) for one prompt: the image's codes [grid * grid]."""
-    return reference_image_tokens(bundle, cfg_pair(bundle, prompt), seed, settings, bundle.image_tokens)
+    return reference_image_tokens(bundle, t2i_prompt_ids(bundle, prompt), seed, settings, bundle.image_tokens,
+                                  observer=observer)

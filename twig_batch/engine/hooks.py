@@ -1,0 +1,32 @@
+"""The seam between the image-token loop and anything that watches it (the latent controller).
+
+After each sampled image token the loop calls `observer.observe(...)`. An observer that wants to
+steer returns an `Injection`: control-token embeddings and the images (rows) they apply to. The loop
+appends those tokens to the KV cache of exactly those images' CFG row pairs, then carries on; other
+images' caches and logits are untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Injection:
+    embeds: torch.Tensor  # [B, K, D]: K control tokens per image (both CFG rows get the same)
+    rows: torch.Tensor  # [B] bool: which images are injected
+
+
+class ImageTokenObserver(Protocol):
+    def begin_band(self, images: list[int], band: int) -> None:
+        """Called before each drawing call: row b of the coming calls is request `images[b]`."""
+
+    def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
+        """step: index of the image token just sampled (0..grid*grid-1, global in the image);
+        hidden: [B, D] last-layer hidden state of each image's conditional row that produced `logits`;
+        logits: [B, V] guided image-token logits; tokens: [B] the sampled tokens."""
+
+    def trigger_log(self, image: int) -> list[dict]:
+        """Every evaluation made for request `image` so far, in order."""
