@@ -1,0 +1,88 @@
+"""The fast engine: image-token drawing over a static KV cache, held token-exact to the reference.
+
+Same contract as `batched.draw_image_tokens_batch` (CFG row pairs, left padding, per-row seeds and
+positions, observer injections), but the cache is preallocated once per call and the decode step
+has fixed shapes, so on a GPU it can be compiled and replayed as a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+
+from twig_batch.engine.batched import pad_left
+from twig_batch.engine.hooks import ImageTokenObserver
+from twig_batch.engine.sampling import guided_logits, sample_tokens
+from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+from twig_batch.prompts import unconditional_ids
+from twig_batch.settings import GenerationSettings
+
+CONTROL_SLACK = 64  # cache columns reserved for injected control tokens
+
+
+@torch.no_grad()
+def draw_image_tokens_fast(
+    bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
+    prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
+    compile_step: bool = False,
+) -> torch.Tensor:
+    """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`."""
+    device = bundle.device
+    rows: list[list[int]] = []
+    for ids in cond_rows:
+        rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
+    ids, mask = pad_left(rows, bundle.tokens.pad)
+    ids, valid = ids.to(device), mask.to(device).bool()
+    positions = (mask.to(device).cumsum(-1) - 1).clamp(min=0)
+    embeds = bundle.embed_text(ids)
+    if prefix_codes is not None and prefix_codes.numel():
+        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
+        n0 = image.shape[1]
+        embeds = torch.cat([embeds, image], dim=1)
+        valid = torch.cat([valid, torch.ones((valid.shape[0], n0), dtype=torch.bool, device=device)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
+    lm = bundle.language_model
+    slack = CONTROL_SLACK if observer is not None else 0
+    cache = StaticKVCache(lm, len(rows), embeds.shape[1] + n_tokens + slack)
+    hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
+    next_position = positions[:, -1:] + 1
+    step_fn = _compiled_step() if compile_step else _decode_step
+    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+    all_valid = torch.ones((len(rows), 1), dtype=torch.bool, device=device)
+    codes = []
+    for i in range(n_tokens):
+        step = first_step + i
+        logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
+        tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
+        codes.append(tokens)
+        if observer is not None:
+            injection = observer.observe(step, hidden[0::2], logits, tokens)
+            if injection is not None and bool(injection.rows.any()):
+                next_position = _inject(bundle, cache, next_position, injection)
+        if i + 1 == n_tokens:
+            break
+        hidden = step_fn(bundle, cache, tokens, next_position, all_valid)
+        next_position = next_position + 1
+    return torch.stack(codes, dim=1).cpu()
+
+
+def _decode_step(bundle, cache, tokens, positions, valid):
+    step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
+    return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_decode_step, dynamic=False)
+    return _COMPILED
+
+
+def _inject(bundle, cache, next_position, injection):
+    rows = injection.rows.to(next_position.device).repeat_interleave(2)
+    k = injection.embeds.shape[1]
+    control = injection.embeds.to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
+    positions = next_position + torch.arange(k, device=next_position.device)
+    forward_static(bundle.language_model, cache, control, positions, rows.unsqueeze(1).expand(-1, k))
+    return next_position + rows.long().unsqueeze(1) * k

@@ -1,0 +1,85 @@
+"""The language model's forward pass over a preallocated, fixed-shape KV cache.
+
+Reads the weights of transformers' Llama modules but owns the cache and the attention mask, so
+every row keeps its own positions and validity (left padding, masked control-token slots) while all
+rows write the same cache column. Shapes stay fixed from step to step, which lets the decode step
+be captured once as a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
+
+
+class StaticKVCache:
+    def __init__(self, lm, rows: int, max_len: int):
+        cfg = lm.config
+        weight = lm.embed_tokens.weight
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (cfg.num_hidden_layers, rows, self.kv_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.valid = torch.zeros((rows, max_len), dtype=torch.bool, device=weight.device)
+        self.max_len = max_len
+        self.used = 0  # columns written so far (same for every row)
+
+
+def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Computed in float32 then cast, exactly as transformers' Llama rotary embedding does.
+    inv_freq = lm.rotary_emb.inv_freq.float()
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    scale = getattr(lm.rotary_emb, "attention_scaling", 1.0)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+    """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
+
+    `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
+    tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
+    """
+    rows, length, _ = embeds.shape
+    start = cache.used
+    end = start + length
+    if end > cache.max_len:
+        raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
+    attend = min(cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+    cache.valid[:, start:end] = valid
+    columns = torch.arange(attend, device=embeds.device)
+    query_columns = torch.arange(start, end, device=embeds.device)
+    causal = columns.unsqueeze(0) <= query_columns.unsqueeze(1)  # [T, A]
+    # A query always sees its own column, so padded queries never produce NaNs that could reach
+    # the cache; nobody else attends to an invalid column.
+    own = columns.unsqueeze(0) == query_columns.unsqueeze(1)
+    mask = (cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)  # [R, T, A]
+    mask = mask.unsqueeze(1)
+    cos, sin = _rotary(lm, positions, embeds.dtype)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x = embeds
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(rows, length, cache.heads, cache.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.k[i, :, :, start:end] = k
+        cache.v[i, :, :, start:end] = v
+        out = F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
+                                             enable_gqa=cache.kv_heads != cache.heads)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.used = end
+    return lm.norm(x)
