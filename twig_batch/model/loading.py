@@ -24,6 +24,10 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_m
 
 def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> JanusBundle:
     """Load Janus-Pro from `ref` onto `device` in `dtype`."""
+    if ref in ("random-7b", "random-1b"):  # full-size random weights: speed runs without downloads
+        from twig_batch.model.random_full import random_janus
+
+        return random_janus(ref.split("-")[1], device, dtype)
     if ref == "tiny":
         from twig_batch.model.tiny import tiny_model_path
 
@@ -158,8 +162,11 @@ def _default_dtype(dtype: torch.dtype):
 def build_model(config, device, dtype, init_weights: bool = False) -> torch.nn.Module:
     """Allocate a Janus model directly on `device` in `dtype` (random init only when asked)."""
     from transformers import JanusForConditionalGeneration
-    from transformers.initialization import no_init_weights
 
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x releases keep it in modeling_utils
+        from transformers.modeling_utils import no_init_weights
     skip = contextlib.nullcontext() if init_weights else no_init_weights()
     with skip, _default_dtype(dtype), torch.device(device):
         model = JanusForConditionalGeneration(config)

@@ -1,0 +1,140 @@
+"""Speed of plain text-to-image on one GPU, beside the anchors of BENCHMARK.md, in one run.
+
+Usage: python benchmarks/plain_speed.py --out DIR [--images 128] [--size 7b]
+Writes DIR/plain_speed.json and DIR/plain_speed.md. Model: Janus-Pro-sized, random weights, bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from twig_batch.engine.fast import draw_image_tokens_fast
+from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.imaging import decode_codes
+from twig_batch.model import load_janus
+from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.settings import GenerationSettings
+
+WORDS = "a small red cube on a wooden table next to a blue lamp under warm morning light".split()
+
+
+def prompts_of_length(bundle, n: int, tokens: int = 64) -> list[list[int]]:
+    """n distinct conditional rows of exactly `tokens` tokens (BOS + chat turn + begin-of-image)."""
+    rows = []
+    for i in range(n):
+        words, row = [], []
+        while True:
+            candidate = t2i_prompt_ids(bundle, " ".join(words + [WORDS[(i + len(words)) % len(WORDS)]]))
+            if len(candidate) > tokens:
+                break
+            words.append(WORDS[(i + len(words)) % len(WORDS)])
+            row = candidate
+        rows.append(row + [bundle.tokens.pad] * 0)
+    return rows
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def device_anchors() -> dict:
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _, t = timed(lambda: [y.copy_(x) for _ in range(10)])
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    a @ a
+    _, m = timed(lambda: [a @ a for _ in range(10)])
+    del x, y, a
+    return {"copy_tb_s": 2 * 2 * 1024**3 * 10 / t / 1e12, "bf16_matmul_tflop_s": 2 * 8192**3 * 10 / m / 1e12}
+
+
+def seed_style_anchor(bundle, steps: int = 64) -> dict:
+    """One image, CFG pair, eager LM over transformers' dynamic cache, as the design's prototype does."""
+    from transformers import DynamicCache
+
+    lm = bundle.language_model
+    ids = torch.tensor(prompts_of_length(bundle, 1)[0], device="cuda").repeat(2, 1)
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        hidden = lm(inputs_embeds=bundle.embed_text(ids), past_key_values=cache, use_cache=True).last_hidden_state
+        token = torch.zeros(2, dtype=torch.long, device="cuda")
+
+        def loop():
+            for _ in range(steps):
+                lm(inputs_embeds=bundle.embed_image_codes(token).unsqueeze(1), past_key_values=cache, use_cache=True)
+        _, t = timed(loop)
+    return {"seed_style_ms_per_step": t / steps * 1e3, "seed_style_s_per_image_576": t / steps * 576}
+
+
+def native_generate_anchor(bundle, images: int) -> dict:
+    try:
+        ids = torch.tensor(prompts_of_length(bundle, images), device="cuda")
+        _, t = timed(lambda: bundle.model.generate(input_ids=ids, generation_mode="image", do_sample=True,
+                                                   guidance_scale=5.0, max_new_tokens=576))
+        return {"native_images": images, "native_s": t, "native_img_s": images / t}
+    except Exception as exc:  # recorded, not fatal: some transformers releases break this path
+        return {"native_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def plain_workload(bundle, images: int) -> dict:
+    settings = GenerationSettings()
+    rows = prompts_of_length(bundle, images)
+    seeds = list(range(images))
+    draw_image_tokens_fast(bundle, rows[:2], seeds[:2], settings, 8)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    codes, t_tokens = timed(lambda: draw_image_tokens_fast(bundle, rows, seeds, settings, bundle.image_tokens))
+    _, t_decode = timed(lambda: [decode_codes(bundle, codes[i:i + 32]) for i in range(0, images, 32)])
+    total = t_tokens + t_decode
+    return {"images": images, "tokens_s": t_tokens, "decode_s": t_decode, "img_s": images / total,
+            "ms_per_step": t_tokens / bundle.image_tokens * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def greedy_agreement(bundle, n: int = 32) -> dict:
+    """bf16: fast engine vs reference on the first greedy tokens of each band, for 4 prompts."""
+    settings = GenerationSettings(temperature=0)
+    rows = prompts_of_length(bundle, 4)
+    agree = []
+    for band in range(3):
+        prefix = torch.randint(0, 16384, (4, band * 192), generator=torch.Generator().manual_seed(band))
+        fast = draw_image_tokens_fast(bundle, rows, [0] * 4, settings, n, prefix_codes=prefix, first_step=band * 192)
+        for b in range(4):
+            ref = reference_image_tokens(bundle, rows[b], 0, settings, n, prefix_codes=prefix[b],
+                                         first_step=band * 192)
+            agree.append(int((fast[b] == ref).cumprod(0).sum()))
+    return {"greedy_first_tokens_agreeing": agree, "greedy_tokens_compared": n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--size", default="7b")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    result |= device_anchors()
+    start = time.perf_counter()
+    bundle = load_janus(f"random-{args.size}", "cuda", torch.bfloat16)
+    result["model_build_s"] = time.perf_counter() - start
+    import transformers
+    result["transformers"] = transformers.__version__
+    result |= seed_style_anchor(bundle)
+    result |= greedy_agreement(bundle)
+    result["plain"] = [plain_workload(bundle, n) for n in args.images]
+    result |= native_generate_anchor(bundle, 16)
+    (args.out / "plain_speed.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
