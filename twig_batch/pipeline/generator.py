@@ -1,14 +1,11 @@
 """`generate_images`: requests in, finished images and their records out, for any batch size."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from twig_batch.engine.batched import generate_plain_batch
-from twig_batch.imaging import decode_codes, to_pil
 from twig_batch.settings import GenerationSettings
 
 
@@ -45,24 +42,16 @@ class ImageResult:
         }
 
 
-def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSettings) -> list[ImageResult]:
-    """Generate one image per request; all requests share the settings, each has its own seed."""
+def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None,
+                    templates=None) -> list[ImageResult]:
+    """Generate one image per request; all requests share the settings, each has its own seed.
+
+    Every mode runs the one band loop (`staged.generate_staged`); `templates` (see
+    `prompts.load_templates`) replaces the wording of the staged modes' prompts.
+    """
     if not requests:
         return []
     settings.check_geometry(bundle.grid)
-    if settings.mode != "plain":
-        from twig_batch.pipeline.staged import generate_staged  # noqa: PLC0415 (staged modes are optional here)
+    from twig_batch.pipeline.staged import generate_staged  # noqa: PLC0415 (staged imports this module)
 
-        return generate_staged(bundle, requests, settings)
-    start = time.perf_counter()
-    codes = generate_plain_batch(bundle, [r.prompt for r in requests], [r.seed for r in requests], settings)
-    tokens_s = time.perf_counter() - start
-    start = time.perf_counter()
-    images = to_pil(decode_codes(bundle, codes))
-    decode_s = time.perf_counter() - start
-    share = 1.0 / len(requests)
-    return [
-        ImageResult(request=r, codes=c, image=img, mode="plain",
-                    timings={"image_tokens_s": tokens_s * share, "decode_s": decode_s * share})
-        for r, c, img in zip(requests, codes, images)
-    ]
+    return generate_staged(bundle, requests, settings, observer, templates=templates)

@@ -1,0 +1,48 @@
+"""seed mode's stage guidance: before each stage the model, told it is an artist painting the
+prompt in K stages, writes a short plan for the stage. Sampled, with noise from the image's seed and
+the stage (so a plan never depends on the rest of the batch); text only, as in the owner's design.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from twig_batch.pipeline.bands import band_part
+from twig_batch.pipeline.text_generation import BatchedText
+from twig_batch.pipeline.understanding import understanding_prompts
+from twig_batch.prompts import DEFAULT_TEMPLATES, Templates
+from twig_batch.seeds import derive_seed
+from twig_batch.settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class GuidanceRequest:
+    prompt: str
+    band: int  # 0-based stage
+    bands: int
+    seed: int  # the image's seed
+
+
+class Guide(Protocol):
+    def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
+        """One stage plan per request."""
+
+
+def guidance_seed(image_seed: int, band: int) -> int:
+    return derive_seed(image_seed, "stage-guidance", band)
+
+
+class ModelGuide:
+    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
+        self.templates = templates
+        self.text = text or BatchedText()
+
+    def question(self, request: GuidanceRequest) -> str:
+        return self.templates.seed_guidance.format(
+            prompt=request.prompt, part=band_part(self.templates, request.band, request.bands),
+            band=request.band + 1, bands=request.bands)
+
+    def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
+        prompts = understanding_prompts(bundle, [self.question(r) for r in requests], [None] * len(requests),
+                                        self.templates.system, [guidance_seed(r.seed, r.band) for r in requests])
+        return self.text(bundle, prompts, settings.guidance_max_tokens, temperature=settings.guidance_temperature)

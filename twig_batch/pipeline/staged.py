@@ -1,0 +1,130 @@
+"""The band loop shared by every mode, over a whole batch of images in lockstep.
+
+For each band: (twig) every image thinks, (seed) every image writes its stage plan; the band's image
+tokens are drawn for all images in one batched call, re-prefilled from the band's text condition and
+the image tokens so far (both CFG rows); the band images are decoded; (twig, reflect) every image is
+judged and the rejected ones redraw the band once, together. `staged_reference.py` is the same loop
+for one image, written plainly; the two give the same tokens and texts.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.imaging import to_pil
+from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
+from twig_batch.pipeline.generator import ImageRequest, ImageResult
+from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
+from twig_batch.pipeline.modes import condition_text, redraw_seed
+from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
+from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
+from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
+from twig_batch.settings import GenerationSettings
+
+
+class PhaseClock:
+    """Per-image phase timings: a batched call's time is shared evenly by the images in it."""
+
+    def __init__(self, n: int) -> None:
+        self.timings: list[dict[str, float]] = [{} for _ in range(n)]
+
+    @contextmanager
+    def __call__(self, phase: str, images: list[int]):
+        start = time.perf_counter()
+        yield
+        share = (time.perf_counter() - start) / max(len(images), 1)
+        for i in images:
+            self.timings[i][phase] = self.timings[i].get(phase, 0.0) + share
+
+
+@torch.no_grad()
+def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
+                    templates: Templates | None = None, thinker=None, scorer=None, guide=None,
+                    draw_tokens=draw_image_tokens_batch) -> list[ImageResult]:
+    """Generate one image per request in `settings.mode` (plain, twig or seed), `settings.bands` bands.
+
+    `thinker`, `scorer` and `guide` replace the model's own thoughts, reflections and stage plans.
+    `observer` (the latent controller) hears `begin_band(images, band)` before every drawing call.
+    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract).
+    """
+    if not requests:
+        return []
+    schedule = BandSchedule(bundle.grid, settings.bands)
+    templates = templates or DEFAULT_TEMPLATES
+    thinker = thinker or ModelThinker(templates)
+    scorer = scorer or ModelScorer(templates)
+    guide = guide or ModelGuide(templates)
+    mode, bands, n = settings.mode, schedule.bands, len(requests)
+    everyone = list(range(n))
+    clock = PhaseClock(n)
+    texts: list[list[str]] = [[] for _ in everyone]  # a thought (twig) or stage plan (seed) per band
+    reflections: list[list[dict]] = [[] for _ in everyone]
+    redrawn: list[list[int]] = [[] for _ in everyone]
+    band_images: list[list] = [[] for _ in everyone]
+    codes = torch.zeros((n, 0), dtype=torch.long)
+    canvas = None  # uint8 [n, px, px, 3]: each image as drawn so far, undrawn positions as code 0
+
+    def draw(rows: list[int], band: int, seeds: list[int]) -> torch.Tensor:
+        conditions = [t2i_prompt_ids(bundle, condition_text(mode, templates, requests[i].prompt, band, bands,
+                                                            texts[i])) for i in rows]
+        start = schedule.start(band)
+        if observer is not None:
+            observer.begin_band(images=rows, band=band)
+        with clock("image_tokens_s", rows):
+            return draw_tokens(bundle, conditions, seeds, settings, schedule.tokens_per_band,
+                               prefix_codes=codes[rows, :start] if start else None, first_step=start,
+                               observer=observer)
+
+    for band in range(bands):
+        if mode == "twig":
+            with clock("thinking_s", everyone):
+                asks = [ThoughtRequest(r.prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i])
+                        for i, r in enumerate(requests)]
+                for i, thought in enumerate(thinker.think(bundle, asks, settings)):
+                    texts[i].append(thought)
+        elif mode == "seed":
+            with clock("guidance_s", everyone):
+                asks = [GuidanceRequest(r.prompt, band, bands, r.seed) for r in requests]
+                for i, plan in enumerate(guide.guide(bundle, asks, settings)):
+                    texts[i].append(plan)
+
+        codes = torch.cat([codes, draw(everyone, band, [r.seed for r in requests])], dim=1)
+        looks_again = mode == "twig" and (settings.reflect or band + 1 < bands)
+        with clock("decode_s", everyone):
+            pixels = band_pixels(bundle, codes, schedule, band)
+            canvas = canvas_pixels(bundle, codes) if looks_again else None
+        for i, image in enumerate(to_pil(pixels)):
+            band_images[i].append((band_label(band, bands), image))
+        if mode != "twig" or not settings.reflect:
+            continue
+
+        with clock("reflection_s", everyone):
+            asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i])
+                    for i, r in enumerate(requests)]
+            verdicts = [read_reflection(answer, band, settings.theta)
+                        for answer in scorer.reflect(bundle, asks, settings)]
+        for i, verdict in enumerate(verdicts):
+            reflections[i].append(verdict.record())
+        again = [i for i, v in enumerate(verdicts) if not v.accepted]
+        if not again:
+            continue
+        for i in again:
+            texts[i][band] = verdicts[i].improved
+            redrawn[i].append(band)
+        codes[again, schedule.start(band):] = draw(again, band, [redraw_seed(requests[i].seed, band) for i in again])
+        with clock("decode_s", again):
+            pixels[again] = band_pixels(bundle, codes[again], schedule, band)
+            canvas[again] = canvas_pixels(bundle, codes[again])
+        for i in again:
+            band_images[i].append((band_label(band, bands, redrawn=True), to_pil(pixels[i:i + 1])[0]))
+
+    finals = to_pil(pixels)  # the last band's images are the whole images
+    return [
+        ImageResult(request=r, codes=codes[i].clone(), image=finals[i], mode=mode, band_images=band_images[i],
+                    thoughts=texts[i], reflections=reflections[i], redrawn_bands=redrawn[i],
+                    trigger_log=observer.trigger_log(i) if observer is not None else [], timings=clock.timings[i])
+        for i, r in enumerate(requests)
+    ]

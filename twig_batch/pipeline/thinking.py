@@ -1,0 +1,55 @@
+"""twig mode's thoughts: before each band, one literal sentence about what that band should show.
+
+The thought before the first band is written from the prompt alone; later thoughts also look at the
+partial image (the canvas) through the understanding path. Greedy decoding, so a thought depends
+only on the prompt, the earlier thoughts and the picture.
+
+`Thinker` is the seam: anything with a `think` method can stand in for the model (tests use that).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from twig_batch.pipeline.bands import band_part
+from twig_batch.pipeline.text_generation import BatchedText
+from twig_batch.pipeline.understanding import understanding_prompts
+from twig_batch.prompts import DEFAULT_TEMPLATES, Templates
+from twig_batch.settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class ThoughtRequest:
+    prompt: str
+    band: int  # 0-based
+    bands: int
+    earlier: tuple[str, ...]  # thoughts of the bands before this one
+    canvas: torch.Tensor | None  # uint8 [H, W, 3] partial image; None before the first band
+
+
+class Thinker(Protocol):
+    def think(self, bundle, requests: list[ThoughtRequest], settings: GenerationSettings) -> list[str]:
+        """One thought per request."""
+
+
+class ModelThinker:
+    """Asks the model itself, all requests in one batch (or one at a time with `ReferenceText`)."""
+
+    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
+        self.templates = templates
+        self.text = text or BatchedText()
+
+    def question(self, request: ThoughtRequest) -> str:
+        t = self.templates
+        fields = {"prompt": request.prompt, "part": band_part(t, request.band, request.bands),
+                  "band": request.band + 1, "bands": request.bands}
+        if request.canvas is None:
+            return t.think_first.format(**fields)
+        return t.think_next.format(**fields, thoughts=" ".join(request.earlier))
+
+    def think(self, bundle, requests: list[ThoughtRequest], settings: GenerationSettings) -> list[str]:
+        prompts = understanding_prompts(bundle, [self.question(r) for r in requests],
+                                        [r.canvas for r in requests], self.templates.system)
+        return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
