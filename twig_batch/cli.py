@@ -49,6 +49,7 @@ def generate(
     reflect: bool = typer.Option(True, help="Reflect on each band and redraw it once when it scores low."),
     theta: float = typer.Option(90.0, help="Reflection score (0-100) at or above which a band is accepted."),
     think_max_tokens: int = typer.Option(512, help="Most new tokens per thought."),
+    templates: Optional[Path] = typer.Option(None, help="JSON file of prompt templates replacing the defaults."),
     cfg_weight: float = typer.Option(5.0, help="Classifier-free guidance weight."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely image tokens."),
@@ -69,12 +70,15 @@ def generate(
                                       temperature=temperature, top_k=top_k, top_p=top_p)
         if not prompt.strip():
             raise TwigBatchError("the prompt is empty")
+        from twig_batch.prompts import load_templates
+
+        prompt_templates = load_templates(templates) if templates is not None else None
         torch_device = resolve_device(device)
         start = time.perf_counter()
         bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
         load_s = time.perf_counter() - start
         requests = [ImageRequest("cli", prompt, i, derive_seed(seed, prompt, i)) for i in range(num_images)]
-        results = generate_images(bundle, requests, settings)
+        results = generate_images(bundle, requests, settings, templates=prompt_templates)
     except TwigBatchError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
