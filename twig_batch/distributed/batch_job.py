@@ -1,0 +1,184 @@
+"""The batch job driver: check everything, then read_parquet -> work items -> model actors -> manifest.
+
+The order matters. Every file-level problem (input, columns, destination, credentials, settings, a
+resume that does not match) is found before Ray is joined or a model loaded, and reported as one
+`TwigBatchError`. The driver then only streams small manifest rows back from the actors (the images
+are written by the actors themselves), journals them, and folds the journal into the manifest at
+the end. The completion marker is written last.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pyarrow.compute as pc
+
+from twig_batch.distributed.cluster import connect, plan_actors
+from twig_batch.distributed.image_generator import ImageGenerator
+from twig_batch.distributed.progress import Progress
+from twig_batch.distributed.run_config import RunConfig
+from twig_batch.distributed.work_items import expand_to_work_items
+from twig_batch.errors import InputError, OutputError, TwigBatchError
+from twig_batch.io import layout
+from twig_batch.io.dataset import check_input, resolve_input
+from twig_batch.io.manifest import ManifestJournal, consolidate, ok_keys
+from twig_batch.io.run_info import (check_resume_matches, read_run_info, software_versions, utc_now,
+                                    write_complete_marker, write_run_info)
+from twig_batch.io.storage import open_storage
+
+
+def run_batch(config: RunConfig, echo=print) -> dict:
+    """Run (or resume) one batch job and return its summary; raises TwigBatchError on file-level problems."""
+    settings = config.generation_settings()
+    _check_mode_available(settings.mode)
+    files = resolve_input(config.input)
+    id_column = config.id_column or "id"
+    source = check_input(files, config.prompt_column, id_column, id_column_required=config.id_column is not None)
+    storage = open_storage(config.output)
+    storage.check_writable()
+    identity = {"model": config.model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": config.seed,
+                "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None}
+    previous = read_run_info(storage)
+    if previous is not None and not config.resume:
+        raise OutputError(f"{storage.root_uri} already holds a twig-batch run; pass --resume to continue it "
+                          "or choose a new output destination")
+    if previous is not None:
+        check_resume_matches(previous, identity, storage.root_uri)
+    _check_model_reference(config.model)
+    skip = frozenset(ok_keys(storage)) if config.resume else frozenset()
+
+    owns_ray = connect()
+    plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
+    attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    storage.delete(layout.COMPLETE_MARKER)  # a resumed run is unfinished until it says otherwise
+    info = previous or {**identity, "created_at": utc_now(), "output": storage.root_uri, "attempts": []}
+    info.update(status="running", input=source.fingerprint, samples_per_prompt=config.samples_per_prompt,
+                versions=software_versions())
+    info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": previous is not None,
+                             "actors": plan.actors, "gpus_per_actor": plan.gpus_per_actor,
+                             "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
+    write_run_info(storage, info)
+
+    total = source.rows * config.samples_per_prompt
+    progress = Progress(total=total, already_done=min(len(skip), total), echo=echo,
+                        interval_s=config.progress_interval_s)
+    echo(f"twig-batch run: {source.rows} prompts x {config.samples_per_prompt} samples from {files.uri} -> "
+         f"{storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
+         f"{len(skip)} image(s) already done")
+    quiet_ray_data()
+    items = work_items(config, files, id_column if source.has_id_column else None, skip)
+    # A resume whose journal may cover the whole input counts what is left before loading any model.
+    nothing_left = len(skip) >= total and items.count() == 0
+    results = [] if nothing_left else generate(items, config, plan, storage.root_uri, settings).iter_batches(
+        batch_size=None, batch_format="pyarrow")
+    journal = ManifestJournal(storage, attempt)
+    try:
+        for batch in results:
+            journal.add(batch)
+            errors = int(pc.sum(pc.equal(batch.column("status"), "error")).as_py() or 0)
+            progress.update(batch.num_rows - errors, errors)
+    except BaseException as exc:
+        journal.flush()  # whatever finished stays recorded; --resume redoes only the rest
+        raise _user_facing(exc) from None
+    finally:
+        if owns_ray:
+            _disconnect()
+    journal.flush()
+
+    manifest = consolidate(storage)
+    statuses = manifest.column("status")
+    summary = {**progress.summary(), "manifest_rows": manifest.num_rows,
+               "manifest_ok": int(pc.sum(pc.equal(statuses, "ok")).as_py() or 0),
+               "manifest_errors": int(pc.sum(pc.equal(statuses, "error")).as_py() or 0),
+               "images": storage.uri(layout.IMAGES_DIR), "manifest": storage.uri(layout.MANIFEST)}
+    summary["skipped_already_ok"] = max(0, total - progress.ok - progress.errors) if config.resume else 0
+    info["attempts"][-1].update(finished_at=utc_now(), ok=progress.ok, errors=progress.errors,
+                                skipped=summary["skipped_already_ok"])
+    info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors")})
+    write_run_info(storage, info)
+    write_complete_marker(storage, {"attempt": attempt, **summary})
+    echo(f"done: {progress.ok} image(s) drawn, {progress.errors} error(s), {summary['skipped_already_ok']} skipped "
+         f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s)")
+    return summary
+
+
+def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset):
+    """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
+    import ray
+
+    columns = [config.prompt_column] + ([id_column] if id_column else [])
+    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=columns, file_extensions=None)
+    items = items.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
+                              fn_kwargs={"prompt_column": config.prompt_column, "id_column": id_column,
+                                         "samples": config.samples_per_prompt, "base_seed": config.seed,
+                                         "skip_keys": skip})
+    # Blocks of about one batch let every actor in the pool get work, even from a single small file.
+    return items.repartition(target_num_rows_per_block=config.batch_size)
+
+
+def generate(items, config: RunConfig, plan, output_uri: str, settings):
+    """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
+    import ray
+
+    return items.map_batches(
+        ImageGenerator,
+        fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
+                               "device": config.device, "dtype": config.dtype, "base_seed": config.seed},
+        batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
+    )
+
+
+def quiet_ray_data() -> None:
+    """Our progress line replaces Ray Data's per-operator bars and start-up banner."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def _check_mode_available(mode: str) -> None:
+    if mode == "plain":
+        return
+    try:
+        import twig_batch.pipeline.staged  # noqa: F401
+    except ImportError:
+        raise InputError(f"mode {mode!r} is not available in this installation of twig-batch") from None
+
+
+def _check_model_reference(ref: str) -> None:
+    """Catch a local folder that is not a checkpoint here, rather than once per actor."""
+    from pathlib import Path
+
+    from twig_batch.model.loading import detect_layout
+
+    path = Path(ref).expanduser()
+    if ref != "tiny" and path.exists():
+        if not path.is_dir():
+            raise InputError(f"model reference {ref} is a file; pass the checkpoint folder")
+        detect_layout(path)
+
+
+def _user_facing(exc: BaseException) -> BaseException:
+    """Ray wraps a worker's exception in its own types; surface ours with its plain message."""
+    seen = set()
+    current = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TwigBatchError) and type(current).__module__.startswith("twig_batch"):
+            return current
+        for candidate in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(candidate, BaseException):
+                current = candidate
+                break
+        else:
+            current = None
+    return exc
+
+
+def _disconnect() -> None:
+    import ray
+
+    ray.shutdown()

@@ -1,0 +1,134 @@
+"""`ImageGenerator`: the callable class Ray Data's `map_batches` runs on each GPU actor.
+
+The Ray Data idiom: `__init__` loads the model once per actor, `__call__(batch)` turns a batch of
+work items (id, prompt, sample_index, seed) into a batch of manifest rows. With `output` set, the
+images are written there and the rows carry their URIs; without it, the PNG bytes travel in the
+returned batch, for pipelines that want to handle images themselves.
+
+A row that cannot be drawn (null or empty prompt, a generation error) comes back with status
+`error` and the reason; the rest of its batch still goes through.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from twig_batch.io.manifest import SCHEMA, error_row
+from twig_batch.pipeline import ImageRequest
+from twig_batch.settings import GenerationSettings
+from twig_batch.seeds import derive_seed
+
+ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
+                   ("trigger_log_json", pa.string())]
+
+
+class ImageGenerator:
+    def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
+                 device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0):
+        from twig_batch.devices import resolve_device, resolve_dtype
+        from twig_batch.io.storage import open_storage
+        from twig_batch.model import load_janus
+
+        if isinstance(settings, GenerationSettings):
+            self.settings = settings
+        else:
+            self.settings = GenerationSettings(**(settings or {}))
+        torch_device = resolve_device(device)
+        self.bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
+        self.settings.check_geometry(self.bundle.grid)
+        self.model_name = model_name or model
+        self.storage = open_storage(output) if output else None
+        self.base_seed = base_seed
+
+    def __call__(self, batch) -> pa.Table:
+        items = _as_rows(batch)
+        rows: list[dict | None] = [None] * len(items)
+        requests: list[tuple[int, ImageRequest]] = []
+        for position, item in enumerate(items):
+            request, problem = self._request(item)
+            if problem:
+                rows[position] = error_row(request.prompt_id, item.get("prompt"), request.sample_index,
+                                           request.seed, self.settings.mode, self.model_name, problem)
+            else:
+                requests.append((position, request))
+        for position, row in self._generate(requests):
+            rows[position] = row
+        return self._table(rows)
+
+    def _request(self, item: dict) -> tuple[ImageRequest, str | None]:
+        from twig_batch.distributed.work_items import content_id
+
+        prompt = item.get("prompt")
+        prompt_id = item.get("id")
+        prompt_id = str(prompt_id) if prompt_id is not None else content_id(prompt if isinstance(prompt, str) else None)
+        sample = int(item.get("sample_index") or 0)
+        seed = item.get("seed")
+        seed = int(seed) if seed is not None else derive_seed(self.base_seed, prompt_id, sample)
+        request = ImageRequest(prompt_id, prompt if isinstance(prompt, str) else "", sample, seed)
+        if prompt is None:
+            return request, "prompt is missing (null)"
+        if not isinstance(prompt, str):
+            return request, f"prompt is not text ({type(prompt).__name__})"
+        if not prompt.strip():
+            return request, "prompt is empty"
+        return request, None
+
+    def _generate(self, requests: list[tuple[int, ImageRequest]]):
+        """Draw the whole batch at once; if that fails, draw row by row so one bad row fails alone."""
+        from twig_batch.pipeline import generate_images
+
+        if not requests:
+            return
+        start = time.perf_counter()
+        try:
+            results = generate_images(self.bundle, [r for _, r in requests], self.settings)
+        except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
+            yield from self._one_by_one(requests)
+            return
+        share = (time.perf_counter() - start) / len(requests)
+        for (position, request), result in zip(requests, results):
+            yield position, self._store(request, result, share)
+
+    def _one_by_one(self, requests):
+        from twig_batch.pipeline import generate_images
+
+        for position, request in requests:
+            start = time.perf_counter()
+            try:
+                (result,) = generate_images(self.bundle, [request], self.settings)
+            except Exception as exc:
+                yield position, self._error(request, f"generation failed: {type(exc).__name__}: {exc}")
+                continue
+            yield position, self._store(request, result, time.perf_counter() - start)
+
+    def _store(self, request: ImageRequest, result, generation_s: float) -> dict:
+        from twig_batch.io.artifacts import encode_result, write_result
+
+        try:
+            if self.storage is None:
+                return encode_result(result, self.model_name, generation_s)
+            return write_result(self.storage, result, self.model_name, generation_s)
+        except Exception as exc:
+            return self._error(request, f"writing the outputs failed: {type(exc).__name__}: {exc}")
+
+    def _error(self, request: ImageRequest, reason: str) -> dict:
+        return error_row(request.prompt_id, request.prompt, request.sample_index, request.seed, self.settings.mode,
+                         self.model_name, reason)
+
+    def _table(self, rows: list[dict]) -> pa.Table:
+        if self.storage is not None:
+            return pa.Table.from_pylist(rows, schema=SCHEMA)
+        schema = pa.schema(list(SCHEMA) + ENCODED_COLUMNS)
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _as_rows(batch) -> list[dict]:
+    """Accept any batch format Ray Data hands out (Arrow, pandas, dict of numpy arrays)."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
+        return pa.Table.from_pandas(batch, preserve_index=False).to_pylist()
+    columns = {name: list(values.tolist() if hasattr(values, "tolist") else values) for name, values in batch.items()}
+    count = len(next(iter(columns.values()), []))
+    return [{name: values[i] for name, values in columns.items()} for i in range(count)]

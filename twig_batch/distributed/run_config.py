@@ -1,0 +1,50 @@
+"""`RunConfig`: everything one batch run needs, validated before anything is read or started."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twig_batch.errors import InputError
+from twig_batch.settings import GenerationSettings
+
+
+@dataclass(slots=True)
+class RunConfig:
+    input: str
+    output: str
+    model: str = "tiny"
+    mode: str = "plain"
+    settings: dict = field(default_factory=dict)  # any further GenerationSettings fields
+    actors: int | None = None  # default: one per GPU in the cluster (one on a CPU-only cluster)
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 16
+    samples_per_prompt: int = 1
+    seed: int = 0
+    resume: bool = False
+    prompt_column: str = "prompt"
+    id_column: str | None = None  # default: `id` when the input has it, else ids derived from prompts
+    device: str = "auto"
+    dtype: str = "auto"
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "samples_per_prompt"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.actors is not None and self.actors < 1:
+            raise InputError(f"actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise InputError(f"gpus per actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0:
+            raise InputError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
+        if not self.prompt_column:
+            raise InputError("the prompt column name is empty")
+        self.generation_settings()  # validates mode and every extra setting now, not on the actors
+
+    def generation_settings(self) -> GenerationSettings:
+        if "mode" in self.settings:
+            raise InputError("set the mode with --mode, not as an extra setting")
+        try:
+            return GenerationSettings(mode=self.mode, **self.settings)
+        except TypeError as exc:
+            raise InputError(f"unknown generation setting: {exc}") from None

@@ -1,0 +1,61 @@
+"""`run.json`: what a run was asked to do and with what software; the marker that it finished.
+
+A resume must draw the missing images exactly as the first attempt would have, so it refuses to
+continue a run whose model, mode, settings or seed differ. Nothing secret is ever recorded here:
+addresses are stored as given (they cannot hold credentials), the environment is not.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+
+from twig_batch.errors import InputError
+from twig_batch.io import layout
+
+# Fields a resume must match: they decide which image a (id, sample) gets.
+IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "id_column")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    import twig_batch
+
+    return {"twig_batch": twig_batch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__}
+
+
+def read_run_info(storage) -> dict | None:
+    if not storage.exists(layout.RUN_INFO):
+        return None
+    try:
+        return json.loads(storage.get(layout.RUN_INFO))
+    except ValueError as exc:
+        raise InputError(f"{storage.uri(layout.RUN_INFO)} is not valid JSON ({exc}); it is not a twig-batch run") from None
+
+
+def write_run_info(storage, info: dict) -> None:
+    info["updated_at"] = utc_now()
+    storage.put(layout.RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False, default=str).encode())
+
+
+def check_resume_matches(previous: dict, current: dict, where: str) -> None:
+    differing = [name for name in IDENTITY_FIELDS if previous.get(name) != current.get(name)]
+    if differing:
+        detail = "; ".join(f"{name}: was {previous.get(name)!r}, now {current.get(name)!r}" for name in differing)
+        raise InputError(f"cannot resume the run in {where} with different {', '.join(differing)} ({detail}); "
+                         "use the original options or a new output destination")
+
+
+def write_complete_marker(storage, summary: dict) -> None:
+    storage.put(layout.COMPLETE_MARKER, json.dumps({"finished_at": utc_now(), **summary}, indent=2).encode())

@@ -1,0 +1,162 @@
+"""Where outputs go: a local folder or an S3 prefix, behind one small interface.
+
+Every write is all-or-nothing so a crash never leaves a half object behind a manifest row:
+locally a temporary file in the same folder is renamed over the target (atomic on POSIX);
+on S3 an object is one PUT, which S3 makes visible whole or not at all.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path, PurePosixPath
+
+from twig_batch.errors import OutputError
+from twig_batch.io.layout import PROBE_PREFIX
+from twig_batch.io.s3 import S3Endpoint, explain_s3_error, is_s3_uri, new_client, parse_s3_uri
+
+
+def check_key(key: str) -> str:
+    """Keys come from the layout module; this is the last line of defence against escaping DEST."""
+    path = PurePosixPath(key)
+    if not key or path.is_absolute() or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"unsafe storage key {key!r}")
+    return key
+
+
+class LocalStorage:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def root_uri(self) -> str:
+        return str(self.root)
+
+    def uri(self, key: str) -> str:
+        return str(self.root / check_key(key))
+
+    def put(self, key: str, data: bytes) -> str:
+        target = self.root / check_key(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(staging, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        return str(target)
+
+    def get(self, key: str) -> bytes:
+        return (self.root / check_key(key)).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return (self.root / check_key(key)).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self.root / check_key(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root).as_posix()) for p in folder.rglob("*")
+                      if p.is_file() and not p.name.endswith(".tmp"))
+
+    def delete(self, key: str) -> None:
+        (self.root / check_key(key)).unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"output {self.root} exists and is not a folder")
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.put(probe, b"probe")
+            self.delete(probe)
+        except OSError as exc:
+            raise OutputError(f"cannot write to output folder {self.root}: {exc.strerror or exc}") from None
+
+
+class S3Storage:
+    def __init__(self, uri: str, endpoint: S3Endpoint | None = None):
+        location = parse_s3_uri(uri, error=OutputError)
+        self.bucket = location.bucket
+        self.prefix = location.key.strip("/")
+        self.endpoint = endpoint or S3Endpoint.resolve()
+        self._client = None
+
+    def __getstate__(self):  # boto3 clients do not pickle; each Ray worker makes its own
+        return {"bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint, "_client": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = new_client(self.endpoint)
+        return self._client
+
+    @property
+    def root_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _object_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    def put(self, key: str, data: bytes) -> str:
+        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(self.uri(key)) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._object_key(prefix).rstrip("/") + "/"
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            keys += [item["Key"][skip:] for item in page.get("Contents", [])]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+
+    def check_writable(self) -> None:
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            self.put(probe, b"probe")
+            self.delete(probe)
+        except Exception as exc:  # every S3 failure here is one message about the destination
+            raise explain_s3_error(exc, f"cannot write to {self.root_uri}") from None
+
+
+def open_storage(uri: str) -> LocalStorage | S3Storage:
+    if is_s3_uri(uri):
+        return S3Storage(uri)
+    if "://" in uri:
+        raise OutputError(f"unsupported output address {uri!r}: use a local folder or s3://bucket/prefix")
+    return LocalStorage(uri)
