@@ -33,7 +33,7 @@ def prompts_of_length(bundle, n: int, tokens: int = 64) -> list[list[int]]:
                 break
             words.append(WORDS[(i + len(words)) % len(WORDS)])
             row = candidate
-        rows.append(row + [bundle.tokens.pad] * 0)
+        rows.append(row)
     return rows
 
 
@@ -85,18 +85,27 @@ def native_generate_anchor(bundle, images: int) -> dict:
         return {"native_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
-def plain_workload(bundle, images: int) -> dict:
+def plain_workload(bundle, images: int, use_graphs: bool = True) -> dict:
     settings = GenerationSettings()
     rows = prompts_of_length(bundle, images)
     seeds = list(range(images))
     draw_image_tokens_fast(bundle, rows[:2], seeds[:2], settings, 8)  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    codes, t_tokens = timed(lambda: draw_image_tokens_fast(bundle, rows, seeds, settings, bundle.image_tokens))
+    codes, t_tokens = timed(lambda: draw_image_tokens_fast(bundle, rows, seeds, settings, bundle.image_tokens,
+                                                           use_graphs=use_graphs))
     _, t_decode = timed(lambda: [decode_codes(bundle, codes[i:i + 32]) for i in range(0, images, 32)])
     total = t_tokens + t_decode
-    return {"images": images, "tokens_s": t_tokens, "decode_s": t_decode, "img_s": images / total,
+    return {"images": images, "cuda_graphs": use_graphs, "tokens_s": t_tokens, "decode_s": t_decode, "img_s": images / total,
             "ms_per_step": t_tokens / bundle.image_tokens * 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def graphs_match_eager(bundle) -> dict:
+    settings = GenerationSettings()
+    rows = prompts_of_length(bundle, 8)
+    a = draw_image_tokens_fast(bundle, rows, list(range(8)), settings, 130, use_graphs=True)
+    b = draw_image_tokens_fast(bundle, rows, list(range(8)), settings, 130, use_graphs=False)
+    return {"graph_tokens_equal_eager": bool(torch.equal(a, b))}
 
 
 def greedy_agreement(bundle, n: int = 32) -> dict:
@@ -117,7 +126,7 @@ def greedy_agreement(bundle, n: int = 32) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--images", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--images", type=int, nargs="+", default=[128, 160])
     parser.add_argument("--size", default="7b")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +139,9 @@ def main() -> None:
     result["transformers"] = transformers.__version__
     result |= seed_style_anchor(bundle)
     result |= greedy_agreement(bundle)
+    result |= graphs_match_eager(bundle)
     result["plain"] = [plain_workload(bundle, n) for n in args.images]
+    result["plain"].append(plain_workload(bundle, args.images[0], use_graphs=False))
     result |= native_generate_anchor(bundle, 16)
     (args.out / "plain_speed.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -2,13 +2,14 @@
 
 Same contract as `batched.draw_image_tokens_batch` (CFG row pairs, left padding, per-row seeds and
 positions, observer injections), but the cache is preallocated once per call and the decode step
-has fixed shapes, so on a GPU it can be compiled and replayed as a CUDA graph.
+has fixed shapes, so on a GPU it is captured and replayed as CUDA graphs (`graphs.py`).
 """
 from __future__ import annotations
 
 import torch
 
 from twig_batch.engine.batched import pad_left
+from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
@@ -22,7 +23,7 @@ CONTROL_SLACK = 64  # cache columns reserved for injected control tokens
 def draw_image_tokens_fast(
     bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
     prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
-    compile_step: bool = False,
+    use_graphs: bool | None = None,
 ) -> torch.Tensor:
     """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`."""
     device = bundle.device
@@ -44,7 +45,9 @@ def draw_image_tokens_fast(
     cache = StaticKVCache(lm, len(rows), embeds.shape[1] + n_tokens + slack)
     hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
     next_position = positions[:, -1:] + 1
-    step_fn = _compiled_step() if compile_step else _decode_step
+    if use_graphs is None:
+        use_graphs = device.type == "cuda"
+    graphed = GraphedDecodeStep(bundle, cache) if use_graphs else None
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     all_valid = torch.ones((len(rows), 1), dtype=torch.bool, device=device)
     codes = []
@@ -59,7 +62,10 @@ def draw_image_tokens_fast(
                 next_position = _inject(bundle, cache, next_position, injection)
         if i + 1 == n_tokens:
             break
-        hidden = step_fn(bundle, cache, tokens, next_position, all_valid)
+        if graphed is not None:
+            hidden = graphed(tokens, next_position)
+        else:
+            hidden = _decode_step(bundle, cache, tokens, next_position, all_valid)
         next_position = next_position + 1
     return torch.stack(codes, dim=1).cpu()
 
@@ -67,16 +73,6 @@ def draw_image_tokens_fast(
 def _decode_step(bundle, cache, tokens, positions, valid):
     step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
     return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
-
-
-_COMPILED = None
-
-
-def _compiled_step():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED
 
 
 def _inject(bundle, cache, next_position, injection):

@@ -49,21 +49,34 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
     tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
     """
-    rows, length, _ = embeds.shape
-    start = cache.used
-    end = start + length
+    length = embeds.shape[1]
+    end = cache.used + length
     if end > cache.max_len:
         raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
-    attend = min(cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
-    cache.valid[:, start:end] = valid
-    columns = torch.arange(attend, device=embeds.device)
-    query_columns = torch.arange(start, end, device=embeds.device)
-    causal = columns.unsqueeze(0) <= query_columns.unsqueeze(1)  # [T, A]
+    start = torch.tensor(cache.used, device=embeds.device)
+    hidden = forward_at(lm, cache, embeds, positions, valid, start, attend_width(cache, end))
+    cache.used = end
+    return hidden
+
+
+def attend_width(cache: StaticKVCache, end: int) -> int:
+    return min(cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+
+
+def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+               start: torch.Tensor, attend: int) -> torch.Tensor:
+    """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
+    int, so one captured CUDA graph serves every step whose columns fall in the same bucket."""
+    rows, length, _ = embeds.shape
+    device = embeds.device
+    write = start + torch.arange(length, device=device)  # [T]
+    cache.valid.index_copy_(1, write, valid)
+    columns = torch.arange(attend, device=device)
+    causal = columns.unsqueeze(0) <= write.unsqueeze(1)  # [T, A]
     # A query always sees its own column, so padded queries never produce NaNs that could reach
     # the cache; nobody else attends to an invalid column.
-    own = columns.unsqueeze(0) == query_columns.unsqueeze(1)
-    mask = (cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)  # [R, T, A]
-    mask = mask.unsqueeze(1)
+    own = columns.unsqueeze(0) == write.unsqueeze(1)
+    mask = ((cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x = embeds
@@ -75,11 +88,10 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
         v = attn.v_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache.k[i, :, :, start:end] = k
-        cache.v[i, :, :, start:end] = v
+        cache.k[i].index_copy_(2, write, k)
+        cache.v[i].index_copy_(2, write, v)
         out = F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
                                              enable_gqa=cache.kv_heads != cache.heads)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    cache.used = end
     return lm.norm(x)
