@@ -1,0 +1,100 @@
+"""The controller's learnable weights: build, seed-initialise, save and load (safetensors).
+
+No training ships with the design, so a run without a weights file gets a deterministic
+initialisation from `init_seed`: the same numbers on every machine, device and batch size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from twig_batch.controller.condenser import Condenser
+from twig_batch.controller.config import ControllerConfig
+from twig_batch.controller.shaper import Shaper
+from twig_batch.controller.translator import Translator
+from twig_batch.errors import ModelLoadError
+
+FORMAT = "twig-batch-controller"
+
+
+class ControllerNet(nn.Module):
+    def __init__(self, hidden_size: int, config: ControllerConfig):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.condenser = Condenser(hidden_size, config.memory_tokens, config.attention_heads)
+        self.translator = Translator(hidden_size, config.max_scale)
+        self.shaper = Shaper(hidden_size, config.control_tokens)
+
+
+def init_weights(net: ControllerNet, seed: int, std: float) -> ControllerNet:
+    """Weights ~ N(0, std) drawn in name order from one CPU generator, biases 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(net.named_parameters()):
+            if name.endswith("bias"):
+                param.zero_()
+            else:
+                values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+                param.copy_(values.to(param.dtype))
+    return net
+
+
+def build_controller_net(hidden_size: int, config: ControllerConfig, device=None, dtype=None,
+                         weights: str | os.PathLike | None = None) -> ControllerNet:
+    """The controller's weights for a model of `hidden_size`: from `weights` (or config.weights) if
+    given, else seeded; placed on `device` in `dtype` (the language model's)."""
+    try:
+        net = ControllerNet(hidden_size, config)
+    except ValueError as exc:
+        raise ModelLoadError(f"controller does not fit the model: {exc}") from None
+    path = weights if weights is not None else config.weights
+    if path is None:
+        init_weights(net, config.init_seed, config.init_std)
+    else:
+        load_weights(net, path)
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def save_weights(net: ControllerNet, path: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in net.state_dict().items()}
+    meta = {"format": FORMAT, "hidden_size": str(net.hidden_size),
+            "memory_tokens": str(net.condenser.latents.shape[0]), "control_tokens": str(net.shaper.control_tokens)}
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def load_weights(net: ControllerNet, path: str | os.PathLike) -> ControllerNet:
+    """Fill `net` from a safetensors file; any missing, extra or misshapen tensor is named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"controller weights file {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"controller weights file {path} is not a readable safetensors file: {exc}") from None
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise ModelLoadError(f"controller weights {path} do not match the controller: {'; '.join(parts)}")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"controller weights {path}: tensor {name} has shape {list(state[name].shape)}, but this model "
+                f"(hidden size {net.hidden_size}) and controller config need {list(tensor.shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name].to(tensor.dtype))
+    return net
