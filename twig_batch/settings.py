@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from twig_batch.controller.config import ControllerConfig
 from twig_batch.errors import InputError
 
 MODES = ("plain", "twig", "seed")
@@ -23,8 +24,14 @@ class GenerationSettings:
     think_max_tokens: int = 512
     guidance_max_tokens: int = 300
     guidance_temperature: float = 1.0
+    controller: ControllerConfig | None = None  # None: no latent controller
 
     def __post_init__(self) -> None:
+        if isinstance(self.controller, dict):  # settings that travelled as JSON (batch jobs, Ray actors)
+            self.controller = ControllerConfig.from_dict(self.controller)
+        if self.controller is not None and not isinstance(self.controller, ControllerConfig):
+            raise InputError(f"controller must be a ControllerConfig, a dict of its fields or None, got "
+                             f"{type(self.controller).__name__}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not _finite(self.cfg_weight) or self.cfg_weight < 0:
