@@ -6,6 +6,7 @@ initialisation from `init_seed`: the same numbers on every machine, device and b
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -97,4 +98,23 @@ def load_weights(net: ControllerNet, path: str | os.PathLike) -> ControllerNet:
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name].to(tensor.dtype))
+    return net
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, ControllerNet)
+
+
+def shared_controller_net(bundle, config: ControllerConfig) -> ControllerNet:
+    """The controller weights for `bundle` and `config`, built (or read) once and reused by later
+    batches; one set is kept per model, so a long run never accumulates copies."""
+    path = Path(config.weights) if config.weights is not None else None
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size) if path and path.is_file() else None
+    key = (stamp, config.weights, config.init_seed, config.init_std, config.memory_tokens, config.control_tokens,
+           config.attention_heads, config.max_scale, str(bundle.device), bundle.dtype)
+    held = _SHARED.get(bundle.model)
+    if held is not None and held[0] == key:
+        return held[1]
+    _SHARED.pop(bundle.model, None)  # free the old set before building the new one
+    net = build_controller_net(bundle.model.config.text_config.hidden_size, config, bundle.device, bundle.dtype)
+    _SHARED[bundle.model] = (key, net)
     return net

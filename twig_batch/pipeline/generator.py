@@ -36,6 +36,7 @@ class ImageResult:
             "id": self.request.prompt_id, "prompt": self.request.prompt, "sample_index": self.request.sample_index,
             "seed": self.request.seed, "mode": self.mode, "width": self.image.width, "height": self.image.height,
             "thoughts": self.thoughts, "reflections": self.reflections, "redrawn_bands": self.redrawn_bands,
+            "n_evaluations": len(self.trigger_log),
             "n_triggers": sum(1 for t in self.trigger_log if t.get("fired")),
             "n_injections": sum(1 for t in self.trigger_log if t.get("injected")),
             "timings": self.timings,
@@ -47,11 +48,20 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
     """Generate one image per request; all requests share the settings, each has its own seed.
 
     Every mode runs the one band loop (`staged.generate_staged`); `templates` (see
-    `prompts.load_templates`) replaces the wording of the staged modes' prompts.
+    `prompts.load_templates`) replaces the wording of the staged modes' prompts. With
+    `settings.controller` set (and no `observer` given) a latent controller watches every image and
+    its trigger log lands in the image's result.
     """
     if not requests:
         return []
     settings.check_geometry(bundle.grid)
     from twig_batch.pipeline.staged import generate_staged  # noqa: PLC0415 (staged imports this module)
+
+    if observer is None and settings.controller is not None:
+        from twig_batch.controller import LatentController
+        from twig_batch.controller.weights import shared_controller_net
+
+        observer = LatentController(bundle, [r.prompt for r in requests], settings.controller,
+                                    weights=shared_controller_net(bundle, settings.controller))
 
     return generate_staged(bundle, requests, settings, observer, templates=templates)
