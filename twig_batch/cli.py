@@ -37,6 +37,19 @@ def make_tiny_model_cmd(
     typer.echo(f"tiny Janus ({layout} layout) written to {folder}")
 
 
+def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: list[str], numbers: dict):
+    """The generate command's controller switches -> a ControllerConfig, or None when it is off."""
+    from twig_batch.controller import ControllerConfig
+
+    if enabled is None:
+        enabled = weights is not None
+    if not enabled:
+        return None
+    config = ControllerConfig(weights=str(weights) if weights is not None else None).with_overrides(pairs)
+    given = {name: value for name, value in numbers.items() if value is not None}
+    return ControllerConfig.from_dict(config.to_dict() | given)
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
@@ -54,6 +67,19 @@ def generate(
     temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely image tokens."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
+    controller: Optional[bool] = typer.Option(
+        None, "--controller/--no-controller",
+        help="Run the latent controller (on by default when --controller-weights is given)."),
+    controller_weights: Optional[Path] = typer.Option(
+        None, "--controller-weights", help="Controller weights (safetensors) [default: seeded initialisation]."),
+    tau_drop: Optional[float] = typer.Option(None, help="Controller: similarity drop that fires (with --tau-var)."),
+    tau_var: Optional[float] = typer.Option(None, help="Controller: similarity variance that fires (with --tau-drop)."),
+    tau_entropy: Optional[float] = typer.Option(None, help="Controller: entropy that fires (with --tau-sim)."),
+    tau_sim: Optional[float] = typer.Option(None, help="Controller: similarity below which high entropy fires."),
+    max_injections: Optional[int] = typer.Option(None, help="Controller: most injections per image and band."),
+    controller_set: list[str] = typer.Option(
+        [], "--controller-set", help="Any other controller number as NAME=VALUE, e.g. --controller-set min_gap=16 "
+                                     "(repeatable; see ControllerConfig)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16."),
 ) -> None:
@@ -68,6 +94,10 @@ def generate(
         settings = GenerationSettings(mode=mode, bands=bands, reflect=reflect, theta=theta,
                                       think_max_tokens=think_max_tokens, cfg_weight=cfg_weight,
                                       temperature=temperature, top_k=top_k, top_p=top_p)
+        settings.controller = _controller_config(
+            controller, controller_weights, controller_set,
+            {"tau_drop": tau_drop, "tau_var": tau_var, "tau_entropy": tau_entropy, "tau_sim": tau_sim,
+             "max_injections_per_band": max_injections})
         if not prompt.strip():
             raise TwigBatchError("the prompt is empty")
         from twig_batch.prompts import load_templates

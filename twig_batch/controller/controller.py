@@ -141,5 +141,5 @@ class LatentController:
         """One image at a time, so an image's control tokens never depend on its batch."""
         ids = torch.tensor(self.think_ids[image], dtype=torch.long, device=self.bundle.device)
         z_vec = think_latent(self.bundle, self.bundle.embed_text(ids), memory)
-        c_vec = self.net.translator(z_vec[None], m_vec[None], p_vec[None])
+        c_vec = self.net.translator(z_vec[None], m_vec[None], p_vec[None], self.config.max_scale)
         return self.net.shaper(c_vec)[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 COLUMNS = {
     "band": "int32", "attempt": "int32", "step": "int32",
     "s_t": "float64", "delta_s": "float64", "var_s": "float64", "u_t": "float64",
-    "fired": "bool", "forced": "bool", "injected": "bool",
+    "fired": "bool_", "forced": "bool_", "injected": "bool_",
 }
 
 

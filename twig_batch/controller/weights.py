@@ -26,7 +26,7 @@ class ControllerNet(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.condenser = Condenser(hidden_size, config.memory_tokens, config.attention_heads)
-        self.translator = Translator(hidden_size, config.max_scale)
+        self.translator = Translator(hidden_size)
         self.shaper = Shaper(hidden_size, config.control_tokens)
 
 
@@ -110,7 +110,7 @@ def shared_controller_net(bundle, config: ControllerConfig) -> ControllerNet:
     path = Path(config.weights) if config.weights is not None else None
     stamp = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size) if path and path.is_file() else None
     key = (stamp, config.weights, config.init_seed, config.init_std, config.memory_tokens, config.control_tokens,
-           config.attention_heads, config.max_scale, str(bundle.device), bundle.dtype)
+           config.attention_heads, str(bundle.device), bundle.dtype)
     held = _SHARED.get(bundle.model)
     if held is not None and held[0] == key:
         return held[1]
