@@ -77,7 +77,9 @@ def seed_style_anchor(bundle, steps: int = 64) -> dict:
 
 def native_generate_anchor(bundle, images: int) -> dict:
     try:
-        ids = torch.tensor(prompts_of_length(bundle, images), device="cuda")
+        rows = prompts_of_length(bundle, images)
+        width = min(len(r) for r in rows)
+        ids = torch.tensor([r[:width - 1] + r[-1:] for r in rows], device="cuda")
         _, t = timed(lambda: bundle.model.generate(input_ids=ids, generation_mode="image", do_sample=True,
                                                    guidance_scale=5.0, max_new_tokens=576))
         return {"native_images": images, "native_s": t, "native_img_s": images / t}
