@@ -123,6 +123,60 @@ def generate(
     typer.echo(f"{len(results)} image(s) written to {out}")
 
 
+@app.command("run")
+def run_cmd(
+    input: str = typer.Argument(..., help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
+    output: str = typer.Option(..., "--output", "-o", help="A local folder or s3://bucket/prefix."),
+    model: str = typer.Option("tiny", help="'tiny', a checkpoint folder (either layout) or a Hugging Face id."),
+    mode: str = typer.Option("plain", help="plain, twig or seed."),
+    actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU in the cluster, 1 on CPU]."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves [default: 1, 0 on CPU]."),
+    batch_size: int = typer.Option(16, help="Images per model call on each actor."),
+    samples_per_prompt: int = typer.Option(1, help="Images per prompt."),
+    seed: int = typer.Option(0, help="Base seed; each (id, sample) gets a seed derived from it."),
+    resume: bool = typer.Option(False, help="Continue the run in OUTPUT: skip every image recorded ok."),
+    prompt_column: str = typer.Option("prompt", help="Column holding the prompts."),
+    id_column: Optional[str] = typer.Option(None, help="Column holding the ids [default: 'id' when present, "
+                                                        "else ids derived from the prompts]."),
+    setting: list[str] = typer.Option([], "--set", help="A generation setting as KEY=VALUE, e.g. --set bands=3 "
+                                                        "--set cfg_weight=4.5 (repeatable)."),
+    templates: Optional[Path] = typer.Option(None, help="JSON file of prompt templates replacing the defaults."),
+    controller: Optional[bool] = typer.Option(
+        None, "--controller/--no-controller",
+        help="Run the latent controller (on by default when --controller-weights is given)."),
+    controller_weights: Optional[Path] = typer.Option(
+        None, "--controller-weights", help="Controller weights (safetensors), at a path every worker can read."),
+    controller_set: list[str] = typer.Option(
+        [], "--controller-set", help="A controller number as NAME=VALUE, e.g. --controller-set tau_drop=0.1 "
+                                     "(repeatable; see ControllerConfig)."),
+    device: str = typer.Option("auto", help="Device on each actor: auto, cpu, cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16."),
+    progress_every: float = typer.Option(10.0, help="Seconds between progress lines."),
+    journal_every: int = typer.Option(2000, help="Manifest rows per journal flush (at most this many are redrawn "
+                                                 "after a crash)."),
+) -> None:
+    """Batch job on Ray: every prompt x sample -> images, band images, trigger logs and a Parquet manifest."""
+    from twig_batch.distributed import RunConfig, run_batch
+    from twig_batch.distributed.run_config import parse_settings
+
+    try:
+        extra = parse_settings(setting)
+        controller_config = _controller_config(controller, controller_weights, controller_set, {})
+        if controller_config is not None:
+            extra["controller"] = controller_config.to_dict()
+        config = RunConfig(input=input, output=output, model=model, mode=mode, settings=extra,
+                           actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+                           samples_per_prompt=samples_per_prompt, seed=seed, resume=resume,
+                           prompt_column=prompt_column, id_column=id_column, device=device, dtype=dtype,
+                           templates=str(templates) if templates is not None else None,
+                           progress_interval_s=progress_every, journal_every_rows=journal_every)
+        summary = run_batch(config, echo=typer.echo)
+    except TwigBatchError as exc:
+        _fail(exc)
+    typer.echo(f"images:   {summary['images']}")
+    typer.echo(f"manifest: {summary['manifest']} ({summary['manifest_ok']} ok, {summary['manifest_errors']} error rows)")
+
+
 def main() -> None:
     try:
         app()

@@ -8,6 +8,9 @@ the end. The completion marker is written last.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import uuid
 from datetime import datetime, timezone
 
@@ -27,17 +30,34 @@ from twig_batch.io.run_info import (check_resume_matches, read_run_info, softwar
 from twig_batch.io.storage import open_storage
 
 
-def run_batch(config: RunConfig, echo=print) -> dict:
-    """Run (or resume) one batch job and return its summary; raises TwigBatchError on file-level problems."""
+@dataclasses.dataclass
+class _Preflight:
+    """Everything learnt before Ray is joined: if any of it fails, no model was loaded anywhere."""
+
+    settings: object
+    templates: object
+    files: object
+    source: object
+    id_column: str | None
+    storage: object
+    identity: dict
+    previous: dict | None
+    skip: frozenset
+
+
+def preflight(config: RunConfig) -> _Preflight:
     settings = config.generation_settings()
+    templates = config.prompt_templates()
     _check_mode_available(settings.mode)
     files = resolve_input(config.input)
     id_column = config.id_column or "id"
     source = check_input(files, config.prompt_column, id_column, id_column_required=config.id_column is not None)
     storage = open_storage(config.output)
     storage.check_writable()
-    identity = {"model": config.model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": config.seed,
-                "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None}
+    identity = json.loads(json.dumps({
+        "model": config.model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": config.seed,
+        "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None,
+        "templates": dataclasses.asdict(templates) if templates is not None else None}, default=str))
     previous = read_run_info(storage)
     if previous is not None and not config.resume:
         raise OutputError(f"{storage.root_uri} already holds a twig-batch run; pass --resume to continue it "
@@ -46,45 +66,68 @@ def run_batch(config: RunConfig, echo=print) -> dict:
         check_resume_matches(previous, identity, storage.root_uri)
     _check_model_reference(config.model)
     skip = frozenset(ok_keys(storage)) if config.resume else frozenset()
+    return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
+                      identity, previous, skip)
 
-    owns_ray = connect()
-    plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
-    attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    storage.delete(layout.COMPLETE_MARKER)  # a resumed run is unfinished until it says otherwise
-    info = previous or {**identity, "created_at": utc_now(), "output": storage.root_uri, "attempts": []}
-    info.update(status="running", input=source.fingerprint, samples_per_prompt=config.samples_per_prompt,
+
+def run_batch(config: RunConfig, echo=print) -> dict:
+    """Run (or resume) one batch job and return its summary; raises TwigBatchError on file-level problems."""
+    checked = preflight(config)
+    storage = checked.storage
+    owns_ray = connect(min_local_cpus=math.ceil((config.actors or 1) * config.cpus_per_actor) + 2)
+    try:
+        plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
+        attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        info = _start_attempt(config, checked, plan, attempt)
+        total = checked.source.rows * config.samples_per_prompt
+        progress = Progress(total=total, already_done=min(len(checked.skip), total), echo=echo,
+                            interval_s=config.progress_interval_s)
+        echo(f"twig-batch run: {checked.source.rows} prompts x {config.samples_per_prompt} samples from "
+             f"{checked.files.uri} -> {storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
+             f"{len(checked.skip)} image(s) already done")
+        _stream_results(config, checked, plan, attempt, progress, total)
+    finally:
+        if owns_ray:
+            _disconnect()
+    return _finish(config, checked, info, attempt, progress, total, echo)
+
+
+def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -> dict:
+    checked.storage.delete(layout.COMPLETE_MARKER)  # a resumed run is unfinished until it says otherwise
+    info = checked.previous or {**checked.identity, "created_at": utc_now(), "output": checked.storage.root_uri,
+                                "attempts": []}
+    info.update(status="running", input=checked.source.fingerprint, samples_per_prompt=config.samples_per_prompt,
                 versions=software_versions())
-    info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": previous is not None,
+    info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": checked.previous is not None,
                              "actors": plan.actors, "gpus_per_actor": plan.gpus_per_actor,
                              "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
-    write_run_info(storage, info)
+    write_run_info(checked.storage, info)
+    return info
 
-    total = source.rows * config.samples_per_prompt
-    progress = Progress(total=total, already_done=min(len(skip), total), echo=echo,
-                        interval_s=config.progress_interval_s)
-    echo(f"twig-batch run: {source.rows} prompts x {config.samples_per_prompt} samples from {files.uri} -> "
-         f"{storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
-         f"{len(skip)} image(s) already done")
+
+def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int):
+    """Pull manifest rows as the actors finish them; only small rows reach the driver, never images."""
     quiet_ray_data()
-    items = work_items(config, files, id_column if source.has_id_column else None, skip)
-    # A resume whose journal may cover the whole input counts what is left before loading any model.
-    nothing_left = len(skip) >= total and items.count() == 0
-    results = [] if nothing_left else generate(items, config, plan, storage.root_uri, settings).iter_batches(
-        batch_size=None, batch_format="pyarrow")
-    journal = ManifestJournal(storage, attempt)
+    items = work_items(config, checked.files, checked.id_column, checked.skip)
+    # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
+    if len(checked.skip) >= total and items.count() == 0:
+        return
+    results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates)
+    journal = ManifestJournal(checked.storage, attempt, flush_rows=config.journal_every_rows)
     try:
-        for batch in results:
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             journal.add(batch)
             errors = int(pc.sum(pc.equal(batch.column("status"), "error")).as_py() or 0)
             progress.update(batch.num_rows - errors, errors)
     except BaseException as exc:
         journal.flush()  # whatever finished stays recorded; --resume redoes only the rest
         raise _user_facing(exc) from None
-    finally:
-        if owns_ray:
-            _disconnect()
     journal.flush()
 
+
+def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, progress: Progress, total: int,
+            echo) -> dict:
+    storage = checked.storage
     manifest = consolidate(storage)
     statuses = manifest.column("status")
     summary = {**progress.summary(), "manifest_rows": manifest.num_rows,
@@ -96,7 +139,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
                                 skipped=summary["skipped_already_ok"])
     info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors")})
     write_run_info(storage, info)
-    write_complete_marker(storage, {"attempt": attempt, **summary})
+    write_complete_marker(storage, {"attempt": attempt, **summary})  # last: the run is done and final
     echo(f"done: {progress.ok} image(s) drawn, {progress.errors} error(s), {summary['skipped_already_ok']} skipped "
          f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s)")
     return summary
@@ -116,14 +159,15 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset)
     return items.repartition(target_num_rows_per_block=config.batch_size)
 
 
-def generate(items, config: RunConfig, plan, output_uri: str, settings):
+def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None):
     """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
     import ray
 
     return items.map_batches(
         ImageGenerator,
         fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
-                               "device": config.device, "dtype": config.dtype, "base_seed": config.seed},
+                               "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
+                               "templates": templates},
         batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
     )

@@ -25,7 +25,8 @@ ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary
 
 class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
-                 device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0):
+                 device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
+                 templates=None):
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
         from twig_batch.model import load_janus
@@ -40,6 +41,7 @@ class ImageGenerator:
         self.model_name = model_name or model
         self.storage = open_storage(output) if output else None
         self.base_seed = base_seed
+        self.templates = templates  # a `prompts.Templates`, or None for the defaults
 
     def __call__(self, batch) -> pa.Table:
         items = _as_rows(batch)
@@ -82,7 +84,7 @@ class ImageGenerator:
             return
         start = time.perf_counter()
         try:
-            results = generate_images(self.bundle, [r for _, r in requests], self.settings)
+            results = generate_images(self.bundle, [r for _, r in requests], self.settings, templates=self.templates)
         except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
             yield from self._one_by_one(requests)
             return
@@ -96,7 +98,7 @@ class ImageGenerator:
         for position, request in requests:
             start = time.perf_counter()
             try:
-                (result,) = generate_images(self.bundle, [request], self.settings)
+                (result,) = generate_images(self.bundle, [request], self.settings, templates=self.templates)
             except Exception as exc:
                 yield position, self._error(request, f"generation failed: {type(exc).__name__}: {exc}")
                 continue
@@ -108,7 +110,8 @@ class ImageGenerator:
         try:
             if self.storage is None:
                 return encode_result(result, self.model_name, generation_s)
-            return write_result(self.storage, result, self.model_name, generation_s)
+            return write_result(self.storage, result, self.model_name, generation_s,
+                                controller_ran=self.settings.controller is not None)
         except Exception as exc:
             return self._error(request, f"writing the outputs failed: {type(exc).__name__}: {exc}")
 

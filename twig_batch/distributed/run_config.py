@@ -1,6 +1,7 @@
 """`RunConfig`: everything one batch run needs, validated before anything is read or started."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from twig_batch.errors import InputError
@@ -25,10 +26,12 @@ class RunConfig:
     id_column: str | None = None  # default: `id` when the input has it, else ids derived from prompts
     device: str = "auto"
     dtype: str = "auto"
+    templates: str | None = None  # JSON file of prompt templates (see `prompts.load_templates`)
     progress_interval_s: float = 10.0
+    journal_every_rows: int = 2000  # manifest rows buffered before a journal flush: what a crash can lose
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "samples_per_prompt"):
+        for name in ("batch_size", "samples_per_prompt", "journal_every_rows"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.actors is not None and self.actors < 1:
@@ -40,6 +43,7 @@ class RunConfig:
         if not self.prompt_column:
             raise InputError("the prompt column name is empty")
         self.generation_settings()  # validates mode and every extra setting now, not on the actors
+        self.prompt_templates()
 
     def generation_settings(self) -> GenerationSettings:
         if "mode" in self.settings:
@@ -48,3 +52,24 @@ class RunConfig:
             return GenerationSettings(mode=self.mode, **self.settings)
         except TypeError as exc:
             raise InputError(f"unknown generation setting: {exc}") from None
+
+    def prompt_templates(self):
+        if self.templates is None:
+            return None
+        from twig_batch.prompts import load_templates
+
+        return load_templates(self.templates)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings -> settings; values are read as JSON when they parse (3, 4.5, true, null)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"a setting is KEY=VALUE, got {pair!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except ValueError:
+            settings[key.strip()] = value
+    return settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 
 import pyarrow as pa
@@ -28,8 +27,6 @@ def plain_value(value):
     """Trigger-log values as Parquet can hold them (tensors and numpy scalars become Python numbers)."""
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else value
     if isinstance(value, (list, tuple)):
         return [plain_value(v) for v in value]
     if isinstance(value, dict):
@@ -38,14 +35,25 @@ def plain_value(value):
 
 
 def trigger_log_parquet(trigger_log: list[dict]) -> bytes:
-    table = pa.Table.from_pylist([{str(k): plain_value(v) for k, v in entry.items()} for entry in trigger_log])
+    """The controller's fixed columns when the records fit them (so an empty log still has its schema)."""
+    from twig_batch.controller.trigger_log import schema
+
+    records = [{str(k): plain_value(v) for k, v in entry.items()} for entry in trigger_log]
+    fixed = schema()
+    if all(set(record) <= set(fixed.names) for record in records):
+        table = pa.Table.from_pylist(records, schema=fixed)
+    else:  # a log with extra fields keeps them all
+        table = pa.Table.from_pylist(records)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
 
 
-def write_result(storage, result, model: str, generation_s: float) -> dict:
-    """Store everything `result` (an ImageResult) holds and return its manifest row."""
+def write_result(storage, result, model: str, generation_s: float, controller_ran: bool = False) -> dict:
+    """Store everything `result` (an ImageResult) holds and return its manifest row.
+
+    With the controller on, every image gets a trigger log, even one with no evaluations.
+    """
     start = time.perf_counter()
     request = result.request
     prompt_id, sample = request.prompt_id, request.sample_index
@@ -54,7 +62,7 @@ def write_result(storage, result, model: str, generation_s: float) -> dict:
         key = layout.stage_image_key(prompt_id, sample, position, label)
         stages.append((str(label), storage.put(key, png_bytes(band_image))))
     trigger_uri = None
-    if result.trigger_log:
+    if result.trigger_log or controller_ran:
         trigger_uri = storage.put(layout.trigger_log_key(prompt_id, sample), trigger_log_parquet(result.trigger_log))
     # The final image goes last: its presence means every other object of this sample is there too.
     image_uri = storage.put(layout.image_key(prompt_id, sample), png_bytes(result.image))

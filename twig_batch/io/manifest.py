@@ -151,7 +151,7 @@ def deduplicate(table: pa.Table) -> pa.Table:
         if current is None or (ok[row], finished[row]) >= (ok[current], finished[current]):
             best[key] = row
     order = sorted(best.values(), key=lambda r: (ids[r], samples[r]))
-    return table.take(order)
+    return table.take(pa.array(order, type=pa.int64()))
 
 
 def consolidate(storage) -> pa.Table:

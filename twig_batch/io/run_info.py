@@ -15,7 +15,7 @@ from twig_batch.errors import InputError
 from twig_batch.io import layout
 
 # Fields a resume must match: they decide which image a (id, sample) gets.
-IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "id_column")
+IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "id_column", "templates")
 
 
 def utc_now() -> str:

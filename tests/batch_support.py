@@ -1,0 +1,87 @@
+"""Helpers shared by the batch-job tests: prompt files, a local Ray cluster, an S3 server, manifests."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# Distinctive dummy credentials, so a test can prove they never land in an output.
+ACCESS_KEY = "AKIATWIGBATCHTESTKEY"
+SECRET_KEY = "twig-batch-test-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_prompts(path: Path, count: int, *, with_ids: bool = True, prefix: str = "p") -> Path:
+    columns = {"prompt": [f"a {['red', 'green', 'blue'][i % 3]} cube number {i}" for i in range(count)]}
+    if with_ids:
+        columns = {"id": [f"{prefix}{i:04d}" for i in range(count)], **columns}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def read_manifest(dest: Path) -> pa.Table:
+    return pq.read_table(dest / "manifest.parquet")
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 4):
+    """A fresh local Ray cluster in this process (3-4 logical CPUs keep read tasks from starving)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with the standard AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("AWS_CONFIG_FILE", "/nonexistent/twig-batch-test-aws-config")
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/twig-batch-test-aws-credentials")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def upload_parquet(bucket: str, key: str, table: pa.Table) -> str:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    s3_client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+    return f"s3://{bucket}/{key}"
