@@ -23,6 +23,7 @@ def test_twig_mode_writes_band_images_and_a_full_record(tmp_path):
     record = json.loads((out / "image-0000.json").read_text())
     assert record["mode"] == "twig" and record["settings"]["bands"] == 2 and len(record["thoughts"]) == 2
     assert [r["band"] for r in record["reflections"]] == [0, 1] and record["redrawn_bands"] == []
+    assert record["bands"] == 2 and record["band_images"] == ["band-1-of-2", "band-2-of-2"]
     assert record["timings"]["thinking_s"] > 0 and record["timings"]["reflection_s"] > 0
 
 

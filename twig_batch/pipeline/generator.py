@@ -36,6 +36,8 @@ class ImageResult:
             "id": self.request.prompt_id, "prompt": self.request.prompt, "sample_index": self.request.sample_index,
             "seed": self.request.seed, "mode": self.mode, "width": self.image.width, "height": self.image.height,
             "thoughts": self.thoughts, "reflections": self.reflections, "redrawn_bands": self.redrawn_bands,
+            "bands": sum(1 for label, _ in self.band_images if not label.endswith("-redrawn")),
+            "band_images": [label for label, _ in self.band_images],
             "n_evaluations": len(self.trigger_log),
             "n_triggers": sum(1 for t in self.trigger_log if t.get("fired")),
             "n_injections": sum(1 for t in self.trigger_log if t.get("injected")),
