@@ -177,6 +177,22 @@ def run_cmd(
     typer.echo(f"manifest: {summary['manifest']} ({summary['manifest_ok']} ok, {summary['manifest_errors']} error rows)")
 
 
+@app.command("report")
+def report_cmd(
+    dest: str = typer.Argument(..., help="A run's output: a local folder or s3://bucket/prefix."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML file to write."),
+    limit: int = typer.Option(1000, min=0, help="Show at most this many images (errors are always all listed)."),
+) -> None:
+    """One self-contained HTML page of a run: summary, throughput, image grid, bands, thoughts, triggers."""
+    from twig_batch.report import write_report
+
+    try:
+        written = write_report(dest, out, limit)
+    except TwigBatchError as exc:
+        _fail(exc)
+    typer.echo(f"report: {written['path']} ({written['images']} images, {written['bytes'] / 1e6:.1f} MB)")
+
+
 def main() -> None:
     try:
         app()
