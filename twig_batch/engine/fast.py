@@ -47,7 +47,7 @@ def draw_image_tokens_fast(
     next_position = positions[:, -1:] + 1
     if use_graphs is None:
         use_graphs = device.type == "cuda"
-    graphed = GraphedDecodeStep(bundle, cache) if use_graphs else None
+    graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     all_valid = torch.ones((len(rows), 1), dtype=torch.bool, device=device)
     codes = []
@@ -63,7 +63,7 @@ def draw_image_tokens_fast(
         if i + 1 == n_tokens:
             break
         if graphed is not None:
-            hidden = graphed(tokens, next_position)
+            hidden = graphed(tokens.repeat_interleave(2), next_position)
         else:
             hidden = _decode_step(bundle, cache, tokens, next_position, all_valid)
         next_position = next_position + 1

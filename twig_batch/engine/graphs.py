@@ -11,11 +11,13 @@ from twig_batch.engine.static_decoder import StaticKVCache, attend_width, forwar
 
 
 class GraphedDecodeStep:
-    def __init__(self, bundle, cache: StaticKVCache):
+    """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text)."""
+
+    def __init__(self, bundle, cache: StaticKVCache, embed):
         rows = cache.k.shape[1]
         device = bundle.device
-        self.bundle, self.cache = bundle, cache
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # one per row (pairs repeat)
+        self.bundle, self.cache, self.embed = bundle, cache, embed
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
         self.start = torch.zeros((), dtype=torch.long, device=device)
@@ -23,7 +25,7 @@ class GraphedDecodeStep:
         self.pool = None
 
     def _body(self, attend: int) -> torch.Tensor:
-        embeds = self.bundle.embed_image_codes(self.tokens).unsqueeze(1)
+        embeds = self.embed(self.tokens).unsqueeze(1)
         return forward_at(self.bundle.language_model, self.cache, embeds, self.positions, self.valid, self.start,
                           attend)[:, -1]
 
@@ -41,11 +43,11 @@ class GraphedDecodeStep:
         return graph, out
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [B] (one per image), positions [2B, 1]: the hidden states [2B, D] after this step."""
+        """tokens [R], positions [R, 1]: the last-layer hidden states [R, D] after this step."""
         end = self.cache.used + 1
         if end > self.cache.max_len:
             raise RuntimeError(f"KV cache full: {end} > {self.cache.max_len} columns")
-        self.tokens.copy_(tokens.repeat_interleave(2))
+        self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.start.fill_(self.cache.used)
         attend = attend_width(self.cache, end)
