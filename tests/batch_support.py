@@ -85,3 +85,30 @@ def upload_parquet(bucket: str, key: str, table: pa.Table) -> str:
     pq.write_table(table, buffer)
     s3_client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
     return f"s3://{bucket}/{key}"
+
+
+@contextlib.contextmanager
+def strict_s3_server():
+    """A second moto server that checks credentials (authentication on from the first request)."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -150,7 +150,8 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset)
     import ray
 
     columns = [config.prompt_column] + ([id_column] if id_column else [])
-    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=columns, file_extensions=None)
+    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, file_extensions=None)
+    items = items.select_columns(columns)
     items = items.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
                               fn_kwargs={"prompt_column": config.prompt_column, "id_column": id_column,
                                          "samples": config.samples_per_prompt, "base_seed": config.seed,
