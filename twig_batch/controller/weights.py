@@ -89,12 +89,11 @@ def load_weights(net: ControllerNet, path: str | os.PathLike) -> ControllerNet:
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
         raise ModelLoadError(f"controller weights {path} do not match the controller: {'; '.join(parts)}")
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ModelLoadError(
-                f"controller weights {path}: tensor {name} has shape {list(state[name].shape)}, but this model "
-                f"(hidden size {net.hidden_size}) and controller config need {list(tensor.shape)}"
-            )
+    misfits = [f"{name} has shape {list(state[name].shape)}, needs {list(tensor.shape)}"
+               for name, tensor in expected.items() if tuple(state[name].shape) != tuple(tensor.shape)]
+    if misfits:
+        raise ModelLoadError(f"controller weights {path} do not fit this model (hidden size {net.hidden_size}) and "
+                             f"controller config: tensor {'; tensor '.join(misfits)}")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name].to(tensor.dtype))

@@ -1,0 +1,85 @@
+"""Controller weights: seeded initialisation, save -> load -> the same images, clear shape errors."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from twig_batch.cli import app
+from twig_batch.controller import ControllerConfig, LatentController, build_controller_net, save_weights
+from twig_batch.controller.trigger_log import same_records
+from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.errors import ModelLoadError
+from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.settings import GenerationSettings
+
+
+def _state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_seeded_initialisation_is_deterministic_and_fits_the_model():
+    config = ControllerConfig(init_seed=3)
+    a, b = _state(build_controller_net(64, config)), _state(build_controller_net(64, config))
+    other = _state(build_controller_net(64, ControllerConfig(init_seed=4)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], other[k]) for k in a if not k.endswith("bias"))
+    assert a["condenser.latents"].shape == (8, 64)
+    assert a["shaper.mlp.2.weight"].shape == (4 * 64, 64)
+    assert a["translator.net.0.weight"].shape == (64, 3 * 64)
+    assert all(not v.any() for k, v in a.items() if k.endswith("bias"))
+    assert 0.015 < float(a["shaper.mlp.2.weight"].std()) < 0.025
+    net64 = build_controller_net(64, config, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in net64.parameters())
+    assert torch.equal(net64.condenser.latents, a["condenser.latents"].double())
+
+
+def test_save_then_load_gives_identical_images(tiny64, tmp_path):
+    trained = ControllerConfig(init_seed=7, min_gap=64)
+    path = save_weights(build_controller_net(64, trained, dtype=torch.float64), tmp_path / "ctl.safetensors")
+    loaded = ControllerConfig(init_seed=0, min_gap=64, weights=str(path))  # the file wins over the seed
+    requests = [ImageRequest("p", "a red cube", 0, 41)]
+    [first] = generate_images(tiny64, requests, GenerationSettings(bands=1, controller=trained))
+    [second] = generate_images(tiny64, requests, GenerationSettings(bands=1, controller=loaded))
+    assert first.record()["n_injections"] >= 2
+    assert torch.equal(first.codes, second.codes)
+    assert first.image.tobytes() == second.image.tobytes()
+    assert same_records(first.trigger_log, second.trigger_log)
+
+    # ... and the weights do matter: other weights condense, and steer, differently.
+    rows = [t2i_prompt_ids(tiny64, "a red cube")]
+    ours, seed0 = (LatentController(tiny64, ["a red cube"], c) for c in (loaded, ControllerConfig(min_gap=64)))
+    for controller in (ours, seed0):
+        draw_image_tokens_batch(tiny64, rows, [41], GenerationSettings(), 20, observer=controller)
+    assert [r["s_t"] for r in ours.trigger_log(0)] == [r["s_t"] for r in first.trigger_log[:13]]
+    assert all(a["s_t"] != b["s_t"] for a, b in zip(ours.trigger_log(0), seed0.trigger_log(0)))
+
+
+def test_a_file_that_does_not_fit_is_a_clear_error(tmp_path):
+    config = ControllerConfig()
+    small = save_weights(build_controller_net(32, config), tmp_path / "hidden32.safetensors")
+    with pytest.raises(ModelLoadError, match=r"hidden size 64.*tensor condenser\.key\.weight has shape "
+                                             r"\[32, 32\], needs \[64, 64\]"):
+        build_controller_net(64, config, weights=small)
+    fewer = save_weights(build_controller_net(64, ControllerConfig(memory_tokens=4)), tmp_path / "m4.safetensors")
+    with pytest.raises(ModelLoadError, match=r"tensor condenser\.latents has shape \[4, 64\], needs \[8, 64\]$"):
+        build_controller_net(64, config, weights=fewer)
+    state = load_file(str(small))
+    del state["shaper.mlp.2.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"missing shaper\.mlp\.2\.bias; unexpected extra\.weight"):
+        build_controller_net(32, config, weights=tmp_path / "partial.safetensors")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        build_controller_net(64, config, weights=tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        build_controller_net(64, config, weights=tmp_path / "junk.safetensors")
+
+
+def test_cli_reports_a_misfit_weights_file_without_a_traceback(tiny_hf_dir, tmp_path):
+    small = save_weights(build_controller_net(32, ControllerConfig()), tmp_path / "hidden32.safetensors")
+    result = CliRunner().invoke(app, ["generate", "a red cube", "--model", str(tiny_hf_dir), "--out",
+                                      str(tmp_path / "out"), "--controller-weights", str(small)])
+    assert result.exit_code == 2
+    assert "condenser.key.weight" in result.output and "Traceback" not in result.output
