@@ -1,0 +1,77 @@
+"""Staged modes through the batch job, and `ImageGenerator` inside a user's own Ray Data pipeline."""
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from batch_support import local_ray, read_manifest, write_prompts
+from twig_batch.cli import app
+from twig_batch.distributed import ImageGenerator
+from twig_batch.seeds import derive_seed
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with local_ray(num_cpus=4) as ray:
+        yield ray
+
+
+def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", 4)
+    dest = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--mode", "twig", "--actors", "1",
+                                      "--batch-size", "4", "--set", "think_max_tokens=6", "--controller",
+                                      "--controller-set", "force_every=100"])
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(dest).to_pylist()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"} and {r["mode"] for r in rows} == {"twig"}
+    for r in rows:
+        assert len(r["thoughts"]) == 3 and len(r["reflection_scores"]) >= 3 and r["reflections_json"]
+        assert len(r["stage_image_uris"]) == len(r["stage_labels"]) >= 3
+        assert all(Image.open(uri).size[0] == 96 for uri in r["stage_image_uris"])
+        log = pq.read_table(r["trigger_log_uri"])
+        assert log.num_rows > 0 and r["n_triggers"] == sum(log.column("fired").to_pylist())
+        assert r["n_injections"] == sum(log.column("injected").to_pylist()) and r["n_injections"] > 0
+        assert r["trigger_log_uri"].rsplit("/", 1)[0] == r["image_uri"].rsplit("/", 1)[0]  # next to the image
+    info = json.loads((dest / "run.json").read_text())
+    assert info["settings"]["controller"]["force_every"] == 100 and info["settings"]["think_max_tokens"] == 6
+
+
+def test_image_generator_in_your_own_ray_data_pipeline(ray_cluster):
+    import ray
+
+    items = ray.data.from_items([{"id": f"own-{i}", "prompt": f"a blue sphere {i}", "sample_index": 0}
+                                 for i in range(6)])
+    images = items.map_batches(ImageGenerator, fn_constructor_kwargs={"model": "tiny", "base_seed": 3},
+                               batch_size=3, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    rows = sorted(images.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == [f"own-{i}" for i in range(6)]
+    for r in rows:
+        assert r["status"] == "ok" and r["seed"] == derive_seed(3, r["id"], 0)
+        assert Image.open(io.BytesIO(r["image_png"])).size == (96, 96) and r["image_uri"] is None
+
+
+@pytest.fixture
+def one_torch_thread():
+    # What a Ray actor gets (one CPU); also far quicker than oversubscribed threads on a small machine.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_image_generator_called_directly_keeps_bad_rows_apart(tmp_path, one_torch_thread):
+    generate = ImageGenerator(model="tiny", output=str(tmp_path))
+    batch = pa.table({"id": ["good", "bad"], "prompt": ["a red cube", None], "sample_index": [0, 0],
+                      "seed": [11, 12]})
+    rows = generate(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["error"] == "prompt is missing (null)"
+    assert rows[0]["seed"] == 11 and Image.open(rows[0]["image_uri"]).size == (96, 96)
+    same = generate({"id": ["good"], "prompt": ["a red cube"], "sample_index": [0], "seed": [11]}).to_pylist()
+    assert same[0]["image_uri"] == rows[0]["image_uri"]  # any batch format; deterministic keys
