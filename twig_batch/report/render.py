@@ -16,6 +16,8 @@ from twig_batch.report import plots, thumbnails
 from twig_batch.report.run_data import Run, attempt_starts, finish_times, map_rows, open_run
 
 DEFAULT_LIMIT = 1000
+_ATTEMPT_FIELDS = ("attempt", "started_at", "finished_at", "actors", "gpus_per_actor", "batch_size", "device", "ok",
+                   "errors", "skipped")
 _BAND_LABEL = re.compile(r"^band-(\d+)-of-(\d+)(-redrawn)?$")
 # Control characters (a random model writes them) would be invalid in the page's text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -120,7 +122,7 @@ def summary(run: Run, images: list[ImageView]) -> dict:
                                                   "created_at", "updated_at") if k in info],
         "input": info.get("input") or {},
         "templates": info.get("templates"),
-        "attempts": info.get("attempts") or [],
+        "attempts": [{key: attempt.get(key) for key in _ATTEMPT_FIELDS} for attempt in info.get("attempts") or []],
         "versions": info.get("versions") or {},
         "throughput": thumbnails.png_thumbnail(plots.plot_throughput(series)) if series else None,
         "errors": [{k: visible_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in errors],
