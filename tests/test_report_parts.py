@@ -39,7 +39,7 @@ def test_plots_are_small_pngs():
     assert len(trace) < 12_000 and plots.plot_trigger_trace([]) is None
     chart = plots.plot_throughput(plots.throughput([float(t) for t in range(100)]))
     with Image.open(io.BytesIO(chart)) as image:
-        assert image.size == (640, 220)
+        assert image.size == (520, 200)
 
 
 def test_thumbnails_shrink_to_their_box_and_never_enlarge():

@@ -62,7 +62,7 @@ def _style(axes, size: int = 7) -> None:
 
 
 def plot_throughput(series: Throughput) -> bytes:
-    figure = Figure(figsize=(6.4, 2.2), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(5.2, 2.0), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     axes.bar(series.starts, series.rates, width=series.bin_s, align="edge", color="#9ec1e6",
              label=f"images/s per {series.bin_s:.3g} s")
