@@ -41,6 +41,17 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
     assert info["settings"]["controller"]["force_every"] == 100 and info["settings"]["think_max_tokens"] == 6
 
 
+def test_a_model_that_fails_on_the_workers_is_one_clear_error(ray_cluster, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", 2)
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--model",
+                                      "/no/such/checkpoint/on/the/workers"])
+    assert result.exit_code == 2, result.output
+    assert "error: on a Ray worker: model folder /no/such/checkpoint/on/the/workers does not exist" in result.output
+    # Ray logs its own account of the dead actor; ours is the one `error:` line the CLI ends with.
+    assert [line for line in result.output.splitlines() if line.startswith("error:")][-1].endswith("does not exist")
+    assert not (tmp_path / "out" / "_COMPLETE.json").exists()
+
+
 def test_image_generator_in_your_own_ray_data_pipeline(ray_cluster):
     import ray
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -21,6 +22,7 @@ from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.distributed.work_items import expand_to_work_items
+from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, OutputError, TwigBatchError
 from twig_batch.io import layout
 from twig_batch.io.dataset import check_input, resolve_input
@@ -206,21 +208,39 @@ def _check_model_reference(ref: str) -> None:
         detect_layout(path)
 
 
+_OUR_ERROR_LINE = re.compile(r"^twig_batch\.errors\.(ModelLoadError|InputError|OutputError|TwigBatchError): (.+)$",
+                             re.MULTILINE)
+
+
+class RunFailedError(TwigBatchError):
+    """The Ray part of a run failed as a whole (actors could not start, the cluster went away)."""
+
+
 def _user_facing(exc: BaseException) -> BaseException:
-    """Ray wraps a worker's exception in its own types; surface ours with its plain message."""
+    """Ray wraps a worker's exception in its own types; surface ours, or one line about Ray's."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return exc
     seen = set()
     current = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, TwigBatchError) and type(current).__module__.startswith("twig_batch"):
-            return current
+            return type(current)(f"{current} (rows finished before this are recorded; fix it and rerun "
+                                 "with --resume)")
         for candidate in (getattr(current, "cause", None), current.__cause__, current.__context__):
             if isinstance(candidate, BaseException):
                 current = candidate
                 break
         else:
             current = None
-    return exc
+    # An actor whose __init__ raised reaches us only as text (Ray keeps the traceback, not the object).
+    ours = _OUR_ERROR_LINE.findall(str(current or exc) + "\n" + str(exc))
+    if ours:
+        kind, message = ours[-1]
+        return getattr(errors_module, kind)(f"on a Ray worker: {message}")
+    first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "no detail")
+    return RunFailedError(f"the Ray job failed: {type(exc).__name__}: {first_line} (rows finished before this are "
+                          "recorded; rerun with --resume to continue)")
 
 
 def _disconnect() -> None:

@@ -1,9 +1,9 @@
 """Joining a Ray cluster and sizing the actor pool to it.
 
-`ray.init()` already does what a batch job wants: it joins the cluster named by `RAY_ADDRESS` or
-the one `ray start` left running on this machine, and otherwise starts a local one. We only add
-enough logical CPUs to a local cluster for the actors plus Ray Data's read tasks (too few and the
-readers starve behind the actors).
+Like `ray.init()`: join the cluster named by `RAY_ADDRESS` or the one `ray start` left running on
+this machine, and otherwise start a local one (`RAY_ADDRESS=local` forces that). A local cluster
+gets enough logical CPUs for the actors plus Ray Data's read tasks: with too few, the readers
+starve behind the actors and the run stalls.
 """
 from __future__ import annotations
 
@@ -28,13 +28,18 @@ def connect(min_local_cpus: int = 3) -> bool:
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
+        ray.init(address=address)
         return True
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False)
+    if not address:
+        try:
+            ray.init(address="auto")
+            return True
+        except ConnectionError:
+            pass
+    # RAY_ADDRESS=local, or no cluster to join: a private one on this machine.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False)
     return True
 
 

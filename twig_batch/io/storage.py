@@ -63,7 +63,15 @@ class LocalStorage:
                       if p.is_file() and not p.name.endswith(".tmp"))
 
     def delete(self, key: str) -> None:
-        (self.root / check_key(key)).unlink(missing_ok=True)
+        path = self.root / check_key(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:  # drop folders the deletion emptied (the journal), never the root
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def check_writable(self) -> None:
         if self.root.exists() and not self.root.is_dir():
