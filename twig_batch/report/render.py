@@ -18,6 +18,7 @@ from twig_batch.report.run_data import Run, attempt_starts, finish_times, map_ro
 DEFAULT_LIMIT = 1000
 _ATTEMPT_FIELDS = ("attempt", "started_at", "finished_at", "actors", "gpus_per_actor", "batch_size", "device", "ok",
                    "errors", "skipped")
+_REFLECTION_FIELDS = ("score", "accepted", "problem", "improved", "answer")
 _BAND_LABEL = re.compile(r"^band-(\d+)-of-(\d+)(-redrawn)?$")
 # Control characters (a random model writes them) would be invalid in the page's text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -71,7 +72,8 @@ def _bands(row: dict, stages: list[tuple[str, bytes | None]]) -> list[Band]:
     for reflection in reflections:
         index = int(reflection.get("band", -1))
         if index in by_band:
-            by_band[index].reflection = {k: visible_text(v) if isinstance(v, str) else v for k, v in reflection.items()}
+            by_band[index].reflection = {key: visible_text(value) if isinstance(value, str) else value
+                                         for key, value in ((k, reflection.get(k)) for k in _REFLECTION_FIELDS)}
     for band in by_band.values():
         if len(band.drawings) > 1:
             band.drawings[0]["caption"] = "before redraw"
