@@ -74,6 +74,7 @@ def test_bands_pair_a_redraw_with_the_drawing_it_replaced():
     assert bands[2].drawings[0]["thumb"] is None  # missing object: a placeholder, not a broken image
     assert [b.thought for b in bands] == ["first", "second, improved", "third", None]
     assert [b.reflection and b.reflection["score"] for b in bands] == [95.0, 20.0, None, None]
+    assert bands[0].reflection == {"score": 95.0, "accepted": True, "problem": None, "improved": None, "answer": None}
 
 
 def test_control_characters_become_visible():

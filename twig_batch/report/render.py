@@ -104,7 +104,7 @@ def _flatten(values: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def summary(run: Run, images: list[ImageView]) -> dict:
     ok, errors = run.ok_rows, run.error_rows
-    series = plots.throughput(finish_times(run.rows), (attempt_starts(run.info) or [None])[0])
+    series = plots.throughput(finish_times(ok), (attempt_starts(run.info) or [None])[0])
     durations = [r["duration_s"] for r in ok if r.get("duration_s") is not None]
     info = run.info
     return {
