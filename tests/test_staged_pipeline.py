@@ -181,3 +181,13 @@ def test_seed_mode_draws_each_stage_from_its_stage_prompt(small):
     assert drawn == [t2i_prompt_ids(small, f"a red cube, {part}") for part in parts]
     assert len(result.thoughts) == 3 and all(result.thoughts) and result.reflections == []
     assert result.timings["guidance_s"] > 0
+
+
+def test_the_fast_engine_draws_the_same_staged_images(small):
+    from twig_batch.engine.fast import draw_image_tokens_fast
+
+    requests = requests_for(PROMPTS[:3])
+    scorer = ScriptedScorer(_reject_some)
+    fast = generate_staged(small, requests, settings_for("twig"), scorer=scorer, draw_tokens=draw_image_tokens_fast)
+    eager = generate_staged(small, requests, settings_for("twig"), scorer=scorer)
+    assert all(same(a, b) for a, b in zip(fast, eager)) and fast[1].redrawn_bands == [1]

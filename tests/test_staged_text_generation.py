@@ -52,10 +52,10 @@ def test_the_picture_reaches_the_model_through_the_understanding_path(tiny64):
     lm = tiny64.language_model
 
     def next_logits(prompt):
-        from twig_batch.pipeline.text_generation import _embed
+        from twig_batch.pipeline.text_generation import embed_prompts
 
         ids = torch.tensor([prompt.ids])
-        return tiny64.text_logits(lm(inputs_embeds=_embed(tiny64, ids, [prompt])).last_hidden_state[:, -1])
+        return tiny64.text_logits(lm(inputs_embeds=embed_prompts(tiny64, ids, [prompt])).last_hidden_state[:, -1])
 
     with torch.no_grad():
         assert not torch.allclose(next_logits(shown), next_logits(other))

@@ -20,6 +20,7 @@ from twig_batch.pipeline.generator import ImageRequest, ImageResult
 from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
+from twig_batch.pipeline.text_generation import BatchedText
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
@@ -43,20 +44,22 @@ class PhaseClock:
 @torch.no_grad()
 def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
                     templates: Templates | None = None, thinker=None, scorer=None, guide=None,
-                    draw_tokens=draw_image_tokens_batch) -> list[ImageResult]:
+                    draw_tokens=draw_image_tokens_batch, text=None) -> list[ImageResult]:
     """Generate one image per request in `settings.mode` (plain, twig or seed), `settings.bands` bands.
 
     `thinker`, `scorer` and `guide` replace the model's own thoughts, reflections and stage plans.
     `observer` (the latent controller) hears `begin_band(images, band)` before every drawing call.
-    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract).
+    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract);
+    `text` writes the model's texts (default `BatchedText()`), used by the default thinker, scorer, guide.
     """
     if not requests:
         return []
     schedule = BandSchedule(bundle.grid, settings.bands)
     templates = templates or DEFAULT_TEMPLATES
-    thinker = thinker or ModelThinker(templates)
-    scorer = scorer or ModelScorer(templates)
-    guide = guide or ModelGuide(templates)
+    text = text or BatchedText()
+    thinker = thinker or ModelThinker(templates, text)
+    scorer = scorer or ModelScorer(templates, text)
+    guide = guide or ModelGuide(templates, text)
     mode, bands, n = settings.mode, schedule.bands, len(requests)
     everyone = list(range(n))
     clock = PhaseClock(n)

@@ -24,7 +24,7 @@ class TextPrompt:
     seed: int = 0  # noise seed when sampling (temperature > 0)
 
 
-def _embed(bundle, ids: torch.Tensor, prompts: list[TextPrompt]) -> torch.Tensor:
+def embed_prompts(bundle, ids: torch.Tensor, prompts: list[TextPrompt]) -> torch.Tensor:
     """Token embeddings [B, W, D] with each prompt's vision features scattered into its placeholders."""
     embeds = bundle.embed_text(ids)
     for row, prompt in enumerate(prompts):
@@ -46,7 +46,7 @@ def reference_text(bundle, prompt: TextPrompt, max_new_tokens: int, temperature:
     lm = bundle.language_model
     ids = torch.tensor([prompt.ids], device=bundle.device)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=_embed(bundle, ids, [prompt]), past_key_values=cache,
+    hidden = lm(inputs_embeds=embed_prompts(bundle, ids, [prompt]), past_key_values=cache,
                 use_cache=True).last_hidden_state[:, -1]
     seeds = torch.tensor([prompt.seed], dtype=torch.int64)
     written: list[int] = []
@@ -74,7 +74,7 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=_embed(bundle, ids, prompts), attention_mask=mask, position_ids=positions,
+    hidden = lm(inputs_embeds=embed_prompts(bundle, ids, prompts), attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     next_position = positions[:, -1:] + 1
     seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64)
@@ -110,10 +110,14 @@ def clean_text(bundle, ids: list[int]) -> str:
 
 
 class BatchedText:
-    """Writes the texts of many prompts in one batched loop (the fast path)."""
+    """Writes the texts of many prompts in one batched call of `generate` (any function with
+    `generate_text_batch`'s contract, e.g. an engine over a static cache)."""
+
+    def __init__(self, generate=generate_text_batch) -> None:
+        self.generate = generate
 
     def __call__(self, bundle, prompts: list[TextPrompt], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
-        return [clean_text(bundle, ids) for ids in generate_text_batch(bundle, prompts, max_new_tokens, temperature)]
+        return [clean_text(bundle, ids) for ids in self.generate(bundle, prompts, max_new_tokens, temperature)]
 
 
 class ReferenceText:
