@@ -1,0 +1,70 @@
+"""The controller's parts on their own: condenser, translator, shaper, think step, prompt vector."""
+import torch
+import torch.nn.functional as F
+
+from twig_batch.controller import ControllerConfig, LatentController, build_controller_net
+from twig_batch.controller.think import prompt_vector, think_ids, think_latent
+
+D = 64
+
+
+def _net(**kw):
+    return build_controller_net(D, ControllerConfig(init_std=0.2, **kw), dtype=torch.float64)
+
+
+def test_condenser_is_order_free_and_per_row():
+    net = _net()
+    states = torch.randn(3, 32, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    memory, m_vec = net.condenser(states)
+    assert memory.shape == (3, 8, D) and m_vec.shape == (3, D)
+    assert torch.allclose(m_vec, memory.mean(dim=1))
+    shuffled, _ = net.condenser(states[:, torch.randperm(32, generator=torch.Generator().manual_seed(1))])
+    assert torch.allclose(shuffled, memory, atol=1e-12)  # so a ring buffer can feed it unrotated
+    alone, _ = net.condenser(states[1:2])
+    assert torch.allclose(alone[0], memory[1], atol=1e-12)
+    short, _ = net.condenser(states[:, :5])  # a band's first steps: fewer states than the window
+    assert short.shape == (3, 8, D) and not torch.allclose(short, memory)
+
+
+def test_translator_gate_bounds_the_control_vector_and_shaper_makes_k_tokens():
+    net = _net(control_tokens=3)
+    z, m, p = torch.randn(3, 2, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    raw = net.translator.net(torch.cat([z, m, p], dim=-1))
+    c = net.translator(z, m, p, 0.5)
+    gate = torch.sigmoid(net.translator.gate(raw))
+    assert torch.allclose(c, raw * gate * 0.5)
+    assert (c.norm(dim=-1) <= 0.5 * raw.norm(dim=-1)).all()
+    assert not net.translator(z, m, p, 0.0).any()
+    tokens = net.shaper(c)
+    assert tokens.shape == (2, 3, D)
+    assert torch.allclose(tokens[1], net.shaper(c[1:2])[0])
+
+
+def test_think_latent_is_one_cache_free_pass_over_text_then_memory(tiny64):
+    ids = think_ids(tiny64, "  a small cat on a large table  ", 4)
+    assert ids == tiny64.encode("a small cat on a large table")[-4:]
+    text = tiny64.embed_text(torch.tensor(ids))
+    memory = torch.randn(8, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = think_latent(tiny64, text, memory)
+    manual = tiny64.language_model(inputs_embeds=torch.cat([text, memory])[None], use_cache=False)
+    assert torch.allclose(z, manual.last_hidden_state[0].mean(dim=0))
+    only_memory = think_latent(tiny64, text[:0], memory)  # an empty prompt still thinks
+    assert only_memory.shape == (D,) and torch.isfinite(only_memory).all()
+
+
+def test_prompt_vector_is_the_mean_embedding_of_the_clean_prompt(tiny64):
+    ids = tiny64.encode("a red cube")
+    assert torch.equal(prompt_vector(tiny64, " a red cube\n"), tiny64.embed_text(torch.tensor(ids)).mean(dim=0))
+    assert not prompt_vector(tiny64, "   ").any()
+
+
+def test_the_window_holds_exactly_the_last_states(tiny64):
+    """After more steps than the window holds, s_t is computed from the latest `window` states."""
+    config = ControllerConfig(window=8, min_history=8, tau_drop=1e9, tau_entropy=1e9)
+    controller = LatentController(tiny64, ["a red cube"], config)
+    states = torch.randn(20, 1, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for step in range(20):
+        controller.observe(step, states[step], torch.zeros(1, 512, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
+    _, m_vec = controller.net.condenser(states[12:20].transpose(0, 1))
+    expected = F.cosine_similarity(m_vec, controller.p_vecs[0:1], dim=-1).item()
+    assert abs(controller.trigger_log(0)[-1]["s_t"] - expected) < 1e-12
