@@ -105,7 +105,7 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
 
 
 def clean_text(bundle, ids: list[int]) -> str:
-    """Decoded text with runs of whitespace (newlines included) kept as written but trimmed at the ends."""
+    """The decoded text (special tokens dropped), trimmed at both ends."""
     return bundle.decode(ids).strip()
 
 
