@@ -53,7 +53,10 @@ def visible_text(text) -> str | None:
 def _bands(row: dict, stages: list[tuple[str, bytes | None]]) -> list[Band]:
     """Group band images by band (a redraw sits next to the drawing it replaced), then attach text."""
     thoughts = row.get("thoughts") or []
-    reflections = json.loads(row["reflections_json"]) if row.get("reflections_json") else []
+    try:
+        reflections = json.loads(row.get("reflections_json") or "[]")
+    except ValueError:  # a damaged record loses its reflections, not the whole report
+        reflections = []
     by_band: dict[int, Band] = {}
     extra: list[Band] = []
     for label, png in stages:
