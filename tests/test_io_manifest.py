@@ -61,7 +61,7 @@ def test_any_sequence_of_crashes_and_resumes_keeps_each_key_once(tmp_path):
     """Random attempts, each drawing some keys, flushing some parts, maybe crashing before or during folding."""
     rng = random.Random(7)
     keys = [(f"id{i}", s) for i in range(12) for s in range(2)]
-    for trial in range(20):
+    for trial in range(10):
         store = LocalStorage(tmp_path / f"trial{trial}")
         clock = 0
         for attempt in range(rng.randint(1, 5)):

@@ -35,7 +35,7 @@ def big_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("big")
     prompts = write_prompts(root / "prompts.parquet", 200)
     dest = root / "out"
-    result = run(prompts, "--output", dest, "--actors", 2, "--samples-per-prompt", 2, "--batch-size", 16,
+    result = run(prompts, "--output", dest, "--actors", 2, "--samples-per-prompt", 2, "--batch-size", 25,
                  "--progress-every", 1)
     return prompts, dest, result
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from batch_support import local_ray, read_manifest, write_prompts
 from twig_batch.cli import app
 
-PROMPTS = 64
+PROMPTS = 32
 
 
 @pytest.fixture(scope="module")

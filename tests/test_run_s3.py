@@ -10,7 +10,7 @@ from batch_support import ACCESS_KEY, SECRET_KEY, local_ray, s3_client, s3_serve
 from twig_batch.cli import app
 
 runner = CliRunner()
-PROMPTS = 200
+PROMPTS = 100
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,13 @@ def test_s3_run_writes_manifest_images_and_marker(s3_run):
         assert image.format == "PNG" and image.size == (96, 96)
     assert {"runs/first/run.json", "runs/first/_COMPLETE.json"} <= set(objects)
     assert not [k for k in objects if "manifest-journal" in k or "write-probe" in k]
-    assert "manifest: s3://results/runs/first/manifest.parquet (400 ok, 0 error rows)" in first.output
+    assert f"manifest: s3://results/runs/first/manifest.parquet ({PROMPTS * 2} ok, 0 error rows)" in first.output
 
 
 def test_s3_resume_draws_nothing(s3_run):
     _, _, before, second, after = s3_run
     assert second.exit_code == 0, second.output
-    assert "done: 0 image(s) drawn, 0 error(s), 400 skipped" in second.output
+    assert f"done: 0 image(s) drawn, 0 error(s), {PROMPTS * 2} skipped" in second.output
     images_before = {k: v for k, v in before.items() if "/images/" in k}
     assert {k: v for k, v in after.items() if "/images/" in k} == images_before
 

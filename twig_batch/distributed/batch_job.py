@@ -25,23 +25,24 @@ from twig_batch.distributed.work_items import expand_to_work_items
 from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, OutputError, TwigBatchError
 from twig_batch.io import layout
-from twig_batch.io.dataset import check_input, resolve_input
+from twig_batch.io.dataset import InputFiles, InputSummary, check_input, resolve_input
 from twig_batch.io.manifest import ManifestJournal, consolidate, ok_keys
 from twig_batch.io.run_info import (check_resume_matches, read_run_info, software_versions, utc_now,
                                     write_complete_marker, write_run_info)
-from twig_batch.io.storage import open_storage
+from twig_batch.io.storage import LocalStorage, S3Storage, open_storage
+from twig_batch.settings import GenerationSettings
 
 
 @dataclasses.dataclass
 class _Preflight:
     """Everything learnt before Ray is joined: if any of it fails, no model was loaded anywhere."""
 
-    settings: object
-    templates: object
-    files: object
-    source: object
+    settings: GenerationSettings
+    templates: object  # prompts.Templates or None
+    files: InputFiles
+    source: InputSummary
     id_column: str | None
-    storage: object
+    storage: LocalStorage | S3Storage
     identity: dict
     previous: dict | None
     skip: frozenset

@@ -67,7 +67,7 @@ def _resolve_s3(uri: str) -> InputFiles:
     glob_at = min((pattern.find(ch) for ch in _GLOB_CHARS if ch in pattern), default=-1)
     listing_prefix = pattern[:glob_at] if glob_at >= 0 else pattern
     try:
-        keys = [k for k in _list_keys(client, location.bucket, listing_prefix)]
+        keys = list(_list_keys(client, location.bucket, listing_prefix))
     except Exception as exc:
         raise explain_s3_error(exc, f"cannot list input {uri}", error=InputError) from None
     if glob_at >= 0:
