@@ -114,6 +114,11 @@ class LatentController:
         return [dict(r) for r in self.logs[image].records]
 
     # -- the rest ----------------------------------------------------------------------------------
+    @property
+    def max_control_slots(self) -> int:
+        """The most cache positions one drawing call (one band) can add to an image."""
+        return self.config.max_injections_per_band * self.config.control_tokens
+
     def summary(self, image: int) -> dict:
         return self.logs[image].summary()
 
