@@ -71,7 +71,7 @@ def generate(
         None, "--controller/--no-controller",
         help="Run the latent controller (on by default when --controller-weights is given)."),
     controller_weights: Optional[Path] = typer.Option(
-        None, "--controller-weights", help="Controller weights (safetensors) [default: seeded initialisation]."),
+        None, "--controller-weights", help="Controller weights (safetensors); without it, a seeded initialisation."),
     tau_drop: Optional[float] = typer.Option(None, help="Controller: similarity drop that fires (with --tau-var)."),
     tau_var: Optional[float] = typer.Option(None, help="Controller: similarity variance that fires (with --tau-drop)."),
     tau_entropy: Optional[float] = typer.Option(None, help="Controller: entropy that fires (with --tau-sim)."),
@@ -119,6 +119,11 @@ def generate(
             band_image.save(out / f"{stem}.{label}.png")
         record = result.record() | {"model": model, "base_seed": seed, "settings": settings.to_dict(),
                                     "image": f"{stem}.png", "load_s": load_s}
+        if settings.controller is not None:
+            from twig_batch.controller import write_trigger_log
+
+            write_trigger_log(result.trigger_log, out / f"{stem}.triggers.parquet")
+            record["trigger_log"] = f"{stem}.triggers.parquet"
         (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     typer.echo(f"{len(results)} image(s) written to {out}")
 
