@@ -76,7 +76,7 @@ def test_submitted_job_writes_the_output(ray_head, tmp_path):
     command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
                str(tmp_path / "runtime_env.yaml"), "--", "python", "jobs/generate_batch.py",
                "examples/prompts.parquet", "--output", str(dest), "--samples-per-prompt", "1", "--batch-size", "8"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output and "manifest: " in output and "(16 ok, 0 error rows)" in output

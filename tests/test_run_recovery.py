@@ -31,7 +31,7 @@ def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
     command = [sys.executable, "-m", "twig_batch.cli", "run", str(prompts), "--output", str(dest), "--actors", "2",
                "--batch-size", "4", "--journal-every", "4", *extra]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 480  # generous: CI machines may be busy
     while len(journal_parts(dest)) <= parts_before:
         assert driver.poll() is None, driver.stdout.read().decode()
         assert time.monotonic() < deadline, "no journal part was flushed"
