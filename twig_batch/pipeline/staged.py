@@ -13,7 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.engine.fast import draw_image_tokens_fast
+from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
 from twig_batch.pipeline.generator import ImageRequest, ImageResult
@@ -44,19 +45,23 @@ class PhaseClock:
 @torch.no_grad()
 def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
                     templates: Templates | None = None, thinker=None, scorer=None, guide=None,
-                    draw_tokens=draw_image_tokens_batch, text=None) -> list[ImageResult]:
+                    draw_tokens=draw_image_tokens_fast, text=None) -> list[ImageResult]:
     """Generate one image per request in `settings.mode` (plain, twig or seed), `settings.bands` bands.
 
     `thinker`, `scorer` and `guide` replace the model's own thoughts, reflections and stage plans.
     `observer` (the latent controller) hears `begin_band(images, band)` before every drawing call.
-    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract);
-    `text` writes the model's texts (default `BatchedText()`), used by the default thinker, scorer, guide.
+    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract;
+    default the static-cache engine); `text` writes the model's texts (default: batched over the
+    static cache), used by the default thinker, scorer and guide.
+
+    Plain mode draws the whole image in one pass (one prefill, as Janus-Pro's recipe does; the
+    observer hears one band 0) and cuts its band images from the finished codes.
     """
     if not requests:
         return []
     schedule = BandSchedule(bundle.grid, settings.bands)
     templates = templates or DEFAULT_TEMPLATES
-    text = text or BatchedText()
+    text = text or BatchedText(generate_text_fast)
     thinker = thinker or ModelThinker(templates, text)
     scorer = scorer or ModelScorer(templates, text)
     guide = guide or ModelGuide(templates, text)
@@ -70,14 +75,14 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     codes = torch.zeros((n, 0), dtype=torch.long)
     canvas = None  # uint8 [n, px, px, 3]: each image as drawn so far, undrawn positions as code 0
 
-    def draw(rows: list[int], band: int, seeds: list[int]) -> torch.Tensor:
+    def draw(rows: list[int], band: int, seeds: list[int], n_tokens: int = schedule.tokens_per_band) -> torch.Tensor:
         conditions = [t2i_prompt_ids(bundle, condition_text(mode, templates, requests[i].prompt, band, bands,
                                                             texts[i])) for i in rows]
         start = schedule.start(band)
         if observer is not None:
             observer.begin_band(images=rows, band=band)
         with clock("image_tokens_s", rows):
-            return draw_tokens(bundle, conditions, seeds, settings, schedule.tokens_per_band,
+            return draw_tokens(bundle, conditions, seeds, settings, n_tokens,
                                prefix_codes=codes[rows, :start] if start else None, first_step=start,
                                observer=observer)
 
@@ -94,7 +99,10 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
                 for i, plan in enumerate(guide.guide(bundle, asks, settings)):
                     texts[i].append(plan)
 
-        codes = torch.cat([codes, draw(everyone, band, [r.seed for r in requests])], dim=1)
+        if mode != "plain":
+            codes = torch.cat([codes, draw(everyone, band, [r.seed for r in requests])], dim=1)
+        elif band == 0:
+            codes = draw(everyone, 0, [r.seed for r in requests], n_tokens=bundle.image_tokens)
         looks_again = mode == "twig" and (settings.reflect or band + 1 < bands)
         with clock("decode_s", everyone):
             pixels = band_pixels(bundle, codes, schedule, band)
