@@ -34,24 +34,29 @@ def test_seeded_initialisation_is_deterministic_and_fits_the_model():
     assert torch.equal(net64.condenser.latents, a["condenser.latents"].double())
 
 
-def test_save_then_load_gives_identical_images(tiny64, tmp_path):
-    trained = ControllerConfig(init_seed=7, min_gap=64)
+def test_save_then_load_gives_identical_images(tiny_hf_dir, tmp_path):
+    from twig_batch.model import load_janus
+
+    small = load_janus(str(tiny_hf_dir), "cpu", torch.float64)
+    small.model.config.vq_config.num_patches = 8  # 64 image tokens keep the two full runs short
+    trained = ControllerConfig(init_seed=7, min_history=4, min_gap=16)
     path = save_weights(build_controller_net(64, trained, dtype=torch.float64), tmp_path / "ctl.safetensors")
-    loaded = ControllerConfig(init_seed=0, min_gap=64, weights=str(path))  # the file wins over the seed
+    loaded = ControllerConfig(init_seed=0, min_history=4, min_gap=16, weights=str(path))  # the file wins
     requests = [ImageRequest("p", "a red cube", 0, 41)]
-    [first] = generate_images(tiny64, requests, GenerationSettings(bands=1, controller=trained))
-    [second] = generate_images(tiny64, requests, GenerationSettings(bands=1, controller=loaded))
+    [first] = generate_images(small, requests, GenerationSettings(bands=1, controller=trained))
+    [second] = generate_images(small, requests, GenerationSettings(bands=1, controller=loaded))
     assert first.record()["n_injections"] >= 2
     assert torch.equal(first.codes, second.codes)
     assert first.image.tobytes() == second.image.tobytes()
     assert same_records(first.trigger_log, second.trigger_log)
 
     # ... and the weights do matter: other weights condense, and steer, differently.
-    rows = [t2i_prompt_ids(tiny64, "a red cube")]
-    ours, seed0 = (LatentController(tiny64, ["a red cube"], c) for c in (loaded, ControllerConfig(min_gap=64)))
+    rows = [t2i_prompt_ids(small, "a red cube")]
+    ours, seed0 = (LatentController(small, ["a red cube"], c)
+                   for c in (loaded, ControllerConfig(min_history=4, min_gap=16)))
     for controller in (ours, seed0):
-        draw_image_tokens_batch(tiny64, rows, [41], GenerationSettings(), 20, observer=controller)
-    assert [r["s_t"] for r in ours.trigger_log(0)] == [r["s_t"] for r in first.trigger_log[:13]]
+        draw_image_tokens_batch(small, rows, [41], GenerationSettings(), 20, observer=controller)
+    assert [r["s_t"] for r in ours.trigger_log(0)] == [r["s_t"] for r in first.trigger_log[:17]]
     assert all(a["s_t"] != b["s_t"] for a, b in zip(ours.trigger_log(0), seed0.trigger_log(0)))
 
 
