@@ -10,7 +10,7 @@ from batch_support import ACCESS_KEY, SECRET_KEY, local_ray, s3_client, s3_serve
 from twig_batch.cli import app
 
 runner = CliRunner()
-PROMPTS = 100
+PROMPTS = 200  # the same 200 x 2 run as the local test, to S3
 
 
 @pytest.fixture(scope="module")
