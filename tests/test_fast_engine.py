@@ -63,3 +63,15 @@ def test_injection_changes_only_the_injected_image(tiny64):
         single.embeds = ScriptedInjector(hidden, plan, ["a", "b", "c"]).embeds[b:b + 1]
         ref = reference_image_tokens(tiny64, rows[b], b + 1, settings, 80, observer=single)
         assert torch.equal(injected[b], ref)
+
+
+def test_cache_holds_every_injection_the_controller_may_make(tiny64):
+    from twig_batch.controller import LatentController
+    from twig_batch.controller.config import ControllerConfig
+
+    config = ControllerConfig(max_injections_per_band=20, min_gap=0, min_history=1, force_every=1)
+    controller = LatentController(tiny64, PROMPTS[:1], config)
+    codes = draw_image_tokens_fast(tiny64, [t2i_prompt_ids(tiny64, PROMPTS[0])], [1], GenerationSettings(), 40,
+                                   observer=controller)
+    assert codes.shape == (1, 40)
+    assert sum(r["injected"] for r in controller.trigger_log(0)) == 20  # 80 control tokens: more than the default slack

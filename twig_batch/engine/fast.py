@@ -16,7 +16,7 @@ from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.prompts import unconditional_ids
 from twig_batch.settings import GenerationSettings
 
-CONTROL_SLACK = 64  # cache columns reserved for injected control tokens
+CONTROL_SLACK = 64  # cache columns reserved for control tokens when the observer names no budget
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def draw_image_tokens_fast(
         valid = torch.cat([valid, torch.ones((valid.shape[0], n0), dtype=torch.bool, device=device)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
     lm = bundle.language_model
-    slack = CONTROL_SLACK if observer is not None else 0
+    slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
     cache = StaticKVCache(lm, len(rows), embeds.shape[1] + n_tokens + slack)
     hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
     next_position = positions[:, -1:] + 1
