@@ -27,6 +27,27 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def cfg_prefill_inputs(bundle, cond_rows: list[list[int]], prefix_codes: torch.Tensor | None):
+    """The prefill of B images as 2B rows (cond_0, uncond_0, ...): left-padded input embeddings
+    [2B, W, D], which columns are real [2B, W] (bool) and each row's positions [2B, W]."""
+    device = bundle.device
+    rows: list[list[int]] = []
+    for ids in cond_rows:
+        rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
+    ids, mask = pad_left(rows, bundle.tokens.pad)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = mask.bool()
+    embeds = bundle.embed_text(ids)
+    if prefix_codes is not None and prefix_codes.numel():
+        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
+        n0 = image.shape[1]
+        embeds = torch.cat([embeds, image], dim=1)
+        valid = torch.cat([valid, torch.ones((valid.shape[0], n0), dtype=torch.bool, device=device)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
+    return embeds, valid, positions
+
+
 @torch.no_grad()
 def draw_image_tokens_batch(
     bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
@@ -39,19 +60,8 @@ def draw_image_tokens_batch(
     if len(cond_rows) != len(seeds):
         raise ValueError("one seed per image")
     device = bundle.device
-    rows: list[list[int]] = []
-    for ids in cond_rows:
-        rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
-    ids, mask = pad_left(rows, bundle.tokens.pad)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    embeds = bundle.embed_text(ids)
-    if prefix_codes is not None and prefix_codes.numel():
-        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
-        n0 = image.shape[1]
-        embeds = torch.cat([embeds, image], dim=1)
-        mask = torch.cat([mask, torch.ones((mask.shape[0], n0), dtype=mask.dtype, device=device)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
+    embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
+    mask = valid.long()
     lm = bundle.language_model
     cache = DynamicCache(config=lm.config)
     hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,

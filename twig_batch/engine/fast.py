@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.batched import pad_left
+from twig_batch.engine.batched import cfg_prefill_inputs
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
-from twig_batch.prompts import unconditional_ids
 from twig_batch.settings import GenerationSettings
 
 CONTROL_SLACK = 64  # cache columns reserved for control tokens when the observer names no budget
@@ -27,29 +26,18 @@ def draw_image_tokens_fast(
 ) -> torch.Tensor:
     """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`."""
     device = bundle.device
-    rows: list[list[int]] = []
-    for ids in cond_rows:
-        rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
-    ids, mask = pad_left(rows, bundle.tokens.pad)
-    ids, valid = ids.to(device), mask.to(device).bool()
-    positions = (mask.to(device).cumsum(-1) - 1).clamp(min=0)
-    embeds = bundle.embed_text(ids)
-    if prefix_codes is not None and prefix_codes.numel():
-        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
-        n0 = image.shape[1]
-        embeds = torch.cat([embeds, image], dim=1)
-        valid = torch.cat([valid, torch.ones((valid.shape[0], n0), dtype=torch.bool, device=device)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
+    embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
+    rows = embeds.shape[0]
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
-    cache = StaticKVCache(lm, len(rows), embeds.shape[1] + n_tokens + slack)
+    cache = StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack)
     hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
     next_position = positions[:, -1:] + 1
     if use_graphs is None:
         use_graphs = device.type == "cuda"
     graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
-    all_valid = torch.ones((len(rows), 1), dtype=torch.bool, device=device)
+    all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
     codes = []
     for i in range(n_tokens):
         step = first_step + i
