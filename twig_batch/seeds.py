@@ -46,7 +46,11 @@ def row_keys(seeds: torch.Tensor, step: int, stream: int) -> torch.Tensor:
 
 def uniform_noise(seeds: torch.Tensor, step: int, width: int, stream: int = STREAM_IMAGE) -> torch.Tensor:
     """Uniform numbers in (0, 1), shape [B, width], float64, one independent stream per row."""
-    keys = row_keys(seeds, step, stream).unsqueeze(1)
-    index = torch.arange(width, device=seeds.device, dtype=torch.int64).unsqueeze(0)
-    bits = _mix32(_mix32(keys ^ ((index * _GOLDEN) & _MASK32)) ^ index)
+    return noise_from_keys(row_keys(seeds, step, stream), width)
+
+
+def noise_from_keys(keys: torch.Tensor, width: int) -> torch.Tensor:
+    """`uniform_noise` from the rows' keys [B] (split out so a GPU can fuse it with its use)."""
+    index = torch.arange(width, device=keys.device, dtype=torch.int64).unsqueeze(0)
+    bits = _mix32(_mix32(keys.unsqueeze(1) ^ ((index * _GOLDEN) & _MASK32)) ^ index)
     return (bits.to(torch.float64) + 0.5) / 4294967296.0

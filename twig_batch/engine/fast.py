@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.batched import cfg_prefill_inputs
+from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
@@ -30,6 +31,7 @@ def draw_image_tokens_fast(
     rows = embeds.shape[0]
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
+    fuse_for_device(lm)
     cache = StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack)
     hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
     next_position = positions[:, -1:] + 1

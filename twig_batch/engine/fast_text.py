@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.batched import pad_left
+from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
@@ -28,6 +29,7 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
     ids, mask = pad_left([p.ids for p in prompts], bundle.tokens.pad)
     ids, valid = ids.to(device), mask.to(device).bool()
     positions = (mask.to(device).cumsum(-1) - 1).clamp(min=0)
+    fuse_for_device(lm)
     cache = StaticKVCache(lm, len(prompts), ids.shape[1] + max_new_tokens)
     hidden = forward_static(lm, cache, embed_prompts(bundle, ids, prompts), positions, valid)[:, -1]
     if use_graphs is None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.seeds import STREAM_IMAGE, uniform_noise
+from twig_batch.engine.fused import KERNELS
+from twig_batch.seeds import STREAM_IMAGE, noise_from_keys, row_keys
 
 
 def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor:
@@ -40,12 +41,20 @@ def sample_tokens(
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
-    u = uniform_noise(seeds, step, logits.shape[-1], stream).to(logits.device)
-    gumbel = -torch.log(-torch.log(u))
+    keys = row_keys(seeds.to(logits.device), step, stream)
+    return KERNELS.get("gumbel_argmax", _gumbel_argmax, logits.device)(logits, keys)
+
+
+def _gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    gumbel = -torch.log(-torch.log(noise_from_keys(keys, logits.shape[-1])))
     return torch.argmax(logits + gumbel, dim=-1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) per row."""
+    return KERNELS.get("entropy", _entropy, logits.device)(logits)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
     return -(logp.exp() * logp).sum(-1)

@@ -7,8 +7,12 @@ be captured once as a CUDA graph.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from twig_batch.engine.fused import FUSED_ATTR, finish, fused_layer
 
 ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
 
@@ -79,6 +83,20 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
     mask = ((cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache.k[i].index_copy_(2, write, k)
+        cache.v[i].index_copy_(2, write, v)
+        return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
+                                              enable_gqa=cache.kv_heads != cache.heads)
+
+    joined = getattr(lm, FUSED_ATTR, None)
+    if joined is not None:
+        x, delta = embeds, None
+        shape = (cache.heads, cache.kv_heads, cache.head_dim)
+        for i, layer in enumerate(lm.layers):
+            x, delta = fused_layer(layer, joined, i, x, delta, cos, sin, shape, partial(attend_kv, i))
+        return finish(x, delta, lm.norm)
     x = embeds
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
@@ -88,10 +106,7 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
         v = attn.v_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache.k[i].index_copy_(2, write, k)
-        cache.v[i].index_copy_(2, write, v)
-        out = F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
-                                             enable_gqa=cache.kv_heads != cache.heads)
+        out = attend_kv(i, q, k, v)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return lm.norm(x)
