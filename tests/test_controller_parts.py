@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.controller import ControllerConfig, LatentController, build_controller_net
-from twig_batch.controller.think import prompt_vector, think_ids, think_latent
+from twig_batch.controller.think import prompt_vector, think_ids, think_latents
 
 D = 64
 
@@ -40,16 +40,17 @@ def test_translator_gate_bounds_the_control_vector_and_shaper_makes_k_tokens():
     assert torch.allclose(tokens[1], net.shaper(c[1:2])[0])
 
 
-def test_think_latent_is_one_cache_free_pass_over_text_then_memory(tiny64):
+def test_think_latents_are_one_cache_free_pass_each_over_text_then_memory(tiny64):
     ids = think_ids(tiny64, "  a small cat on a large table  ", 4)
     assert ids == tiny64.encode("a small cat on a large table")[-4:]
     text = tiny64.embed_text(torch.tensor(ids))
-    memory = torch.randn(8, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    z = think_latent(tiny64, text, memory)
-    manual = tiny64.language_model(inputs_embeds=torch.cat([text, memory])[None], use_cache=False)
-    assert torch.allclose(z, manual.last_hidden_state[0].mean(dim=0))
-    only_memory = think_latent(tiny64, text[:0], memory)  # an empty prompt still thinks
-    assert only_memory.shape == (D,) and torch.isfinite(only_memory).all()
+    memory = torch.randn(3, 8, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    texts = [text, text[:1], text[:0]]  # ragged, down to an empty prompt, which still thinks
+    z = think_latents(tiny64, texts, memory)
+    for row, t in enumerate(texts):
+        manual = tiny64.language_model(inputs_embeds=torch.cat([t, memory[row]])[None], use_cache=False)
+        assert torch.allclose(z[row], manual.last_hidden_state[0].mean(dim=0), rtol=0, atol=1e-12)
+    assert not torch.allclose(z[0], z[1])
 
 
 def test_prompt_vector_is_the_mean_embedding_of_the_clean_prompt(tiny64):

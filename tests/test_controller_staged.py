@@ -125,12 +125,12 @@ def test_think_step_reads_the_clean_prompt_through_the_processor_tokenizer(grid6
     config = ControllerConfig(think_tokens=5, min_history=2, min_gap=4)
     seen = []
 
-    def spy(bundle, text_embeds, memory):
-        seen.append(text_embeds.clone())
-        return think_latent(bundle, text_embeds, memory)
+    def spy(bundle, texts, memory):
+        seen.extend(t.clone() for t in texts)
+        return think_latents(bundle, texts, memory)
 
-    think_latent = controller_module.think_latent
-    monkeypatch.setattr(controller_module, "think_latent", spy)
+    think_latents = controller_module.think_latents
+    monkeypatch.setattr(controller_module, "think_latents", spy)
     settings = GenerationSettings(mode=mode, bands=3, think_max_tokens=4, guidance_max_tokens=4, reflect=False,
                                   controller=config)
     results = generate_images(grid6, requests_for(PROMPTS[1:2]), settings)

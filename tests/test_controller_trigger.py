@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twig_batch.controller import ControllerConfig
-from twig_batch.controller.trigger import TriggerState, trigger_fires
+from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.errors import InputError
 from twig_batch.settings import GenerationSettings
 
@@ -61,15 +61,18 @@ def test_thresholds_are_parameters():
     assert not trigger_fires(*dropping, ControllerConfig(tau_drop=0.01, tau_var=0.01)).item()
 
 
-def test_trigger_state_delta_and_windowed_population_variance():
-    state = TriggerState(var_window=3)
-    delta, var = state.update(0.5)
-    assert math.isnan(delta) and var == 0.0
-    delta, var = state.update(0.3)
-    assert delta == pytest.approx(-0.2) and var == pytest.approx(0.01)  # values 0.5, 0.3
-    state.update(0.3)
-    delta, var = state.update(0.3)  # the window now holds 0.3, 0.3, 0.3: 0.5 has left it
-    assert delta == pytest.approx(0.0) and var == pytest.approx(0.0, abs=1e-15)
+def test_trigger_history_delta_and_windowed_population_variance_per_image():
+    history = TriggerHistory(images=2, var_window=3)
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    delta, var = history.update(torch.tensor([0.5, 0.9], dtype=torch.float64), both)
+    assert torch.isnan(delta).all() and var.tolist() == [0.0, 0.0]
+    delta, var = history.update(torch.tensor([0.3, 0.1], dtype=torch.float64), first)  # image 1 is not evaluated this time
+    assert delta[0].item() == pytest.approx(-0.2) and var[0].item() == pytest.approx(0.01)  # values 0.5, 0.3
+    assert math.isnan(delta[1].item()) and math.isnan(var[1].item())
+    history.update(torch.tensor([0.3, 0.0], dtype=torch.float64), first)
+    delta, var = history.update(torch.tensor([0.3, 0.7], dtype=torch.float64), both)  # image 0's window: 0.3, 0.3, 0.3
+    assert delta[0].item() == pytest.approx(0.0) and var[0].item() == pytest.approx(0.0, abs=1e-15)
+    assert delta[1].item() == pytest.approx(-0.2) and var[1].item() == pytest.approx(0.01)  # 0.9, 0.7
 
 
 @pytest.mark.parametrize("field,value", [

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.controller.config import ControllerConfig
-from twig_batch.controller.think import prompt_vector, think_ids, think_latent
-from twig_batch.controller.trigger import TriggerState, trigger_fires
+from twig_batch.controller.think import prompt_vector, think_ids, think_latents
+from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.controller.trigger_log import TriggerLog
 from twig_batch.controller.weights import ControllerNet, build_controller_net
 from twig_batch.engine.hooks import Injection
@@ -25,17 +25,25 @@ from twig_batch.engine.sampling import entropy
 
 
 class _Band:
-    """What one drawing call needs: the rows' images, their hidden-state window and guard-rail counters."""
+    """What one drawing call needs: the rows' images, their hidden-state window, trigger history and
+    guard-rail counters (all tensors on the model's device), and the evaluations not yet logged."""
 
-    __slots__ = ("images", "band", "attempts", "window", "filled", "triggers", "injections", "last_injection")
+    __slots__ = ("images", "band", "attempts", "window", "filled", "history", "injections", "last_injection",
+                 "pending", "forced_rows")
 
-    def __init__(self, images: list[int], band: int, attempts: list[int], config: ControllerConfig):
+    def __init__(self, images: list[int], band: int, attempts: list[int], config: ControllerConfig, device):
         self.images, self.band, self.attempts = images, band, attempts
         self.window: torch.Tensor | None = None  # [B, window, D], a ring buffer
         self.filled = 0
-        self.triggers = [TriggerState(config.var_window) for _ in images]
-        self.injections = [0] * len(images)
-        self.last_injection: list[int | None] = [None] * len(images)
+        self.history = TriggerHistory(len(images), config.var_window, device)
+        self.injections = torch.zeros(len(images), dtype=torch.long, device=device)
+        self.last_injection = torch.full((len(images),), NEVER, dtype=torch.long, device=device)
+        self.pending: list[tuple] = []  # (step, evaluated, s, delta, var, u, fired, forced, injected) per step
+        forced = [not config.force_images or image in config.force_images for image in images]
+        self.forced_rows = torch.tensor(forced, dtype=torch.bool, device=device)
+
+
+NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
 
 
 class LatentController:
@@ -67,7 +75,8 @@ class LatentController:
         for image in images:
             attempts.append(self._attempts.get((image, band), 0))
             self._attempts[(image, band)] = attempts[-1] + 1
-        self._current = _Band(images, band, attempts, self.config)
+        self._log_pending()
+        self._current = _Band(images, band, attempts, self.config, self.bundle.device)
 
     @torch.no_grad()
     def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
@@ -78,39 +87,34 @@ class LatentController:
         if hidden.shape[0] != len(band.images):
             raise ValueError(f"observer got {hidden.shape[0]} rows for a band of {len(band.images)} images")
         self._remember(band, hidden)
-        forced = [self._forced(step, image) for image in band.images]
+        force_now = cfg.force_every > 0 and (step + 1) % cfg.force_every == 0
         due = band.filled >= cfg.min_history and step % cfg.eval_every == 0
-        evaluated = [due or f for f in forced]
-        if not any(evaluated):
+        if not (due or force_now):
             return None
+        forced = band.forced_rows & force_now
+        evaluated = forced | due
         memory, m_vec = self.net.condenser(band.window[:, : min(band.filled, cfg.window)])
         p_vec = self.p_vecs[band.images]
-        s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1).cpu()
-        u = entropy(logits).cpu()
-        delta, var = torch.full_like(s, float("nan")), torch.full_like(s, float("nan"))
-        for b, ev in enumerate(evaluated):
-            if ev:
-                delta[b], var[b] = band.triggers[b].update(float(s[b]))
-        fired = trigger_fires(s, delta, var, u, cfg) | torch.tensor(forced)
-        injected = torch.zeros(len(band.images), dtype=torch.bool)
-        for b, image in enumerate(band.images):
-            if not evaluated[b]:
-                continue
-            injected[b] = bool(fired[b]) and self._allowed(band, b, step)
-            self.logs[image].add(band=band.band, attempt=band.attempts[b], step=step, s_t=float(s[b]),
-                                 delta_s=float(delta[b]), var_s=float(var[b]), u_t=float(u[b]),
-                                 fired=bool(fired[b]), forced=forced[b], injected=bool(injected[b]))
-        if not injected.any():
+        s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
+        u = entropy(logits)
+        delta, var = band.history.update(s, evaluated)
+        fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
+        allowed = (band.injections < cfg.max_injections_per_band) & (step - band.last_injection >= cfg.min_gap)
+        injected = fired & allowed
+        band.pending.append((step, evaluated, s, delta, var, u, fired, forced, injected))
+        if not bool(injected.any()):  # the step's one wait for the device
             return None
+        band.injections += injected.long()
+        band.last_injection = torch.where(injected, step, band.last_injection)
+        rows = injected.nonzero().flatten()
         embeds = torch.zeros(len(band.images), cfg.control_tokens, hidden.shape[-1], dtype=self.bundle.dtype,
                              device=self.bundle.device)
-        for b in injected.nonzero().flatten().tolist():
-            embeds[b] = self._control_tokens(band.images[b], memory[b], m_vec[b], p_vec[b])
-            band.injections[b] += 1
-            band.last_injection[b] = step
+        embeds[rows] = self._control_tokens([band.images[b] for b in rows.tolist()], memory[rows], m_vec[rows],
+                                            p_vec[rows]).to(embeds.dtype)
         return Injection(embeds=embeds, rows=injected)
 
     def trigger_log(self, image: int) -> list[dict]:
+        self._log_pending()
         return [dict(r) for r in self.logs[image].records]
 
     # -- the rest ----------------------------------------------------------------------------------
@@ -120,11 +124,29 @@ class LatentController:
         return self.config.max_injections_per_band * self.config.control_tokens
 
     def summary(self, image: int) -> dict:
+        self._log_pending()
         return self.logs[image].summary()
 
     def end(self) -> None:
         """Drop the current band's window and counters (the logs stay)."""
+        self._log_pending()
         self._current = None
+
+    def _log_pending(self) -> None:
+        """Move the band's evaluations into the per-image logs: one transfer for many steps."""
+        band = self._current
+        if band is None or not band.pending:
+            return
+        steps = [entry[0] for entry in band.pending]
+        columns = [torch.stack([entry[i] for entry in band.pending]).cpu().tolist() for i in range(1, 9)]
+        evaluated, s, delta, var, u, fired, forced, injected = columns
+        for t, step in enumerate(steps):
+            for b, image in enumerate(band.images):
+                if evaluated[t][b]:
+                    self.logs[image].add(band=band.band, attempt=band.attempts[b], step=step, s_t=s[t][b],
+                                         delta_s=delta[t][b], var_s=var[t][b], u_t=u[t][b], fired=fired[t][b],
+                                         forced=forced[t][b], injected=injected[t][b])
+        band.pending.clear()
 
     def _remember(self, band: _Band, hidden: torch.Tensor) -> None:
         if band.window is None:
@@ -132,19 +154,11 @@ class LatentController:
         band.window[:, band.filled % self.config.window] = hidden
         band.filled += 1
 
-    def _forced(self, step: int, image: int) -> bool:
-        cfg = self.config
-        return cfg.force_every > 0 and (step + 1) % cfg.force_every == 0 and (
-            not cfg.force_images or image in cfg.force_images)
-
-    def _allowed(self, band: _Band, b: int, step: int) -> bool:
-        last = band.last_injection[b]
-        return band.injections[b] < self.config.max_injections_per_band and (
-            last is None or step - last >= self.config.min_gap)
-
-    def _control_tokens(self, image: int, memory: torch.Tensor, m_vec: torch.Tensor, p_vec: torch.Tensor):
-        """One image at a time, so an image's control tokens never depend on its batch."""
-        ids = torch.tensor(self.think_ids[image], dtype=torch.long, device=self.bundle.device)
-        z_vec = think_latent(self.bundle, self.bundle.embed_text(ids), memory)
-        c_vec = self.net.translator(z_vec[None], m_vec[None], p_vec[None], self.config.max_scale)
-        return self.net.shaper(c_vec)[0]
+    def _control_tokens(self, images: list[int], memory: torch.Tensor, m_vec: torch.Tensor,
+                        p_vec: torch.Tensor) -> torch.Tensor:
+        """K control tokens [n, K, D] for the injected images, their thinks run as one batch."""
+        texts = [self.bundle.embed_text(torch.tensor(self.think_ids[i], dtype=torch.long, device=self.bundle.device))
+                 for i in images]
+        z_vec = think_latents(self.bundle, texts, memory)
+        c_vec = self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale)
+        return self.net.shaper(c_vec)

@@ -27,8 +27,19 @@ def prompt_vector(bundle, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def think_latent(bundle, text_embeds: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """text_embeds [T, D] (T may be 0), memory [M, D] -> z_vec [D], the mean final hidden state."""
-    inputs = torch.cat([text_embeds, memory.to(text_embeds.dtype)], dim=0).unsqueeze(0)
-    out = bundle.language_model(inputs_embeds=inputs, use_cache=False)
-    return out.last_hidden_state[0].mean(dim=0)
+def think_latents(bundle, texts: list[torch.Tensor], memory: torch.Tensor) -> torch.Tensor:
+    """z_vec per image [n, D]: the mean final hidden state of one cache-free pass over its text [T_i, D]
+    (T_i may be 0) then its memory [M, D]; memory is [n, M, D], and the n passes run as one batch.
+
+    Each row is its text then its memory, right-padded to the longest: attention is causal, so no
+    real token sees the padding, and the mean is taken over each row's own tokens only.
+    """
+    n, m, d = memory.shape
+    lengths = [t.shape[0] + m for t in texts]
+    inputs = memory.new_zeros(n, max(lengths), d, dtype=texts[0].dtype if texts else memory.dtype)
+    for row, text in enumerate(texts):
+        inputs[row, : lengths[row]] = torch.cat([text, memory[row].to(text.dtype)], dim=0)
+    hidden = bundle.language_model(inputs_embeds=inputs, use_cache=False).last_hidden_state
+    real = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0) < torch.tensor(
+        lengths, device=inputs.device).unsqueeze(1)
+    return (hidden * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).to(hidden.dtype)

@@ -1,12 +1,11 @@
 """Trigger: is an image drifting away from its prompt, or is the model unsure and off-prompt?
 
-`trigger_fires` is the rule and nothing else (a pure function over tensors); `TriggerState` keeps
-the little history one image needs for it (previous similarity, sliding window of similarities).
+`trigger_fires` is the rule and nothing else (a pure function over tensors); `TriggerHistory` keeps
+the little history each image needs for it (previous similarity, sliding window of similarities).
 """
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
@@ -25,21 +24,35 @@ def trigger_fires(s: torch.Tensor, delta_s: torch.Tensor, var_s: torch.Tensor, u
     return drifting | lost
 
 
-class TriggerState:
-    """One image's similarity history within one band."""
+class TriggerHistory:
+    """The similarity history of a band's images, one row per image, kept on the model's device.
 
-    __slots__ = ("previous", "recent")
+    Per image: the previous evaluation's similarity (NaN before the first) and a ring of the last
+    `var_window` similarities. Updating takes a mask of the images evaluated this step, so a whole
+    batch is one set of tensor operations and nothing waits for the device.
+    """
 
-    def __init__(self, var_window: int):
-        self.previous: float | None = None
-        self.recent: deque[float] = deque(maxlen=var_window)
+    __slots__ = ("previous", "ring", "count", "window")
 
-    def update(self, s: float) -> tuple[float, float]:
-        """Record s_t; return (delta_s against the previous evaluation or NaN, population variance
-        of the last `var_window` similarities including s_t)."""
-        delta = math.nan if self.previous is None else s - self.previous
-        self.previous = s
-        self.recent.append(s)
-        mean = sum(self.recent) / len(self.recent)
-        var = sum((x - mean) ** 2 for x in self.recent) / len(self.recent)
-        return delta, var
+    def __init__(self, images: int, var_window: int, device: torch.device | str = "cpu"):
+        self.window = var_window
+        self.previous = torch.full((images,), math.nan, dtype=torch.float64, device=device)
+        self.ring = torch.zeros((images, var_window), dtype=torch.float64, device=device)
+        self.count = torch.zeros(images, dtype=torch.long, device=device)
+
+    def update(self, s: torch.Tensor, evaluated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record s [B] for the `evaluated` [B] images; return (delta_s against each image's previous
+        evaluation, NaN before the first; population variance of its last `var_window` similarities
+        including s), both NaN for images not evaluated."""
+        s = s.to(torch.float64)
+        delta = torch.where(evaluated, s - self.previous, math.nan)
+        self.previous = torch.where(evaluated, s, self.previous)
+        slot = (self.count % self.window).unsqueeze(1)
+        written = self.ring.scatter(1, slot, s.unsqueeze(1))
+        self.ring = torch.where(evaluated.unsqueeze(1), written, self.ring)
+        self.count = self.count + evaluated.long()
+        filled = torch.arange(self.window, device=s.device).unsqueeze(0) < self.count.unsqueeze(1)
+        n = filled.sum(1).clamp(min=1).to(torch.float64)
+        mean = (self.ring * filled).sum(1) / n
+        var = (((self.ring - mean.unsqueeze(1)) * filled) ** 2).sum(1) / n
+        return delta, torch.where(evaluated, var, math.nan)
