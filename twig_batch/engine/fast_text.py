@@ -2,7 +2,8 @@
 
 Same contract as `pipeline.text_generation.generate_text_batch` and token-exact to its one-row
 reference, but with fixed shapes: rows that finished keep a slot (their further tokens are thrown
-away) so that on a GPU every step replays one captured CUDA graph.
+away) so that on a GPU every step replays one captured CUDA graph. Tokens stay on the device until
+the end; whether all rows are done is asked only every few steps, so the host never stalls the GPU.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.seeds import STREAM_TEXT
+
+# Steps between checks whether every row has finished: each check waits for the device.
+CHECK_EVERY = 16
 
 
 @torch.no_grad()
@@ -38,17 +42,12 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
     next_position = positions[:, -1:] + 1
     seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64, device=device)
     all_valid = torch.ones((len(prompts), 1), dtype=torch.bool, device=device)
-    written: list[list[int]] = [[] for _ in prompts]
-    open_rows = set(range(len(prompts)))
+    drawn, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         tokens = sample_tokens(bundle.text_logits(hidden), seeds, step, temperature, stream=STREAM_TEXT)
-        for row, token in enumerate(tokens.tolist()):
-            if row in open_rows:
-                if token == stop:
-                    open_rows.discard(row)
-                else:
-                    written[row].append(token)
-        if not open_rows or step + 1 == max_new_tokens:
+        drawn.append(tokens)
+        done |= tokens == stop
+        if step + 1 == max_new_tokens or (step % CHECK_EVERY == CHECK_EVERY - 1 and bool(done.all())):
             break
         if graphed is not None:
             hidden = graphed(tokens.to(device), next_position)
@@ -56,4 +55,8 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
             step_embeds = bundle.embed_text(tokens.to(device)).unsqueeze(1)
             hidden = forward_static(lm, cache, step_embeds, next_position, all_valid)[:, -1]
         next_position = next_position + 1
-    return written
+    return [_until_stop(row, stop) for row in torch.stack(drawn, dim=1).tolist()]
+
+
+def _until_stop(tokens: list[int], stop: int) -> list[int]:
+    return tokens[: tokens.index(stop)] if stop in tokens else tokens
