@@ -1,6 +1,6 @@
 """`load_janus`: the one way every part of twig-batch gets a model.
 
-A reference is `tiny` (a random tiny model built offline and cached), a local folder in the
+A reference is `tiny` or `tiny-micro` (random tiny models built offline and cached), a local folder in the
 transformers layout or in DeepSeek's original layout, or a Hugging Face id (resolved through the
 local Hugging Face cache / hub). Every failure becomes one `ModelLoadError` with a plain message.
 """
@@ -28,10 +28,10 @@ def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         from twig_batch.model.random_full import random_janus
 
         return random_janus(ref.split("-")[1], device, dtype)
-    if ref == "tiny":
+    if ref in ("tiny", "tiny-micro"):
         from twig_batch.model.tiny import tiny_model_path
 
-        folder = tiny_model_path()
+        folder = tiny_model_path(ref)
     else:
         folder = _resolve_folder(ref)
     layout = detect_layout(folder)

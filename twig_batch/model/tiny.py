@@ -3,6 +3,8 @@
 They exercise every code path (LM, generation head, VQ decoder, SigLIP understanding path) in
 seconds on a CPU. The default keeps Janus-Pro's 24 x 24 token grid (so any band count that divides
 24 works) with a 4x VQ decoder (96-px images); `vq_downsample=16` gives the real 384-px geometry.
+`grid=6` is the micro variant (`--model tiny-micro`): 36 image tokens, 24-px images, bands 1, 2, 3
+or 6, about sixteen times less decoding per image, for runs of thousands of images in tests.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from twig_batch.model import bundle as names
 from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
 
 TINY_VERSION = 1
+# Built-in model references -> token grid (image tokens per side).
+BUILTIN_GRIDS = {"tiny": 24, "tiny-micro": 6}
 _WORDS = (
     "a an the red green blue yellow white black orange purple small large tiny huge old new bright dark cube "
     "sphere cat dog bird tree house car boat mountain river sky cloud sun moon star city street forest field "
@@ -49,19 +53,22 @@ def train_tiny_tokenizer(vocab_size: int = 1024):
     )
 
 
-def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsample: int = 4):
+def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsample: int = 4, grid: int = 24):
     from transformers import JanusConfig, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
     levels = {4: [1, 1, 1], 16: [1, 1, 2, 2, 4]}
     if vq_downsample not in levels:
         raise ValueError(f"vq_downsample must be 4 or 16, got {vq_downsample}")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
     hidden = 64
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
                        rms_norm_eps=1e-6, **special)
-    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=96,
-                               patch_size=4, projection_dim=hidden, num_image_tokens=576)
+    # transformers derives the generation grid from the vision tower: image_size / patch_size tokens per side.
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=4 * grid,
+                               patch_size=4, projection_dim=hidden, num_image_tokens=grid * grid)
     vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=512, base_channels=32, latent_channels=32,
                           channel_multiplier=levels[vq_downsample], num_res_blocks=1, projection_dim=hidden,
                           image_token_embed_dim=hidden)
@@ -69,7 +76,8 @@ def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsamp
                        tie_word_embeddings=False)
 
 
-def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_downsample: int = 4) -> Path:
+def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_downsample: int = 4,
+                    grid: int = 24) -> Path:
     """Build a random tiny Janus and save it in `layout` ('hf' or 'deepseek') under `folder`."""
     from twig_batch.model.loading import build_model
 
@@ -80,7 +88,7 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
     tokenizer = train_tiny_tokenizer()
     vocab = tokenizer.get_vocab()
     special = {"bos_token_id": vocab[names.BOS], "eos_token_id": vocab[names.EOS], "pad_token_id": vocab[names.PAD]}
-    config = tiny_config(len(tokenizer), vocab[names.IMAGE], special, vq_downsample)
+    config = tiny_config(len(tokenizer), vocab[names.IMAGE], special, vq_downsample, grid)
     torch.manual_seed(seed)
     model = build_model(config, "cpu", torch.float32, init_weights=True)
     tokenizer.save_pretrained(str(folder))
@@ -91,7 +99,7 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
 
         hf_logging.disable_progress_bar()
         model.save_pretrained(str(folder))
-        _save_generation_config(folder, vocab[names.BOI], special)
+        _save_generation_config(folder, vocab[names.BOI], special, grid * grid)
     else:
         state = hf_state_to_deepseek({k: v.contiguous() for k, v in model.state_dict().items()})
         torch.save(state, folder / "pytorch_model.bin")
@@ -99,27 +107,29 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
     return folder
 
 
-def _save_generation_config(folder: Path, boi_id: int, special: dict) -> None:
+def _save_generation_config(folder: Path, boi_id: int, special: dict, image_tokens: int) -> None:
     # transformers' own Janus image generate reads boi_token_id from generation_kwargs; the
     # _from_model_config flag must be False or it ignores the file.
     from transformers import GenerationConfig
 
-    config = GenerationConfig(**special, generation_kwargs={"boi_token_id": boi_id}, num_image_tokens=576)
+    config = GenerationConfig(**special, generation_kwargs={"boi_token_id": boi_id},
+                              num_image_tokens=image_tokens)
     config._from_model_config = False
     config.save_pretrained(str(folder))
 
 
-def tiny_model_path() -> Path:
-    """The cached default tiny model (HF layout), built on first use; safe under concurrent builders."""
+def tiny_model_path(ref: str = "tiny") -> Path:
+    """A cached built-in tiny model (HF layout), built on first use; safe under concurrent builders."""
     from twig_batch.model.loading import default_cache_dir
 
-    target = default_cache_dir() / f"tiny-v{TINY_VERSION}"
+    grid = BUILTIN_GRIDS[ref]
+    target = default_cache_dir() / f"{ref}-v{TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        make_tiny_model(staging)
+        make_tiny_model(staging, grid=grid)
         try:
             os.rename(staging, target)  # atomic: a racing builder's copy is identical, keep whichever won
         except OSError:
