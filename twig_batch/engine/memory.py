@@ -1,0 +1,61 @@
+"""How many images one model call can hold, from the device's free memory.
+
+A call's memory beyond the weights is almost all KV cache: the image engine keeps two rows per
+image (CFG) as long as prompt + stage text + image tokens + control-token slots; the text engine
+(thoughts, reflections, stage plans) keeps one row per image over an understanding prompt (the
+partial image's vision tokens) plus the text written. The larger of the two, plus the prefill's
+transient activations, is what one more image costs. Only part of the free memory is handed out:
+an out-of-memory error costs a whole batch, a few images fewer per call a few percent of speed.
+"""
+from __future__ import annotations
+
+import torch
+
+from twig_batch.settings import GenerationSettings
+
+PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
+TEMPLATE_TOKENS = 96  # the understanding templates' own words around the prompt
+HEADROOM = 0.85  # of the free memory; the rest absorbs fragmentation and the VQ decoder's activations
+MAX_IMAGES_PER_CALL = 512
+
+
+def kv_bytes_per_token(lm) -> int:
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = lm.embed_tokens.weight.element_size()
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * itemsize
+
+
+def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
+    lm = bundle.language_model
+    per_token = kv_bytes_per_token(lm)
+    text_tokens = {"plain": 0, "twig": settings.think_max_tokens, "seed": settings.guidance_max_tokens}[settings.mode]
+    slots = 0
+    if settings.controller is not None:
+        slots = settings.controller.max_injections_per_band * settings.controller.control_tokens
+    image_call = 2 * (prompt_tokens + text_tokens + bundle.image_tokens + slots)
+    text_call = 0
+    if settings.mode != "plain":
+        text_call = bundle.understanding_tokens + prompt_tokens + TEMPLATE_TOKENS + max(
+            settings.think_max_tokens, settings.guidance_max_tokens if settings.mode == "seed" else 0)
+    cfg = lm.config
+    # The widest prefill's activations per token: hidden states, q/k/v, the joined gate/up output.
+    # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
+    activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
+    prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
+    return max(image_call, text_call) * per_token + prefill_tokens * activation
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory on a GPU, counting blocks PyTorch holds but does not use; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
+                    headroom: float = HEADROOM) -> int:
+    """The most images one call can draw within `free_bytes` (at least 1, at most MAX_IMAGES_PER_CALL)."""
+    fit = int(free_bytes * headroom) // bytes_per_image(bundle, settings, prompt_tokens)
+    return max(1, min(MAX_IMAGES_PER_CALL, fit))
