@@ -198,6 +198,40 @@ def report_cmd(
     typer.echo(f"report: {written['path']} ({written['images']} images, {written['bytes'] / 1e6:.1f} MB)")
 
 
+@app.command("verify")
+def verify_cmd(
+    dest: str = typer.Argument(..., help="A run's output: a local folder or s3://bucket/prefix."),
+    input: Optional[str] = typer.Option(None, "--input", help="The run's input, to check that every prompt x "
+                                                               "sample was drawn and nothing else."),
+) -> None:
+    """Check a run's output: objects exist and decode, no duplicate rows, counts, the completion marker.
+
+    Exits 0 when clean, 1 when it found problems (each listed), 2 when DEST or the input cannot be read.
+    """
+    from twig_batch.io.verify import verify_output
+
+    try:
+        report = verify_output(dest, input)
+    except TwigBatchError as exc:
+        _fail(exc)
+    typer.echo(f"verify: {report.dest} ({'complete' if report.complete else 'not complete'})")
+    typer.echo(f"  rows:    {report.manifest_rows} in the manifest, {report.journal_rows} in the journal, "
+               f"{report.duplicate_rows} duplicate")
+    typer.echo(f"  items:   {report.items} recorded: {report.ok_rows} ok, {report.error_rows} error "
+               "(per-row failures; --resume retries them)")
+    typer.echo(f"  objects: {report.images_checked} images and {report.trigger_logs_checked} trigger logs checked")
+    if report.expected_items is not None:
+        typer.echo(f"  input:   {report.expected_items} expected, {report.missing_items} missing, "
+                   f"{report.unexpected_items} unexpected")
+    if report.ok:
+        typer.echo("ok: no problems found")
+        return
+    typer.echo(f"{report.problem_count} problem(s):")
+    for problem in report.problems:
+        typer.echo(f"  - {problem}")
+    raise typer.Exit(code=1)
+
+
 def main() -> None:
     try:
         app()
