@@ -11,6 +11,7 @@ the same arithmetic transformers' Llama uses (RMSNorm in float32, rotary in the 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +96,24 @@ class _Kernels:
         if device.type != "cuda":
             return fn
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+            self._compiled[name] = self._first_call_may_fall_back(name, fn)
         return self._compiled[name]
+
+    def _first_call_may_fall_back(self, name: str, fn):
+        """Compilation happens on the first call; if the platform cannot compile, run as written."""
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+        def first_call(*args):
+            try:
+                out = compiled(*args)
+                self._compiled[name] = compiled
+            except Exception as exc:  # noqa: BLE001 (no compiler, an unsupported op: same math, slower)
+                warnings.warn(f"running {name} uncompiled: {type(exc).__name__}: {exc}", stacklevel=2)
+                self._compiled[name] = fn
+                out = fn(*args)
+            return out
+
+        return first_call
 
 
 KERNELS = _Kernels()

@@ -1,0 +1,106 @@
+"""The three workloads of BENCHMARK.md and their anchors, in one run on one GPU.
+
+Usage: python benchmarks/speed_suite.py --out DIR [--images 128] [--size 7b] [--skip-unfused]
+Model: Janus-Pro-7B-sized, random weights, bf16, bf16 KV cache. Writes DIR/speed_suite.json and
+DIR/speed_suite.md (the table), and prints the table. In order: device anchors (copy, matmul), the
+seed-style loop, transformers' native `generate`, the bf16 checks against the reference loop, plain
+with the unfused decode step (for comparison), then plain (at --images and at the batch chosen from
+free memory), twig and seed with the default engine and a per-phase breakdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
+from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
+from staged_speed import PROMPT, workload_settings
+from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.memory import free_device_bytes, images_per_call
+from twig_batch.model import load_janus
+from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.settings import GenerationSettings
+
+TARGETS = {"plain": 16.0, "twig": 3.5, "seed": 6.0}
+
+
+def staged_workload(bundle, mode: str, images: int) -> dict:
+    settings = workload_settings(mode)
+    requests = [ImageRequest(str(i), f"{PROMPT} {i}", 0, i) for i in range(images)]
+    generate_images(bundle, requests[:2], settings)  # warm-up: graphs, compiled kernels
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = generate_images(bundle, requests, settings)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    phases: dict[str, float] = {}
+    for r in results:
+        for phase, seconds in r.timings.items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    return {"mode": mode, "images": images, "seconds": elapsed, "img_s": images / elapsed, "phase_seconds": phases,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "injections_per_image": sum(r.record()["n_injections"] for r in results) / len(results)}
+
+
+def table(result: dict) -> str:
+    lines = ["| workload | images | images/s | ms/step | peak GiB | target | vs native generate | vs seed-style |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    native = result.get("native_img_s") or 6.11  # BENCHMARK.md's figure when the local release fails
+    seed_style = 1 / result["seed_style_s_per_image_576"]
+    for row in result["workloads"]:
+        name = row["name"]
+        step = f"{row['ms_per_step']:.1f}" if "ms_per_step" in row else "-"
+        target = TARGETS.get(name.split()[0], "")
+        lines.append(f"| {name} | {row['images']} | {row['img_s']:.2f} | {step} | {row['peak_gib']:.1f} | {target} | "
+                     f"{row['img_s'] / native:.2f}x | {row['img_s'] / seed_style:.0f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--size", default="7b")
+    parser.add_argument("--skip-unfused", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": time.strftime("%Y-%m-%d"), "kv_cache": "bf16", **device_anchors()}
+    start = time.perf_counter()
+    bundle = load_janus(f"random-{args.size}", "cuda", torch.bfloat16)
+    result["model_build_s"] = time.perf_counter() - start
+    result |= seed_style_anchor(bundle)
+    result |= native_generate_anchor(bundle, 16)
+    workloads = []
+    if not args.skip_unfused:
+        os.environ["TWIG_BATCH_FUSED"] = "0"
+        workloads.append({"name": "plain (unfused step)", **plain_workload(bundle, args.images)})
+        os.environ.pop("TWIG_BATCH_FUSED")
+    fuse_decoder(bundle.language_model)
+    checks_rows = prompts_of_length(bundle, 4)
+    result |= greedy_agreement(bundle, checks_rows) | distribution_check(bundle, checks_rows)
+    result |= graph_vs_eager(bundle, checks_rows)
+    workloads.append({"name": "plain", **plain_workload(bundle, args.images)})
+    auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
+    result["auto_images_per_call_plain"] = auto
+    workloads.append({"name": "plain (batch from free memory)", **plain_workload(bundle, auto)})
+    for mode in ("twig", "seed"):
+        workloads.append({"name": mode, **staged_workload(bundle, mode, args.images)})
+        (args.out / "speed_suite.json").write_text(json.dumps(result | {"workloads": workloads}, indent=2))
+    result["workloads"] = workloads
+    (args.out / "speed_suite.json").write_text(json.dumps(result, indent=2))
+    (args.out / "speed_suite.md").write_text(table(result) + "\n")
+    print(json.dumps(result, indent=2))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
