@@ -10,6 +10,7 @@ free memory), twig and seed with the default engine and a per-phase breakdown.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -48,6 +49,18 @@ def staged_workload(bundle, mode: str, images: int) -> dict:
             "injections_per_image": sum(r.record()["n_injections"] for r in results) / len(results)}
 
 
+def step(result: dict, out: Path, name: str, value: dict | list) -> None:
+    """Record one part and write everything so far: a run cut short still leaves its figures."""
+    if isinstance(value, list):
+        result.setdefault(name, []).extend(value)
+    else:
+        result.update(value)
+    gc.collect()
+    torch.cuda.empty_cache()  # the next part sizes itself from free memory: give back cached blocks
+    (out / "speed_suite.json").write_text(json.dumps(result, indent=2))
+    print(name, json.dumps(value)[:600], flush=True)
+
+
 def table(result: dict) -> str:
     lines = ["| workload | images | images/s | ms/step | peak GiB | target | vs native generate | vs seed-style |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -73,32 +86,30 @@ def main() -> None:
     import transformers
 
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-              "date": time.strftime("%Y-%m-%d"), "kv_cache": "bf16", **device_anchors()}
+              "date": time.strftime("%Y-%m-%d"), "kv_cache": "bf16"}
+    out = args.out
+    step(result, out, "anchors", device_anchors())
     start = time.perf_counter()
     bundle = load_janus(f"random-{args.size}", "cuda", torch.bfloat16)
-    result["model_build_s"] = time.perf_counter() - start
-    result |= seed_style_anchor(bundle)
-    result |= native_generate_anchor(bundle, 16)
-    workloads = []
+    step(result, out, "model", {"model_build_s": time.perf_counter() - start})
+    step(result, out, "seed_style", seed_style_anchor(bundle))
+    step(result, out, "native", native_generate_anchor(bundle, 16))
     if not args.skip_unfused:
         os.environ["TWIG_BATCH_FUSED"] = "0"
-        workloads.append({"name": "plain (unfused step)", **plain_workload(bundle, args.images)})
+        step(result, out, "workloads", [{"name": "plain (unfused step)", **plain_workload(bundle, args.images)}])
         os.environ.pop("TWIG_BATCH_FUSED")
     fuse_decoder(bundle.language_model)
     checks_rows = prompts_of_length(bundle, 4)
-    result |= greedy_agreement(bundle, checks_rows) | distribution_check(bundle, checks_rows)
-    result |= graph_vs_eager(bundle, checks_rows)
-    workloads.append({"name": "plain", **plain_workload(bundle, args.images)})
-    auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
-    result["auto_images_per_call_plain"] = auto
-    workloads.append({"name": "plain (batch from free memory)", **plain_workload(bundle, auto)})
+    step(result, out, "greedy", greedy_agreement(bundle, checks_rows))
+    step(result, out, "distribution", distribution_check(bundle, checks_rows))
+    step(result, out, "graphs", graph_vs_eager(bundle, checks_rows))
+    step(result, out, "workloads", [{"name": "plain", **plain_workload(bundle, args.images)}])
     for mode in ("twig", "seed"):
-        workloads.append({"name": mode, **staged_workload(bundle, mode, args.images)})
-        (args.out / "speed_suite.json").write_text(json.dumps(result | {"workloads": workloads}, indent=2))
-    result["workloads"] = workloads
-    (args.out / "speed_suite.json").write_text(json.dumps(result, indent=2))
-    (args.out / "speed_suite.md").write_text(table(result) + "\n")
-    print(json.dumps(result, indent=2))
+        step(result, out, "workloads", [{"name": mode, **staged_workload(bundle, mode, args.images)}])
+    auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
+    step(result, out, "auto", {"auto_images_per_call_plain": auto})
+    step(result, out, "workloads", [{"name": "plain (batch from free memory)", **plain_workload(bundle, auto)}])
+    (out / "speed_suite.md").write_text(table(result) + "\n")
     print(table(result))
 
 

@@ -15,7 +15,7 @@ from twig_batch.settings import GenerationSettings
 
 PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
 TEMPLATE_TOKENS = 96  # the understanding templates' own words around the prompt
-HEADROOM = 0.85  # of the free memory; the rest absorbs fragmentation and the VQ decoder's activations
+HEADROOM = 0.8  # of the free memory; the rest absorbs fragmentation and the VQ decoder's activations
 MAX_IMAGES_PER_CALL = 512
 
 
