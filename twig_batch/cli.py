@@ -159,6 +159,12 @@ def run_cmd(
     progress_every: float = typer.Option(10.0, help="Seconds between progress lines."),
     journal_every: int = typer.Option(2000, help="Manifest rows per journal flush (at most this many are redrawn "
                                                  "after a crash)."),
+    max_actor_restarts: int = typer.Option(4, help="Times Ray restarts each model actor that dies (lost node, "
+                                                   "out of memory) before the run stops."),
+    max_task_retries: int = typer.Option(3, help="Times a batch is retried after its actor died."),
+    faults: Optional[str] = typer.Option(None, "--faults", help="Testing only: inject faults, as JSON text or a "
+                                                                "JSON file (see docs/batch-job.md, Fault "
+                                                                "injection) [default: $TWIG_BATCH_FAULTS]."),
 ) -> None:
     """Batch job on Ray: every prompt x sample -> images, band images, trigger logs and a Parquet manifest."""
     from twig_batch.distributed import RunConfig, run_batch
@@ -174,7 +180,8 @@ def run_cmd(
                            samples_per_prompt=samples_per_prompt, seed=seed, resume=resume,
                            prompt_column=prompt_column, id_column=id_column, device=device, dtype=dtype,
                            templates=str(templates) if templates is not None else None,
-                           progress_interval_s=progress_every, journal_every_rows=journal_every)
+                           progress_interval_s=progress_every, journal_every_rows=journal_every,
+                           max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries, faults=faults)
         summary = run_batch(config, echo=typer.echo)
     except TwigBatchError as exc:
         _fail(exc)

@@ -88,6 +88,8 @@ def run_batch(config: RunConfig, echo=print) -> dict:
         echo(f"twig-batch run: {checked.source.rows} prompts x {config.samples_per_prompt} samples from "
              f"{checked.files.uri} -> {storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
              f"{len(checked.skip)} image(s) already done")
+        if config.faults is not None and config.faults.active:
+            echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
         _stream_results(config, checked, plan, attempt, progress, total)
     finally:
         if owns_ray:
@@ -104,6 +106,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
     info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": checked.previous is not None,
                              "actors": plan.actors, "gpus_per_actor": plan.gpus_per_actor,
                              "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
+    if config.faults is not None:  # a run that was made to fail says so in its record
+        info["attempts"][-1]["faults"] = config.faults.to_dict()
     write_run_info(checked.storage, info)
     return info
 
@@ -124,7 +128,7 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
             progress.update(batch.num_rows - errors, errors)
     except BaseException as exc:
         journal.flush()  # whatever finished stays recorded; --resume redoes only the rest
-        raise _user_facing(exc) from None
+        raise _with_restart_limits(_user_facing(exc), config) from None
     journal.flush()
 
 
@@ -171,9 +175,14 @@ def generate(items, config: RunConfig, plan, output_uri: str, settings, template
         ImageGenerator,
         fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
                                "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
-                               "templates": templates},
+                               "templates": templates,
+                               "faults": config.faults.to_dict() if config.faults is not None else None},
         batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
+        # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch
+        # is safe to redo (its objects are rewritten identically, its rows were never returned), but a
+        # batch that kills every actor it meets must end the run, not loop.
+        max_restarts=config.max_actor_restarts, max_task_retries=config.max_task_retries,
     )
 
 
@@ -242,6 +251,15 @@ def _user_facing(exc: BaseException) -> BaseException:
     first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "no detail")
     return RunFailedError(f"the Ray job failed: {type(exc).__name__}: {first_line} (rows finished before this are "
                           "recorded; rerun with --resume to continue)")
+
+
+def _with_restart_limits(error: BaseException, config: RunConfig) -> BaseException:
+    """An actor that died past its restarts, or a batch past its retries: say which limits ran out."""
+    if not isinstance(error, RunFailedError) or "ActorDiedError" not in str(error):
+        return error
+    return RunFailedError(f"{error}; model actors kept dying: each is restarted at most {config.max_actor_restarts} "
+                          f"time(s) and each batch retried at most {config.max_task_retries} time(s) "
+                          "(--max-actor-restarts, --max-task-retries)")
 
 
 def _disconnect() -> None:

@@ -26,7 +26,7 @@ ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary
 class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
                  device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
-                 templates=None):
+                 templates=None, faults: dict | None = None):
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
         from twig_batch.model import load_janus
@@ -42,9 +42,16 @@ class ImageGenerator:
         self.storage = open_storage(output) if output else None
         self.base_seed = base_seed
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
+        self.faults = None  # testing only: see twig_batch.faults
+        if faults:
+            from twig_batch.faults import ActorFaults, FaultPlan
+
+            self.faults = ActorFaults(FaultPlan.from_dict(faults), self.storage)
 
     def __call__(self, batch) -> pa.Table:
         items = _as_rows(batch)
+        if self.faults is not None:
+            self.faults.before_batch(len(items))
         rows: list[dict | None] = [None] * len(items)
         requests: list[tuple[int, ImageRequest]] = []
         for position, item in enumerate(items):
@@ -109,11 +116,15 @@ class ImageGenerator:
 
         try:
             if self.storage is None:
-                return encode_result(result, self.model_name, generation_s)
-            return write_result(self.storage, result, self.model_name, generation_s,
-                                controller_ran=self.settings.controller is not None)
+                row = encode_result(result, self.model_name, generation_s)
+            else:
+                row = write_result(self.storage, result, self.model_name, generation_s,
+                                   controller_ran=self.settings.controller is not None)
         except Exception as exc:
             return self._error(request, f"writing the outputs failed: {type(exc).__name__}: {exc}")
+        if self.faults is not None:
+            self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+        return row
 
     def _error(self, request: ImageRequest, reason: str) -> dict:
         return error_row(request.prompt_id, request.prompt, request.sample_index, request.seed, self.settings.mode,

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from twig_batch.errors import InputError
 from twig_batch.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from twig_batch.faults import FaultPlan
 
 
 @dataclass(slots=True)
@@ -29,11 +33,22 @@ class RunConfig:
     templates: str | None = None  # JSON file of prompt templates (see `prompts.load_templates`)
     progress_interval_s: float = 10.0
     journal_every_rows: int = 2000  # manifest rows buffered before a journal flush: what a crash can lose
+    # An actor that dies (lost node, OOM, crash) is restarted and its batch retried, within these bounds;
+    # past them the run stops with an error rather than looping forever on a batch that kills its actor.
+    max_actor_restarts: int = 4  # per actor
+    max_task_retries: int = 3  # per batch
+    faults: FaultPlan | dict | str | None = None  # testing only (see faults.py); default: $TWIG_BATCH_FAULTS
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "samples_per_prompt", "journal_every_rows"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_actor_restarts", "max_task_retries"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
+        from twig_batch.faults import resolve_plan
+
+        self.faults = resolve_plan(self.faults)
         if self.actors is not None and self.actors < 1:
             raise InputError(f"actors must be >= 1, got {self.actors}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:

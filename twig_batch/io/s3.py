@@ -60,6 +60,8 @@ def new_client(endpoint: S3Endpoint):
     import boto3
     from botocore.config import Config
 
+    # botocore's standard mode retries throttling, 5xx and dropped connections quickly (3 calls, short
+    # jittered waits, a shared retry budget); `retry.call_with_retries` adds longer waits above it.
     config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=60)
     kwargs = {"endpoint_url": endpoint.url} if endpoint.url else {}
     if endpoint.region:

@@ -3,6 +3,10 @@
 Every write is all-or-nothing so a crash never leaves a half object behind a manifest row:
 locally a temporary file in the same folder is renamed over the target (atomic on POSIX);
 on S3 an object is one PUT, which S3 makes visible whole or not at all.
+
+Calls that fail for a passing reason (S3 throttling and 5xx, dropped connections, a network mount's
+EIO) are retried with backoff (`retry.RetryPolicy`); rewriting an object is harmless because every
+write replaces the whole object.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from twig_batch.errors import OutputError
 from twig_batch.io.layout import PROBE_PREFIX
+from twig_batch.io.retry import DEFAULT_POLICY, call_with_retries
 from twig_batch.io.s3 import S3Endpoint, explain_s3_error, is_s3_uri, new_client, parse_s3_uri
 
 
@@ -24,6 +29,9 @@ def check_key(key: str) -> str:
 
 
 class LocalStorage:
+    retry_policy = DEFAULT_POLICY
+    inject_write_fault = None  # fault injection (`twig_batch.faults`) sets a callable run before each write
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
 
@@ -36,6 +44,11 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes) -> str:
         target = self.root / check_key(key)
+        return call_with_retries(lambda: self._put_once(key, target, data), self.retry_policy)
+
+    def _put_once(self, key: str, target: Path, data: bytes) -> str:
+        if self.inject_write_fault is not None:
+            self.inject_write_fault(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -86,6 +99,8 @@ class LocalStorage:
 
 
 class S3Storage:
+    retry_policy = DEFAULT_POLICY
+
     def __init__(self, uri: str, endpoint: S3Endpoint | None = None):
         location = parse_s3_uri(uri, error=OutputError)
         self.bucket = location.bucket
@@ -116,15 +131,21 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
+    def _retrying(self, call):
+        return call_with_retries(call, self.retry_policy)
+
     def put(self, key: str, data: bytes) -> str:
-        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+        object_key = self._object_key(key)
+        self._retrying(lambda: self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data))
         return self.uri(key)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
+        object_key = self._object_key(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+            # The body is read inside the retried call: a connection cut mid-read is retried too.
+            return self._retrying(lambda: self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"].read())
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(self.uri(key)) from None
@@ -133,8 +154,9 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        object_key = self._object_key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=object_key))
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
@@ -144,13 +166,18 @@ class S3Storage:
     def list(self, prefix: str) -> list[str]:
         base = self._object_key(prefix).rstrip("/") + "/"
         skip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-            keys += [item["Key"][skip:] for item in page.get("Contents", [])]
-        return sorted(keys)
+
+        def list_all() -> list[str]:  # a failure part way through lists again from the start
+            keys = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                keys += [item["Key"][skip:] for item in page.get("Contents", [])]
+            return keys
+
+        return sorted(self._retrying(list_all))
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        object_key = self._object_key(key)
+        self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=object_key))
 
     def check_writable(self) -> None:
         probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
