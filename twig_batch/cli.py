@@ -143,6 +143,9 @@ def run_cmd(
     prompt_column: str = typer.Option("prompt", help="Column holding the prompts."),
     id_column: Optional[str] = typer.Option(None, help="Column holding the ids [default: 'id' when present, "
                                                         "else ids derived from the prompts]."),
+    seed_column: Optional[str] = typer.Option(None, help="Integer column of per-row seeds [default: 'seed' when "
+                                                          "present; '' ignores it]. Sample 0 uses the row's seed, "
+                                                          "later samples seeds derived from it."),
     setting: list[str] = typer.Option([], "--set", help="A generation setting as KEY=VALUE, e.g. --set bands=3 "
                                                         "--set cfg_weight=4.5 (repeatable)."),
     templates: Optional[Path] = typer.Option(None, help="JSON file of prompt templates replacing the defaults."),
@@ -178,7 +181,8 @@ def run_cmd(
         config = RunConfig(input=input, output=output, model=model, mode=mode, settings=extra,
                            actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
                            samples_per_prompt=samples_per_prompt, seed=seed, resume=resume,
-                           prompt_column=prompt_column, id_column=id_column, device=device, dtype=dtype,
+                           prompt_column=prompt_column, id_column=id_column, seed_column=seed_column,
+                           device=device, dtype=dtype,
                            templates=str(templates) if templates is not None else None,
                            progress_interval_s=progress_every, journal_every_rows=journal_every,
                            max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries, faults=faults)

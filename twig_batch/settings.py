@@ -34,6 +34,15 @@ class GenerationSettings:
                              f"{type(self.controller).__name__}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        # Values from `--set KEY=VALUE` or JSON may be text, NaN or floats: say so, rather than fail later.
+        whole = ("bands", "think_max_tokens", "guidance_max_tokens") + (("top_k",) if self.top_k is not None else ())
+        for name in whole:
+            if not _whole(getattr(self, name)):
+                raise InputError(f"{name.replace('_', ' ')} must be a whole number, got {getattr(self, name)!r}")
+        if self.top_p is not None and not _finite(self.top_p):
+            raise InputError(f"top-p must be a finite number, got {self.top_p!r}")
+        if not isinstance(self.reflect, bool):
+            raise InputError(f"reflect must be true or false, got {self.reflect!r}")
         if not _finite(self.cfg_weight) or self.cfg_weight < 0:
             raise InputError(f"cfg weight must be a finite number >= 0, got {self.cfg_weight!r}")
         if not _finite(self.temperature) or self.temperature < 0:
@@ -60,6 +69,10 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:

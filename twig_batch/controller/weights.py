@@ -83,21 +83,50 @@ def load_weights(net: ControllerNet, path: str | os.PathLike) -> ControllerNet:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"controller weights file {path} is not a readable safetensors file: {exc}") from None
+    _check_fit(path, net, {name: tuple(tensor.shape) for name, tensor in state.items()})
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
-        raise ModelLoadError(f"controller weights {path} do not match the controller: {'; '.join(parts)}")
-    misfits = [f"{name} has shape {list(state[name].shape)}, needs {list(tensor.shape)}"
-               for name, tensor in expected.items() if tuple(state[name].shape) != tuple(tensor.shape)]
-    if misfits:
-        raise ModelLoadError(f"controller weights {path} do not fit this model (hidden size {net.hidden_size}) and "
-                             f"controller config: tensor {'; tensor '.join(misfits)}")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name].to(tensor.dtype))
     return net
+
+
+def check_weights_file(path: str | os.PathLike, hidden_size: int, config: ControllerConfig) -> None:
+    """Check a weights file against the controller of a model of `hidden_size` without loading it:
+    only the file's header (tensor names and shapes) is read, so a batch job can refuse a misfit
+    before any actor starts."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"controller weights file {path} does not exist")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            net = ControllerNet(hidden_size, config)
+    except ValueError as exc:
+        raise ModelLoadError(f"controller does not fit the model: {exc}") from None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"controller weights file {path} is not a readable safetensors file: {exc}") from None
+    _check_fit(path, net, shapes)
+
+
+def _check_fit(path, net: ControllerNet, shapes: dict[str, tuple]) -> None:
+    """Every tensor the controller has, by name and shape; anything missing, extra or misshapen is named."""
+    expected = {name: tuple(tensor.shape) for name, tensor in net.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise ModelLoadError(f"controller weights {path} do not match the controller: {'; '.join(parts)}")
+    misfits = [f"{name} has shape {list(shapes[name])}, needs {list(shape)}"
+               for name, shape in expected.items() if tuple(shapes[name]) != shape]
+    if misfits:
+        more = f"; and {len(misfits) - 8} more misshapen tensor(s)" if len(misfits) > 8 else ""
+        raise ModelLoadError(f"controller weights {path} do not fit this model (hidden size {net.hidden_size}) and "
+                             f"controller config: tensor {'; tensor '.join(misfits[:8])}{more}")
 
 
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, ControllerNet)

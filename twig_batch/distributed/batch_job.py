@@ -15,6 +15,7 @@ import re
 import uuid
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from twig_batch.distributed.cluster import connect, plan_actors
@@ -25,7 +26,7 @@ from twig_batch.distributed.work_items import expand_to_work_items
 from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, OutputError, TwigBatchError
 from twig_batch.io import layout
-from twig_batch.io.dataset import InputFiles, InputSummary, check_input, resolve_input
+from twig_batch.io.dataset import InputFiles, InputSummary, check_input, check_unique_ids, resolve_input
 from twig_batch.io.manifest import ManifestJournal, consolidate, ok_keys
 from twig_batch.io.run_info import (check_resume_matches, read_run_info, software_versions, utc_now,
                                     write_complete_marker, write_run_info)
@@ -46,6 +47,7 @@ class _Preflight:
     identity: dict
     previous: dict | None
     skip: frozenset
+    seed_column: str | None = None
 
 
 def preflight(config: RunConfig) -> _Preflight:
@@ -54,12 +56,19 @@ def preflight(config: RunConfig) -> _Preflight:
     _check_mode_available(settings.mode)
     files = resolve_input(config.input)
     id_column = config.id_column or "id"
-    source = check_input(files, config.prompt_column, id_column, id_column_required=config.id_column is not None)
+    seed_column = config.seed_column_name()
+    source = check_input(files, config.prompt_column, id_column, id_column_required=config.id_column is not None,
+                         seed_column=seed_column, seed_column_required=bool(config.seed_column))
+    seed_column = seed_column if source.has_seed_column else None
+    if source.has_id_column:
+        check_unique_ids(files, id_column)
+    _check_model_reference(config.model, settings)  # before the destination is touched
     storage = open_storage(config.output)
     storage.check_writable()
     identity = json.loads(json.dumps({
         "model": config.model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": config.seed,
         "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None,
+        "seed_column": seed_column,
         "templates": dataclasses.asdict(templates) if templates is not None else None}, default=str))
     previous = read_run_info(storage)
     if previous is not None and not config.resume:
@@ -67,10 +76,9 @@ def preflight(config: RunConfig) -> _Preflight:
                           "or choose a new output destination")
     if previous is not None:
         check_resume_matches(previous, identity, storage.root_uri)
-    _check_model_reference(config.model)
     skip = frozenset(ok_keys(storage)) if config.resume else frozenset()
     return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
-                      identity, previous, skip)
+                      identity, previous, skip, seed_column=seed_column)
 
 
 def run_batch(config: RunConfig, echo=print) -> dict:
@@ -115,7 +123,7 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
 def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int):
     """Pull manifest rows as the actors finish them; only small rows reach the driver, never images."""
     quiet_ray_data()
-    items = work_items(config, checked.files, checked.id_column, checked.skip)
+    items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column)
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
@@ -152,23 +160,39 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
     return summary
 
 
-def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset):
+def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None = None):
     """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
     import ray
 
-    columns = [config.prompt_column] + ([id_column] if id_column else [])
-    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, file_extensions=None)
-    items = items.select_columns(columns)
+    # One type per column across files, or Ray Data refuses files whose ids are integers in one and
+    # text in another, and fails on an unsigned seed beyond int64. Ids become text anyway; decimal(20, 0)
+    # holds every int64 and uint64 seed, and the work items check each seed's range.
+    schema = pa.schema([(config.prompt_column, pa.string())] + ([(id_column, pa.string())] if id_column else [])
+                       + ([(seed_column, pa.decimal128(20, 0))] if seed_column else []))
+    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, file_extensions=None, schema=schema)
+    items = items.select_columns(schema.names)
     items = items.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
                               fn_kwargs={"prompt_column": config.prompt_column, "id_column": id_column,
                                          "samples": config.samples_per_prompt, "base_seed": config.seed,
-                                         "skip_keys": skip})
+                                         "skip_keys": skip, "seed_column": seed_column})
     # Blocks of about one batch let every actor in the pool get work, even from a single small file.
     return items.repartition(target_num_rows_per_block=config.batch_size)
 
 
 def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None):
     """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
+        # deprecated without a named replacement yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _actor_pool_stage(items, config, plan, output_uri, settings, templates)
+
+
+def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates):
     import ray
 
     return items.map_batches(
@@ -205,17 +229,18 @@ def _check_mode_available(mode: str) -> None:
         raise InputError(f"mode {mode!r} is not available in this installation of twig-batch") from None
 
 
-def _check_model_reference(ref: str) -> None:
-    """Catch a local folder that is not a checkpoint here, rather than once per actor."""
-    from pathlib import Path
+def _check_model_reference(ref: str, settings: GenerationSettings) -> None:
+    """Catch a checkpoint with missing files, bands that do not divide its image grid, or controller
+    weights that do not fit it here, from its config alone, rather than once per actor."""
+    from twig_batch.controller.weights import check_weights_file
+    from twig_batch.model.loading import check_checkpoint
 
-    from twig_batch.model.loading import detect_layout
-
-    path = Path(ref).expanduser()
-    if ref != "tiny" and path.exists():
-        if not path.is_dir():
-            raise InputError(f"model reference {ref} is a file; pass the checkpoint folder")
-        detect_layout(path)
+    model_config = check_checkpoint(ref)
+    if model_config is None:  # a Hugging Face id (or random-*): the actors check it once they have it
+        return
+    settings.check_geometry(model_config.vq_config.num_patches)
+    if settings.controller is not None and settings.controller.weights is not None:
+        check_weights_file(settings.controller.weights, model_config.text_config.hidden_size, settings.controller)
 
 
 _OUR_ERROR_LINE = re.compile(r"^twig_batch\.errors\.(ModelLoadError|InputError|OutputError|TwigBatchError): (.+)$",

@@ -5,8 +5,9 @@ work items (id, prompt, sample_index, seed) into a batch of manifest rows. With 
 images are written there and the rows carry their URIs; without it, the PNG bytes travel in the
 returned batch, for pipelines that want to handle images themselves.
 
-A row that cannot be drawn (null or empty prompt, a generation error) comes back with status
-`error` and the reason; the rest of its batch still goes through.
+A row that cannot be drawn (null, empty, too long or control characters in its prompt, a bad row
+seed, a generation error) comes back with status `error` and the reason; the rest of its batch
+still goes through.
 """
 from __future__ import annotations
 
@@ -67,21 +68,28 @@ class ImageGenerator:
 
     def _request(self, item: dict) -> tuple[ImageRequest, str | None]:
         from twig_batch.distributed.work_items import content_id
+        from twig_batch.io.prompt_checks import text_problem
 
         prompt = item.get("prompt")
         prompt_id = item.get("id")
         prompt_id = str(prompt_id) if prompt_id is not None else content_id(prompt if isinstance(prompt, str) else None)
         sample = int(item.get("sample_index") or 0)
+        problem = item.get("problem")  # found while the input was read (a bad row seed)
         seed = item.get("seed")
-        seed = int(seed) if seed is not None else derive_seed(self.base_seed, prompt_id, sample)
+        if seed is not None:
+            seed = int(seed)
+        elif not problem:
+            seed = derive_seed(self.base_seed, prompt_id, sample)
         request = ImageRequest(prompt_id, prompt if isinstance(prompt, str) else "", sample, seed)
-        if prompt is None:
-            return request, "prompt is missing (null)"
-        if not isinstance(prompt, str):
-            return request, f"prompt is not text ({type(prompt).__name__})"
-        if not prompt.strip():
-            return request, "prompt is empty"
-        return request, None
+        return request, problem or text_problem(prompt) or self._prompt_budget().problem(prompt)
+
+    def _prompt_budget(self):
+        """Built on first use: it needs the loaded model's tokenizer and context length."""
+        from twig_batch.io.prompt_checks import PromptBudget
+
+        if getattr(self, "_budget", None) is None:
+            self._budget = PromptBudget(self.bundle, self.settings, self.templates)
+        return self._budget
 
     def _generate(self, requests: list[tuple[int, ImageRequest]]):
         """Draw the whole batch at once; if that fails, draw row by row so one bad row fails alone."""

@@ -28,6 +28,7 @@ class RunConfig:
     resume: bool = False
     prompt_column: str = "prompt"
     id_column: str | None = None  # default: `id` when the input has it, else ids derived from prompts
+    seed_column: str | None = None  # default: `seed` when the input has it; "" ignores any seed column
     device: str = "auto"
     dtype: str = "auto"
     templates: str | None = None  # JSON file of prompt templates (see `prompts.load_templates`)
@@ -57,8 +58,16 @@ class RunConfig:
             raise InputError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
         if not self.prompt_column:
             raise InputError("the prompt column name is empty")
+        if self.seed_column and self.seed_column in (self.prompt_column, self.id_column or "id"):
+            raise InputError(f"the seed column {self.seed_column!r} is also the prompt or id column")
         self.generation_settings()  # validates mode and every extra setting now, not on the actors
         self.prompt_templates()
+
+    def seed_column_name(self) -> str:
+        """The column of row seeds to look for ("" for none): the one named, else `seed` if it is free."""
+        if self.seed_column is not None:
+            return self.seed_column
+        return "" if "seed" in (self.prompt_column, self.id_column or "id") else "seed"
 
     def generation_settings(self) -> GenerationSettings:
         if "mode" in self.settings:

@@ -3,6 +3,12 @@
 This runs as a stateless `map_batches` step between `read_parquet` and the model actors. Ids are
 cast to text; a row without one gets an id derived from its prompt, so identical prompts share an
 id (and, with the same seed, would draw the same image: they are generated once).
+
+Seeds: without a seed column, each (id, sample) gets `derive_seed(base_seed, id, sample)`. With
+one, sample 0 draws with the row's seed itself and sample i >= 1 with `derive_seed(row_seed, "", i)`,
+so a row seed means the same images whatever the row's id or the run's base seed. A row seed must
+be an integer in 0 .. 2**63 - 1; a null, negative or larger one turns that row's items into error
+items (their `problem` says why), which the model actors pass on as error rows without drawing.
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from twig_batch.io.manifest import item_key
 from twig_batch.seeds import derive_seed
 
 WORK_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("sample_index", pa.int32()),
-                         ("seed", pa.int64())])
+                         ("seed", pa.int64()), ("problem", pa.string())])
+MAX_SEED = 2**63 - 1  # seeds travel as int64
 
 
 def content_id(prompt: str | None) -> str:
@@ -29,19 +36,47 @@ def _as_id(value) -> str | None:
     return text if text.strip() else None
 
 
+def seed_problem(value, seed_column: str) -> str | None:
+    """Why a row's seed cannot be used, or None."""
+    if value is None:
+        return f"seed is missing (null in column {seed_column!r})"
+    if value < 0:
+        return f"seed {value} in column {seed_column!r} is negative; seeds lie in 0 .. 2**63 - 1"
+    if value > MAX_SEED:
+        return f"seed {value} in column {seed_column!r} does not fit in int64; seeds lie in 0 .. 2**63 - 1"
+    return None
+
+
+def sample_seed(row_seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a row whose seed column holds `row_seed`."""
+    return row_seed if sample == 0 else derive_seed(row_seed, "", sample)
+
+
 def expand_to_work_items(batch: pa.Table, *, prompt_column: str, id_column: str | None, samples: int,
-                         base_seed: int, skip_keys: frozenset | set = frozenset()) -> pa.Table:
+                         base_seed: int, skip_keys: frozenset | set = frozenset(),
+                         seed_column: str | None = None) -> pa.Table:
     prompts = batch.column(prompt_column).to_pylist()
     raw_ids = batch.column(id_column).to_pylist() if id_column and id_column in batch.column_names else None
+    row_seeds = None
+    if seed_column:  # integers of any width, or decimals when read with one type for every file
+        row_seeds = [None if value is None else int(value) for value in batch.column(seed_column).to_pylist()]
     rows: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
     for index, prompt in enumerate(prompts):
         prompt_id = _as_id(raw_ids[index]) if raw_ids is not None else None
         prompt_id = prompt_id or content_id(prompt)
+        problem = seed_problem(row_seeds[index], seed_column) if row_seeds is not None else None
         for sample in range(samples):
             if item_key(prompt_id, sample) in skip_keys:
                 continue
+            if problem:
+                seed = None
+            elif row_seeds is not None:
+                seed = sample_seed(row_seeds[index], sample)
+            else:
+                seed = derive_seed(base_seed, prompt_id, sample)
             rows["id"].append(prompt_id)
             rows["prompt"].append(prompt)
             rows["sample_index"].append(sample)
-            rows["seed"].append(derive_seed(base_seed, prompt_id, sample))
+            rows["seed"].append(seed)
+            rows["problem"].append(problem)
     return pa.Table.from_pydict(rows, schema=WORK_SCHEMA)

@@ -15,7 +15,8 @@ from twig_batch.errors import InputError
 from twig_batch.io import layout
 
 # Fields a resume must match: they decide which image a (id, sample) gets.
-IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "id_column", "templates")
+IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "id_column", "seed_column",
+                   "templates")
 
 
 def utc_now() -> str:

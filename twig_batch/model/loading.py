@@ -70,7 +70,39 @@ def detect_layout(folder: Path) -> str:
     )
 
 
-def _resolve_folder(ref: str) -> Path:
+def check_checkpoint(ref: str):
+    """Check a model reference without loading any weights and return its JanusConfig.
+
+    A local folder must hold config.json, a tokenizer and its weights (every shard its index names);
+    the first missing piece is named. Returns None where only a download would tell (Hugging Face
+    ids) and for the random-* speed models (Janus-Pro's own geometry).
+    """
+    from twig_batch.model.tiny import BUILTIN_GRIDS, tiny_config
+
+    if ref in BUILTIN_GRIDS:  # built offline on first use: its config is known without building it
+        return tiny_config(1024, 0, {}, grid=BUILTIN_GRIDS[ref])
+    if ref in ("random-7b", "random-1b"):
+        return None
+    folder = _local_folder(ref)
+    if folder is None:
+        return None
+    layout = detect_layout(folder)
+    _tokenizer_file(folder)
+    _weight_files(folder)
+    raw = _read_json(folder / "config.json")
+    try:
+        if layout == "hf":
+            from transformers import JanusConfig
+
+            return JanusConfig.from_dict(raw)
+        return janus_config_from_deepseek(raw, 0, {})
+    except Exception as exc:  # a config that transformers cannot read fails the same way on every actor
+        raise ModelLoadError(f"cannot read the model config {folder / 'config.json'}: {type(exc).__name__}: "
+                             f"{exc}") from None
+
+
+def _local_folder(ref: str) -> Path | None:
+    """The checkpoint folder `ref` names, or None for a Hugging Face id that is not a local path."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -79,6 +111,13 @@ def _resolve_folder(ref: str) -> Path:
     looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ModelLoadError(f"model folder {ref} does not exist")
+    return None
+
+
+def _resolve_folder(ref: str) -> Path:
+    path = _local_folder(ref)
+    if path is not None:
+        return path
     try:
         from huggingface_hub import snapshot_download
 
@@ -97,11 +136,17 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"cannot read {path}: {exc}") from None
 
 
+def _tokenizer_file(folder: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelLoadError(f"model folder {folder} has no tokenizer (neither tokenizer.json nor tokenizer.model)")
+
+
 def _load_tokenizer(folder: Path, layout: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise ModelLoadError(f"model folder {folder} has no tokenizer (tokenizer.json)")
+    _tokenizer_file(folder)
     try:
         # AutoTokenizer would consult DeepSeek's config.json, whose model type it does not know.
         loader = AutoTokenizer if layout == "hf" else PreTrainedTokenizerFast
