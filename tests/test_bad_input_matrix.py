@@ -15,11 +15,13 @@ non-string prompt column              test_run_errors.py::test_wrong_column_type
 null / empty / whitespace prompts     ROW_LEVEL (null, empty, blank)
 100,000-character prompt              ROW_LEVEL (too-long)
 control characters and NUL            ROW_LEVEL (nul, escape); tab and newline stay fine (tab-newline)
+text that is not UTF-8                ROW_LEVEL (not-utf8)
 emoji / CJK / right-to-left text      ROW_LEVEL (emoji, cjk, arabic, hebrew): drawn
 duplicate ids                         FILE_LEVEL: duplicate-id*
-ids with path characters              ROW_LEVEL (dot-dot, slashes, absolute): drawn under DEST/images
+ids with path characters              ROW_LEVEL (../../escape, a/b\\c:d*e?, /absolute): drawn under DEST/images
+integer ids in one file, text in one  ROW_LEVEL (7001): drawn
 seed column of the wrong type         FILE_LEVEL: seed-string, seed-float
-negative / null / overflowing seed    ROW_LEVEL (seed-negative, seed-null, seed-overflow)
+negative / null / overflowing seed    ROW_LEVEL (seed-negative, seed-null, seed-overflow); 2**63 - 1 is fine
 samples-per-prompt 0                  FILE_LEVEL: samples-0
 bands not dividing 24                 FILE_LEVEL: bands-5-tiny, bands-5-folder, bands-text
 NaN or negative cfg weight            FILE_LEVEL: cfg-*
@@ -210,7 +212,7 @@ def test_a_unique_id_check_reads_a_million_ids_quickly(tmp_path):
     table(tmp_path / "big.parquet", {"id": ids, "prompt": pa.array(["a cube"] * len(ids))})
     start = time.perf_counter()
     check_unique_ids(resolve_input(str(tmp_path / "big.parquet")), "id")
-    assert time.perf_counter() - start < 10  # about 0.3 s on an idle core
+    assert time.perf_counter() - start < 10  # about half a second on one core
 
 
 # ---- row level: one real run, every bad row next to good ones -----------------------------------
@@ -225,6 +227,7 @@ ROW_LEVEL = {
     "too-long": (LONG_PROMPT, 15, ["prompt is too long:", "tokens, the limit is"]),
     "nul": ("a red\x00 cube", 16, ["control character U+0000 (NUL) at position 5"]),
     "escape": ("\x1b[31ma red cube", 17, ["control character U+001B (ESC) at position 0"]),
+    "not-utf8": (b"a red \xff cube", 26, ["prompt is not valid UTF-8 text (byte 0xff at byte 6)"]),
     "tab-newline": ("a red cube\ton a table\nat night", 18, None),
     "emoji": ("a cat 🐱 next to a 🌲 under the 🌙", 19, None),
     "cjk": ("一只红色的猫坐在桌子上 赤い猫", 20, None),
@@ -252,9 +255,11 @@ def row_level_run(tmp_path_factory):
     elsewhere = {i for ids, _, _ in OTHER_FILES.values() for i in ids}
     files = {"main": ([i for i in ROW_LEVEL if i not in elsewhere], pa.string(), pa.int64()), **OTHER_FILES}
     for name, (ids, id_type, seed_type) in files.items():
+        # Raw bytes make a string column that is not UTF-8, as writers that skip validation leave it.
+        prompts = [p.encode() if isinstance(p, str) else p for p in (ROW_LEVEL[i][0] for i in ids)]
         table(root / "input" / f"{name}.parquet",  # with a column the run does not use, as real datasets have
               {"id": [int(i) if pa.types.is_integer(id_type) else i for i in ids],
-               "prompt": [ROW_LEVEL[i][0] for i in ids], "seed": [ROW_LEVEL[i][1] for i in ids],
+               "prompt": pa.array(prompts, pa.binary()).view(pa.string()), "seed": [ROW_LEVEL[i][1] for i in ids],
                "source": [name] * len(ids)},
               schema=pa.schema([("id", id_type), ("prompt", pa.string()), ("seed", seed_type),
                                 ("source", pa.string())]))
@@ -316,3 +321,45 @@ def test_row_seeds_are_recorded_and_resume_must_keep_the_seed_column(row_level_r
     result = runner.invoke(app, ["run", str(root / "input"), "--output", str(dest), "--resume",
                                  "--samples-per-prompt", str(SAMPLES), "--seed-column", ""])
     assert result.exit_code == 2 and "cannot resume" in result.output and "seed_column" in result.output
+
+
+# ---- the prompt checks themselves, without Ray ----------------------------------------------------
+
+@pytest.mark.parametrize("prompt, reason", [
+    ("a\x7fb", "U+007F (DEL) at position 1"),
+    ("a red\x85cube", "U+0085 at position 5"),  # a C1 control
+    ("\x07ding", "U+0007 (BEL) at position 0"),
+    ("tab\tnewline\ncarriage return\r\n", None),
+    ("zero\u200bwidth space and \u202eright-to-left override", None),  # format characters, not controls
+])
+def test_control_characters(prompt, reason):
+    from twig_batch.io.prompt_checks import text_problem
+
+    problem = text_problem(prompt)
+    assert (problem is None) if reason is None else (reason in problem), problem
+
+
+def test_the_prompt_limit_follows_mode_and_settings_and_is_exact():
+    from twig_batch.controller import ControllerConfig
+    from twig_batch.io.prompt_checks import PromptBudget
+    from twig_batch.model import load_janus
+    from twig_batch.settings import GenerationSettings
+
+    bundle = load_janus("tiny")
+    limits = {mode: PromptBudget(bundle, GenerationSettings(mode=mode)).limit for mode in ("plain", "twig", "seed")}
+    # twig repeats the prompt next to every thought and a picture; seed next to a stage plan.
+    assert limits["twig"] < limits["seed"] < limits["plain"] < 8192 - 576
+    controlled = PromptBudget(bundle, GenerationSettings(controller=ControllerConfig())).limit
+    assert controlled == limits["plain"] - ControllerConfig().max_injections_per_band * ControllerConfig().control_tokens
+    shorter_texts = PromptBudget(bundle, GenerationSettings(mode="twig", think_max_tokens=64)).limit
+    assert shorter_texts > limits["twig"]
+    budget = PromptBudget(bundle, GenerationSettings())
+    words = "a red cube on a table "
+    low, high = 1, budget.limit  # the most repeats that still fit, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if budget.count(words * middle) <= budget.limit else (low, middle - 1)
+    fits = low
+    assert budget.problem(words * fits) is None
+    assert budget.problem(words * (fits + 1)).startswith(
+        f"prompt is too long: {budget.count(words * (fits + 1))} tokens, the limit is {budget.limit}")

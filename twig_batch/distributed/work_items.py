@@ -52,11 +52,39 @@ def sample_seed(row_seed: int, sample: int) -> int:
     return row_seed if sample == 0 else derive_seed(row_seed, "", sample)
 
 
+def _texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | None]]:
+    """A text column as Python strings, and per value why it is unusable (None when fine).
+
+    Parquet writers that skip validation can store bytes that are not UTF-8; such a value would
+    stop the whole batch, so it is shown with replacement characters and becomes its row's problem.
+    """
+    try:
+        return column.to_pylist(), [None] * len(column)
+    except UnicodeDecodeError:
+        pass
+    texts, problems = [], []
+    for raw in column.cast(pa.binary()).to_pylist():
+        try:
+            texts.append(None if raw is None else raw.decode("utf-8"))
+            problems.append(None)
+        except UnicodeDecodeError as exc:
+            texts.append(raw.decode("utf-8", "replace"))
+            problems.append(f"{what} is not valid UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start})")
+    return texts, problems
+
+
 def expand_to_work_items(batch: pa.Table, *, prompt_column: str, id_column: str | None, samples: int,
                          base_seed: int, skip_keys: frozenset | set = frozenset(),
                          seed_column: str | None = None) -> pa.Table:
-    prompts = batch.column(prompt_column).to_pylist()
-    raw_ids = batch.column(id_column).to_pylist() if id_column and id_column in batch.column_names else None
+    prompts, text_problems = _texts(batch.column(prompt_column), "prompt")
+    raw_ids = None
+    if id_column and id_column in batch.column_names:
+        kind = batch.column(id_column).type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            raw_ids, id_problems = _texts(batch.column(id_column), "id")
+            text_problems = [a or b for a, b in zip(id_problems, text_problems)]
+        else:
+            raw_ids = batch.column(id_column).to_pylist()
     row_seeds = None
     if seed_column:  # integers of any width, or decimals when read with one type for every file
         row_seeds = [None if value is None else int(value) for value in batch.column(seed_column).to_pylist()]
@@ -64,7 +92,9 @@ def expand_to_work_items(batch: pa.Table, *, prompt_column: str, id_column: str 
     for index, prompt in enumerate(prompts):
         prompt_id = _as_id(raw_ids[index]) if raw_ids is not None else None
         prompt_id = prompt_id or content_id(prompt)
-        problem = seed_problem(row_seeds[index], seed_column) if row_seeds is not None else None
+        problem = text_problems[index]
+        if problem is None and row_seeds is not None:
+            problem = seed_problem(row_seeds[index], seed_column)
         for sample in range(samples):
             if item_key(prompt_id, sample) in skip_keys:
                 continue

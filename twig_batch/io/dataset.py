@@ -2,7 +2,7 @@
 
 Everything here reads only file footers and listings, so a bad input is reported in seconds and
 before any model is loaded. The rows themselves are read later, in parallel, by Ray Data. The one
-exception is `check_unique_ids`, which reads the id column alone (about 0.3 s per million ids).
+exception is `check_unique_ids`, which reads the id column alone (about half a second per million ids).
 """
 from __future__ import annotations
 
