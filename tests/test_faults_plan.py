@@ -3,6 +3,7 @@ import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -15,7 +16,7 @@ from twig_batch.distributed.run_config import RunConfig
 from twig_batch.errors import InputError
 from twig_batch.faults import ActorFaults, FaultPlan
 from twig_batch.io.retry import RetryPolicy
-from twig_batch.io.storage import LocalStorage, open_storage
+from twig_batch.io.storage import open_storage
 
 FAST = RetryPolicy(attempts=2, base_delay_s=0, max_delay_s=0)
 
@@ -110,7 +111,7 @@ def test_kills_land_between_half_and_n_rows_and_stop_at_the_cap(tmp_path, monkey
 
 
 def _try_to_kill(state_dir):
-    return faults._claim_next(faults.Path(state_dir) / faults.KILLS_DIR, {"pid": os.getpid()}, limit=3)
+    return faults._claim_next(Path(state_dir) / faults.KILLS_DIR, {"pid": os.getpid()}, limit=3)
 
 
 def test_the_kill_cap_holds_across_racing_processes(tmp_path):

@@ -1,4 +1,7 @@
-"""Crashes: the driver is killed mid-run (twice), then resumed; each (id, sample) ends up recorded once."""
+"""Crashes: the driver is killed mid-run (twice), then resumed; each (id, sample) ends up recorded once.
+
+A destination that holds a run is never written to again without --resume, finished or not.
+"""
 import json
 import os
 import subprocess
@@ -10,6 +13,7 @@ from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
 from twig_batch.cli import app
+from twig_batch.io.verify import verify_output
 
 PROMPTS = 32
 
@@ -23,6 +27,32 @@ def ray_cluster():
 def journal_parts(dest):
     folder = dest / "manifest-journal"
     return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def snapshot(dest):
+    """Every file under dest with its bytes and modification time (nanoseconds)."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+
+
+def refused_without_resume(prompts, dest):
+    before = snapshot(dest)
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--actors", "2"])
+    assert result.exit_code == 2, result.output
+    assert "already holds a twig-batch run; pass --resume" in result.output
+    assert snapshot(dest) == before  # nothing rewritten, added or removed
+
+
+def recorded_images(dest, keys):
+    """Bytes and mtime of the PNGs (final and band images) of every recorded (id, sample)."""
+    from twig_batch.io import layout
+
+    files = {}
+    for key in keys:
+        prompt_id, _, sample = key.rpartition("\x1f")
+        stem = dest / layout.sample_stem(prompt_id, int(sample))
+        for path in stem.parent.glob(stem.name + ".*png"):  # sample-0000.png, sample-0000.stage-*.png
+            files[path] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return files
 
 
 def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
@@ -54,6 +84,9 @@ def test_crash_crash_resume(ray_cluster, tmp_path):
 
     recorded = ok_keys(LocalStorage(dest))
     assert 0 < len(recorded) < PROMPTS
+    refused_without_resume(prompts, dest)  # an interrupted run is still a run
+    before_resume = recorded_images(dest, recorded)
+    assert len(before_resume) == 4 * len(recorded)  # the final image and three band images of each
     result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--actors", "2", "--resume"])
     assert result.exit_code == 0, result.output
     assert f"{len(recorded)} image(s) already done" in result.output
@@ -66,3 +99,11 @@ def test_crash_crash_resume(ray_cluster, tmp_path):
     info = json.loads((dest / "run.json").read_text())
     assert [a["resumed"] for a in info["attempts"]] == [False, True, True] and info["status"] == "complete"
     assert "finished_at" not in info["attempts"][0] and "finished_at" in info["attempts"][2]
+
+    # What was recorded before the kills was skipped, not drawn again: same bytes, same mtime.
+    assert recorded_images(dest, recorded) == before_resume
+    report = verify_output(str(dest), str(prompts))
+    assert report.ok, report.problems
+    assert report.ok_rows == PROMPTS and report.duplicate_rows == 0 and report.missing_items == 0
+
+    refused_without_resume(prompts, dest)  # and a finished one too

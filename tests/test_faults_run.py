@@ -1,0 +1,101 @@
+"""Whole runs under injected faults: failing S3 writes, a straggling actor, actors that keep dying."""
+import io
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from batch_support import local_ray, read_manifest, s3_client, s3_server, write_prompts
+from twig_batch import faults
+from twig_batch.cli import app
+from twig_batch.io.verify import verify_output
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The S3 server's variables come first: Ray's workers inherit the environment they start with.
+    with s3_server(), local_ray(num_cpus=4):
+        s3_client().create_bucket(Bucket="faulty")
+        yield
+
+
+def run(*args):
+    return runner.invoke(app, ["run", *map(str, args)])
+
+
+def unique_ok_rows(rows):
+    return len({(r["id"], r["sample_index"]) for r in rows if r["status"] == "ok"})
+
+
+def test_a_tenth_of_s3_writes_failing_transiently(cluster, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", 120)
+    state = tmp_path / "state"
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"storage_failure_rate": 0.1, "storage_failure_kind": "throttle", "seed": 4,
+                                "state_dir": str(state)}))
+    result = run(prompts, "--output", "s3://faulty/run", "--model", "tiny-micro", "--actors", 2, "--batch-size", 20,
+                 "--faults", plan)
+    assert result.exit_code == 0, result.output
+    assert "done: 120 image(s) drawn, 0 error(s)" in result.output
+
+    injected = faults.markers(state, faults.STORAGE_FAILURES_DIR)
+    puts = 120 * 4  # each image: three band images and the final one
+    assert 0.03 * puts < len(injected) < 0.2 * puts, len(injected)
+    assert {f["kind"] for f in injected} == {"throttle"}
+
+    manifest = pq.read_table(io.BytesIO(s3_client().get_object(Bucket="faulty", Key="run/manifest.parquet")["Body"]
+                                        .read())).to_pylist()
+    assert len(manifest) == 120 and unique_ok_rows(manifest) == 120
+    report = verify_output("s3://faulty/run", str(prompts))
+    assert report.ok, report.problems
+    assert report.images_checked == puts and report.missing_items == 0  # band images are checked too
+    info = json.loads(s3_client().get_object(Bucket="faulty", Key="run/run.json")["Body"].read())
+    assert info["attempts"][0]["faults"]["storage_failure_rate"] == 0.1
+
+
+def test_a_straggling_actor_set_from_the_environment(cluster, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.parquet", 120)
+    state, dest = tmp_path / "state", tmp_path / "out"
+    monkeypatch.setenv(faults.ENV_VAR, json.dumps({"actor_delay_s": 1.0, "delayed_actors": 1,
+                                                   "state_dir": str(state)}))
+    result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    assert "fault injection is on" in result.output and "done: 120 image(s) drawn, 0 error(s)" in result.output
+
+    delays = faults.markers(state, faults.DELAYS_DIR)
+    assert delays and {d["start"] for d in delays} == {0}  # only the first actor to start was slowed
+    rows = read_manifest(dest).to_pylist()
+    assert len(rows) == 120 and unique_ok_rows(rows) == 120
+    report = verify_output(str(dest), str(prompts))
+    assert report.ok, report.problems
+    info = json.loads((dest / "run.json").read_text())
+    assert info["attempts"][0]["faults"]["actor_delay_s"] == 1.0
+
+
+def test_actors_that_keep_dying_end_the_run_with_a_clear_error_then_resume_finishes(cluster, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", 64)
+    state, dest = tmp_path / "state", tmp_path / "out"
+    crash_loop = json.dumps({"kill_worker_after_rows": 1, "max_kills": 1000, "state_dir": str(state)})
+    common = [prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--batch-size", 8]
+    start = time.monotonic()
+    result = run(*common, "--max-actor-restarts", 1, "--max-task-retries", 1, "--faults", crash_loop)
+    assert time.monotonic() - start < 300  # bounded: the default (retry forever) would never return
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "model actors kept dying" in error[0] and "--max-actor-restarts" in error[0], error
+    kills = faults.markers(state, faults.KILLS_DIR)
+    assert 2 <= len(kills) <= 2 * (1 + 1)  # two actors, each started at most twice
+    assert not (dest / "_COMPLETE.json").exists()
+
+    result = run(*common, "--resume")
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(dest).to_pylist()
+    assert len(rows) == 64 and unique_ok_rows(rows) == 64
+    report = verify_output(str(dest), str(prompts))
+    assert report.ok, report.problems
+    attempts = json.loads((dest / "run.json").read_text())["attempts"]
+    assert "faults" in attempts[0] and "faults" not in attempts[1]
