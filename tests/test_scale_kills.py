@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
@@ -49,7 +50,10 @@ def test_all_rows_recorded_once_and_ok(killed_run):
     rows = read_manifest(dest).to_pylist()
     assert len(rows) == PROMPTS and {r["status"] for r in rows} == {"ok"}
     assert len({(r["id"], r["sample_index"]) for r in rows}) == PROMPTS
-    assert len(list((dest / "images").rglob("sample-????.png"))) == PROMPTS
+    finals = list((dest / "images").rglob("sample-????.png"))
+    assert len(finals) == PROMPTS
+    with Image.open(finals[0]) as image:  # the micro model: a 6 x 6 token grid at 4 px per token
+        assert image.size == (24, 24)
     assert not list(dest.rglob("*.tmp"))
     report = verify_output(str(dest), str(prompts))
     assert report.ok, report.problems
