@@ -28,7 +28,8 @@ NaN or negative cfg weight            FILE_LEVEL: cfg-*
 unwritable destination                test_run_errors.py::test_unwritable_destination; FILE_LEVEL: dest-*
 missing bucket                        test_run_errors.py::test_missing_output_bucket, ..._input_bucket_and_key
 bad credentials                       test_run_errors.py::test_missing_credentials, ::test_refused_credentials
-model folder missing files            FILE_LEVEL: model-*
+model folder missing files            FILE_LEVEL: model-* (an absent folder may exist on the workers only:
+                                      test_run_modes.py checks their one-line error)
 controller weights of the wrong shape FILE_LEVEL: controller-*
 """
 import json
@@ -156,8 +157,6 @@ FILE_LEVEL = {
                                        ["cannot write to output folder /dev/null/out"]),
     "dest-read-only": lambda t: ([prompts_file(t), "--output", read_only_folder(t)],
                                  ["cannot write to output folder", "locked"]),
-    "model-folder-absent": lambda t: ([prompts_file(t), "--model", t / "models" / "janus"],
-                                      ["model folder", "models/janus does not exist"]),
     "model-config-only": lambda t: ([prompts_file(t), "--model", checkpoint_folder(t, drop=["tokenizer.json",
                                                                                             "model.safetensors"])],
                                     ["checkpoint", "has no tokenizer (neither tokenizer.json nor tokenizer.model)"]),

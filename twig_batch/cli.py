@@ -53,7 +53,7 @@ def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
-    model: str = typer.Option("tiny", help="'tiny', a checkpoint folder (either layout) or a Hugging Face id."),
+    model: str = typer.Option("tiny", help="'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."),
     out: Path = typer.Option(Path("twig-output/generate"), help="Output folder."),
     seed: int = typer.Option(0, help="Base seed; image i uses a seed derived from (seed, prompt, i)."),
     num_images: int = typer.Option(1, min=1, help="How many images."),
@@ -132,11 +132,13 @@ def generate(
 def run_cmd(
     input: str = typer.Argument(..., help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
     output: str = typer.Option(..., "--output", "-o", help="A local folder or s3://bucket/prefix."),
-    model: str = typer.Option("tiny", help="'tiny', a checkpoint folder (either layout) or a Hugging Face id."),
+    model: str = typer.Option("tiny", help="'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."),
     mode: str = typer.Option("plain", help="plain, twig or seed."),
     actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU in the cluster, 1 on CPU]."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves [default: 1, 0 on CPU]."),
-    batch_size: int = typer.Option(16, help="Images per model call on each actor."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Images per model call on each actor [default: as many as fit in each GPU's free memory, "
+                   "16 on CPU]."),
     samples_per_prompt: int = typer.Option(1, help="Images per prompt."),
     seed: int = typer.Option(0, help="Base seed; each (id, sample) gets a seed derived from it."),
     resume: bool = typer.Option(False, help="Continue the run in OUTPUT: skip every image recorded ok."),

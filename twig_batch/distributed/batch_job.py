@@ -123,7 +123,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
 def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int):
     """Pull manifest rows as the actors finish them; only small rows reach the driver, never images."""
     quiet_ray_data()
-    items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column)
+    items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column,
+                       rows_per_block=config.work_batch(plan.gpus_per_actor))
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
@@ -160,7 +161,8 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
     return summary
 
 
-def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None = None):
+def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None = None,
+               rows_per_block: int | None = None):
     """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
     import ray
 
@@ -176,7 +178,7 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset,
                                          "samples": config.samples_per_prompt, "base_seed": config.seed,
                                          "skip_keys": skip, "seed_column": seed_column})
     # Blocks of about one batch let every actor in the pool get work, even from a single small file.
-    return items.repartition(target_num_rows_per_block=config.batch_size)
+    return items.repartition(target_num_rows_per_block=rows_per_block or config.work_batch(0))
 
 
 def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None):
@@ -199,9 +201,10 @@ def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings,
         ImageGenerator,
         fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
                                "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
-                               "templates": templates,
+                               "templates": templates, "images_per_call": config.batch_size,
                                "faults": config.faults.to_dict() if config.faults is not None else None},
-        batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        batch_size=config.work_batch(plan.gpus_per_actor), batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
         # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch
         # is safe to redo (its objects are rewritten identically, its rows were never returned), but a

@@ -27,7 +27,7 @@ ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary
 class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
                  device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
-                 templates=None, faults: dict | None = None):
+                 templates=None, faults: dict | None = None, images_per_call: int | None = None):
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
         from twig_batch.model import load_janus
@@ -43,6 +43,7 @@ class ImageGenerator:
         self.storage = open_storage(output) if output else None
         self.base_seed = base_seed
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
+        self.images_per_call = images_per_call  # None: as many as fit in the GPU's free memory
         self.faults = None  # testing only: see twig_batch.faults
         if faults:
             from twig_batch.faults import ActorFaults, FaultPlan
@@ -92,20 +93,33 @@ class ImageGenerator:
         return self._budget
 
     def _generate(self, requests: list[tuple[int, ImageRequest]]):
-        """Draw the whole batch at once; if that fails, draw row by row so one bad row fails alone."""
+        """Draw the batch in parts that fit the device; if a part fails, draw it row by row so one bad
+        row fails alone. Images never depend on how a batch is split (per-row seeds and positions)."""
         from twig_batch.pipeline import generate_images
 
-        if not requests:
-            return
-        start = time.perf_counter()
-        try:
-            results = generate_images(self.bundle, [r for _, r in requests], self.settings, templates=self.templates)
-        except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
-            yield from self._one_by_one(requests)
-            return
-        share = (time.perf_counter() - start) / len(requests)
-        for (position, request), result in zip(requests, results):
-            yield position, self._store(request, result, share)
+        size = self._part_size(requests)
+        for first in range(0, len(requests), size):
+            part = requests[first:first + size]
+            start = time.perf_counter()
+            try:
+                results = generate_images(self.bundle, [r for _, r in part], self.settings, templates=self.templates)
+            except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
+                yield from self._one_by_one(part)
+                continue
+            share = (time.perf_counter() - start) / len(part)
+            for (position, request), result in zip(part, results):
+                yield position, self._store(request, result, share)
+
+    def _part_size(self, requests: list[tuple[int, ImageRequest]]) -> int:
+        from twig_batch.engine.memory import free_device_bytes
+
+        free = None
+        if self.images_per_call is None and self.bundle.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
+            free = free_device_bytes(self.bundle.device)
+        return part_size(self.bundle, self.settings, [r.prompt for _, r in requests], self.images_per_call, free)
 
     def _one_by_one(self, requests):
         from twig_batch.pipeline import generate_images
@@ -143,6 +157,20 @@ class ImageGenerator:
             return pa.Table.from_pylist(rows, schema=SCHEMA)
         schema = pa.schema(list(SCHEMA) + ENCODED_COLUMNS)
         return pa.Table.from_pylist(rows, schema=schema)
+
+
+def part_size(bundle, settings: GenerationSettings, prompts: list[str], fixed: int | None,
+              free_bytes: int | None) -> int:
+    """Images per model call: `fixed` when given; else what fits `free_bytes` of device memory for
+    these prompts; with no figure (off a GPU), all of them at once."""
+    from twig_batch.engine.memory import PROMPT_TOKENS, images_per_call
+
+    if fixed is not None:
+        return fixed
+    if free_bytes is None or not prompts:
+        return max(1, len(prompts))
+    longest = max(len(bundle.encode(prompt)) for prompt in prompts)
+    return images_per_call(bundle, settings, free_bytes, prompt_tokens=max(PROMPT_TOKENS, longest + 64))
 
 
 def _as_rows(batch) -> list[dict]:

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 from twig_batch.errors import InputError
 from twig_batch.settings import GenerationSettings
 
+GPU_WORK_BATCH = 256
+CPU_BATCH = 16
+
 if TYPE_CHECKING:
     from twig_batch.faults import FaultPlan
 
@@ -22,7 +25,7 @@ class RunConfig:
     actors: int | None = None  # default: one per GPU in the cluster (one on a CPU-only cluster)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    batch_size: int = 16
+    batch_size: int | None = None  # images per model call; default: what fits the GPU (16 on a CPU)
     samples_per_prompt: int = 1
     seed: int = 0
     resume: bool = False
@@ -42,7 +45,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "samples_per_prompt", "journal_every_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_actor_restarts", "max_task_retries"):
             if getattr(self, name) < 0:
@@ -68,6 +71,13 @@ class RunConfig:
         if self.seed_column is not None:
             return self.seed_column
         return "" if "seed" in (self.prompt_column, self.id_column or "id") else "seed"
+
+    def work_batch(self, gpus_per_actor: float) -> int:
+        """Work items per actor call. Left to the GPU, a call brings enough work for the largest batch
+        that fits (the actor draws it in memory-sized parts); on a CPU a call is one small batch."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_WORK_BATCH if gpus_per_actor > 0 else CPU_BATCH
 
     def generation_settings(self) -> GenerationSettings:
         if "mode" in self.settings:

@@ -75,13 +75,16 @@ def check_checkpoint(ref: str):
 
     A local folder must hold config.json, a tokenizer and its weights (every shard its index names);
     the first missing piece is named. Returns None where only a download would tell (Hugging Face
-    ids) and for the random-* speed models (Janus-Pro's own geometry).
+    ids), for a path this machine does not have (on a cluster it may exist on the GPU nodes only;
+    the actors then report it) and for the random-* speed models (Janus-Pro's own geometry).
     """
     from twig_batch.model.tiny import BUILTIN_GRIDS, tiny_config
 
     if ref in BUILTIN_GRIDS:  # built offline on first use: its config is known without building it
         return tiny_config(1024, 0, {}, grid=BUILTIN_GRIDS[ref])
     if ref in ("random-7b", "random-1b"):
+        return None
+    if not Path(ref).expanduser().exists():  # a Hugging Face id, or a folder on the workers' disks only
         return None
     folder = _local_folder(ref)
     if folder is None:
