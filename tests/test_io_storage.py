@@ -98,3 +98,12 @@ def test_s3_refused_credentials(monkeypatch):
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         with pytest.raises(OutputError, match="credentials were refused"):
             open_storage("s3://any-bucket/p").check_writable()
+
+
+def test_staging_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    storage = LocalStorage(tmp_path / "dest")
+    storage.put("images/ab/x/sample-0000.png", b"png")
+    leftover = tmp_path / "dest" / "images" / "ab" / "x" / ".sample-0001.png.0123abcd.tmp"
+    leftover.write_bytes(b"half")
+    assert storage.remove_staging_leftovers() == 1
+    assert not leftover.exists() and storage.get("images/ab/x/sample-0000.png") == b"png"

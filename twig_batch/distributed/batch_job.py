@@ -144,6 +144,8 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
 def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, progress: Progress, total: int,
             echo) -> dict:
     storage = checked.storage
+    if isinstance(storage, LocalStorage):  # every writer has stopped: a killed one's staging files go
+        storage.remove_staging_leftovers()
     manifest = consolidate(storage)
     statuses = manifest.column("status")
     summary = {**progress.summary(), "manifest_rows": manifest.num_rows,

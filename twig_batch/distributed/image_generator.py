@@ -12,6 +12,7 @@ still goes through.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -20,6 +21,7 @@ from twig_batch.pipeline import ImageRequest
 from twig_batch.settings import GenerationSettings
 from twig_batch.seeds import derive_seed
 
+WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
 
@@ -44,6 +46,7 @@ class ImageGenerator:
         self.base_seed = base_seed
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
         self.images_per_call = images_per_call  # None: as many as fit in the GPU's free memory
+        self._writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="twig-writer")
         self.faults = None  # testing only: see twig_batch.faults
         if faults:
             from twig_batch.faults import ActorFaults, FaultPlan
@@ -107,8 +110,12 @@ class ImageGenerator:
                 yield from self._one_by_one(part)
                 continue
             share = (time.perf_counter() - start) / len(part)
-            for (position, request), result in zip(part, results):
-                yield position, self._store(request, result, share)
+            # PNG encoding and uploads release the GIL: a few threads keep them from idling the GPU.
+            stored = self._writers.map(lambda pair: self._store(pair[0][1], pair[1], share), zip(part, results))
+            for (position, _), row in zip(part, stored):
+                if self.faults is not None:
+                    self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+                yield position, row
 
     def _part_size(self, requests: list[tuple[int, ImageRequest]]) -> int:
         from twig_batch.engine.memory import free_device_bytes
@@ -131,7 +138,10 @@ class ImageGenerator:
             except Exception as exc:
                 yield position, self._error(request, f"generation failed: {type(exc).__name__}: {exc}")
                 continue
-            yield position, self._store(request, result, time.perf_counter() - start)
+            row = self._store(request, result, time.perf_counter() - start)
+            if self.faults is not None:
+                self.faults.row_stored()
+            yield position, row
 
     def _store(self, request: ImageRequest, result, generation_s: float) -> dict:
         from twig_batch.io.artifacts import encode_result, write_result
@@ -144,8 +154,6 @@ class ImageGenerator:
                                    controller_ran=self.settings.controller is not None)
         except Exception as exc:
             return self._error(request, f"writing the outputs failed: {type(exc).__name__}: {exc}")
-        if self.faults is not None:
-            self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
         return row
 
     def _error(self, request: ImageRequest, reason: str) -> dict:

@@ -75,6 +75,13 @@ class LocalStorage:
         return sorted(str(p.relative_to(self.root).as_posix()) for p in folder.rglob("*")
                       if p.is_file() and not p.name.endswith(".tmp"))
 
+    def remove_staging_leftovers(self) -> int:
+        """Delete half-written staging files a killed writer left behind; call when no writer runs."""
+        leftovers = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
     def delete(self, key: str) -> None:
         path = self.root / check_key(key)
         path.unlink(missing_ok=True)
