@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from bf16_checks import graph_vs_eager, greedy_agreement
 from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.reference import reference_image_tokens
 from twig_batch.imaging import decode_codes
 from twig_batch.model import load_janus
 from twig_batch.prompts import t2i_prompt_ids
@@ -102,29 +102,6 @@ def plain_workload(bundle, images: int, use_graphs: bool = True) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def graphs_match_eager(bundle) -> dict:
-    settings = GenerationSettings()
-    rows = prompts_of_length(bundle, 8)
-    a = draw_image_tokens_fast(bundle, rows, list(range(8)), settings, 130, use_graphs=True)
-    b = draw_image_tokens_fast(bundle, rows, list(range(8)), settings, 130, use_graphs=False)
-    return {"graph_tokens_equal_eager": bool(torch.equal(a, b))}
-
-
-def greedy_agreement(bundle, n: int = 32) -> dict:
-    """bf16: fast engine vs reference on the first greedy tokens of each band, for 4 prompts."""
-    settings = GenerationSettings(temperature=0)
-    rows = prompts_of_length(bundle, 4)
-    agree = []
-    for band in range(3):
-        prefix = torch.randint(0, 16384, (4, band * 192), generator=torch.Generator().manual_seed(band))
-        fast = draw_image_tokens_fast(bundle, rows, [0] * 4, settings, n, prefix_codes=prefix, first_step=band * 192)
-        for b in range(4):
-            ref = reference_image_tokens(bundle, rows[b], 0, settings, n, prefix_codes=prefix[b],
-                                         first_step=band * 192)
-            agree.append(int((fast[b] == ref).cumprod(0).sum()))
-    return {"greedy_first_tokens_agreeing": agree, "greedy_tokens_compared": n}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -140,8 +117,8 @@ def main() -> None:
     import transformers
     result["transformers"] = transformers.__version__
     result |= seed_style_anchor(bundle)
-    result |= greedy_agreement(bundle)
-    result |= graphs_match_eager(bundle)
+    checks_rows = prompts_of_length(bundle, 4)
+    result |= greedy_agreement(bundle, checks_rows) | graph_vs_eager(bundle, checks_rows)
     result["plain"] = [plain_workload(bundle, n) for n in args.images]
     result["plain"].append(plain_workload(bundle, args.images[0], use_graphs=False))
     result |= native_generate_anchor(bundle, 16)

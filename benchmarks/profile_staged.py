@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from staged_speed import PROMPT, workload_settings
+from staged_speed import phase_totals, requests_for, workload_settings
 from twig_batch.model import load_janus
-from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.pipeline import generate_images
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     for mode in args.mode:
         settings = workload_settings(mode)
-        requests = [ImageRequest(str(i), f"{PROMPT} {i}", 0, i) for i in range(args.images)]
+        requests = requests_for(args.images)
         generate_images(bundle, requests[:2], settings)  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -34,10 +34,7 @@ def main() -> None:
             results = generate_images(bundle, requests, settings)
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-        phases: dict[str, float] = {}
-        for r in results:
-            for phase, seconds in r.timings.items():
-                phases[phase] = phases.get(phase, 0.0) + seconds
+        phases = phase_totals(results)
         events = prof.key_averages()
         gpu_busy = sum(e.self_device_time_total for e in events) / 1e6
         report = [f"== {mode}: {args.images} images in {wall:.1f}s under the profiler; GPU busy {gpu_busy:.1f}s; "

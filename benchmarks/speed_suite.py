@@ -20,33 +20,13 @@ import torch
 
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
-from staged_speed import PROMPT, workload_settings
+from staged_speed import run_staged
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.memory import free_device_bytes, images_per_call
 from twig_batch.model import load_janus
-from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.settings import GenerationSettings
 
 TARGETS = {"plain": 16.0, "twig": 3.5, "seed": 6.0}
-
-
-def staged_workload(bundle, mode: str, images: int) -> dict:
-    settings = workload_settings(mode)
-    requests = [ImageRequest(str(i), f"{PROMPT} {i}", 0, i) for i in range(images)]
-    generate_images(bundle, requests[:2], settings)  # warm-up: graphs, compiled kernels
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = generate_images(bundle, requests, settings)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    phases: dict[str, float] = {}
-    for r in results:
-        for phase, seconds in r.timings.items():
-            phases[phase] = phases.get(phase, 0.0) + seconds
-    return {"mode": mode, "images": images, "seconds": elapsed, "img_s": images / elapsed, "phase_seconds": phases,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "injections_per_image": sum(r.record()["n_injections"] for r in results) / len(results)}
 
 
 def step(result: dict, out: Path, name: str, value: dict | list) -> None:
@@ -105,7 +85,7 @@ def main() -> None:
     step(result, out, "graphs", graph_vs_eager(bundle, checks_rows))
     step(result, out, "workloads", [{"name": "plain", **plain_workload(bundle, args.images)}])
     for mode in ("twig", "seed"):
-        step(result, out, "workloads", [{"name": mode, **staged_workload(bundle, mode, args.images)}])
+        step(result, out, "workloads", [{"name": mode, **run_staged(bundle, mode, args.images)}])
     auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
     step(result, out, "auto", {"auto_images_per_call_plain": auto})
     step(result, out, "workloads", [{"name": "plain (batch from free memory)", **plain_workload(bundle, auto)}])

@@ -9,7 +9,6 @@ import torch
 
 from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.controller import controller as controller_module
-from twig_batch.controller.trigger_log import same_records
 from twig_batch.controller.weights import _SHARED
 from twig_batch.imaging import decode_codes
 from twig_batch.model import load_janus

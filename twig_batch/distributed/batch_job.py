@@ -187,8 +187,6 @@ def generate(items, config: RunConfig, plan, output_uri: str, settings, template
     """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
     import warnings
 
-    import ray
-
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
         # deprecated without a named replacement yet.

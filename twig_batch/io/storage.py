@@ -202,3 +202,18 @@ def open_storage(uri: str) -> LocalStorage | S3Storage:
     if "://" in uri:
         raise OutputError(f"unsupported output address {uri!r}: use a local folder or s3://bucket/prefix")
     return LocalStorage(uri)
+
+
+def read_destination(dest: str, read, action: str):
+    """`read(storage)` on DEST, with any failure to reach it as one InputError saying what was tried."""
+    from twig_batch.errors import InputError, TwigBatchError
+
+    storage = open_storage(dest)
+    try:
+        return read(storage)
+    except TwigBatchError:
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot {action} {storage.root_uri}: {exc}") from None
+    except Exception as exc:  # S3: missing bucket, refused credentials, unreachable endpoint
+        raise explain_s3_error(exc, f"cannot {action} {storage.root_uri}", error=InputError) from None

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twig_batch.errors import InputError, TwigBatchError
+from twig_batch.errors import InputError
 from twig_batch.io import layout
 from twig_batch.io.manifest import item_key
-from twig_batch.io.s3 import explain_s3_error
-from twig_batch.io.storage import check_key, open_storage
+from twig_batch.io.storage import check_key, read_destination
 
 ROW_COLUMNS = ["id", "sample_index", "status", "image_uri", "stage_image_uris", "trigger_log_uri"]
 PROBLEMS_PER_KIND = 20  # enough to see the pattern; the rest of a kind is counted, not listed
@@ -79,15 +78,7 @@ def describe(prompt_id: str, sample_index: int) -> str:
 
 def verify_output(dest: str, input: str | None = None) -> VerifyReport:
     """Check DEST (a local folder or s3://bucket/prefix); raises TwigBatchError when DEST is not a run."""
-    storage = open_storage(dest)
-    try:
-        return _verify(storage, input).close()
-    except TwigBatchError:
-        raise
-    except OSError as exc:
-        raise InputError(f"cannot read the run in {storage.root_uri}: {exc}") from None
-    except Exception as exc:  # S3: missing bucket, refused credentials, unreachable endpoint
-        raise explain_s3_error(exc, f"cannot verify {storage.root_uri}", error=InputError) from None
+    return read_destination(dest, lambda storage: _verify(storage, input).close(), "verify")
 
 
 def _verify(storage, input: str | None) -> VerifyReport:

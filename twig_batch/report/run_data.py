@@ -19,8 +19,7 @@ from twig_batch.errors import InputError
 from twig_batch.io import layout
 from twig_batch.io.manifest import deduplicate, read_recorded
 from twig_batch.io.run_info import read_run_info
-from twig_batch.io.s3 import explain_s3_error
-from twig_batch.io.storage import open_storage
+from twig_batch.io.storage import read_destination
 
 FETCH_THREADS = 16
 
@@ -56,15 +55,7 @@ class Assets:
 
 def open_run(dest: str) -> Run:
     """Open DEST; a folder or prefix that holds neither run.json nor a manifest is not a run."""
-    storage = open_storage(dest)
-    try:
-        return _read_run(storage)
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"cannot read the run in {storage.root_uri}: {exc}") from None
-    except Exception as exc:  # S3: missing bucket, refused credentials, unreachable endpoint
-        raise explain_s3_error(exc, f"cannot read the run in {storage.root_uri}", error=InputError) from None
+    return read_destination(dest, _read_run, "read the run in")
 
 
 def _read_run(storage) -> Run:
