@@ -35,3 +35,24 @@ def test_rows_stop_at_their_own_stop_token(tiny64):
     for row in (0, 2, 3):
         expected = free[row][:free[row].index(stop)] if stop in free[row] else free[row]
         assert stopped[row] == expected
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_write_what_they_would_alone(tiny64, monkeypatch):
+    from twig_batch.engine.static_decoder import StaticKVCache
+
+    prompts = _prompts(tiny64)
+    free = generate_text_fast(tiny64, prompts, 64, 1.0)
+    # A stop token that ends at least half the rows within the first check (16 steps) and leaves a
+    # row running past the halfway point: the batch must shrink, and the survivors keep going.
+    stop = next(t for t in range(tiny64.model.config.text_config.vocab_size)
+                if sum(t in row[:16] for row in free) * 2 >= len(free) and any(t not in row[:40] for row in free))
+    kept = []
+    real_keep = StaticKVCache.keep_rows
+    monkeypatch.setattr(StaticKVCache, "keep_rows", lambda cache, rows: kept.append(rows.tolist())
+                        or real_keep(cache, rows))
+    stopped = generate_text_fast(tiny64, prompts, 64, 1.0, stop_id=stop)
+    assert kept and len(kept[0]) <= len(prompts) // 2
+    expected = [row[:row.index(stop)] if stop in row else row for row in free]
+    assert stopped == expected
+    assert stopped == [reference_text(tiny64, p, 64, 1.0, stop_id=stop) for p in prompts]
+    assert max(map(len, stopped)) >= 40 and min(map(len, stopped)) < 16

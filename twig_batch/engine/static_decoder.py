@@ -31,6 +31,10 @@ class StaticKVCache:
         self.max_len = max_len
         self.used = 0  # columns written so far (same for every row)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Computed in float32 then cast, exactly as transformers' Llama rotary embedding does.
