@@ -107,3 +107,16 @@ def test_staging_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_p
     leftover.write_bytes(b"half")
     assert storage.remove_staging_leftovers() == 1
     assert not leftover.exists() and storage.get("images/ab/x/sample-0000.png") == b"png"
+
+
+def test_a_symbolic_link_planted_in_dest_cannot_lead_a_write_outside(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "images").symlink_to(outside, target_is_directory=True)
+    storage = LocalStorage(dest)
+    with pytest.raises(OutputError, match="symbolic link"):
+        storage.put("images/ab/x/sample-0000.png", b"png")
+    assert list(outside.iterdir()) == []  # not even a folder was made there
+    assert storage.put("run.json", b"{}") == str(dest / "run.json")  # the rest of DEST still works

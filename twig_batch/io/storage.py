@@ -49,7 +49,9 @@ class LocalStorage:
     def _put_once(self, key: str, target: Path, data: bytes) -> str:
         if self.inject_write_fault is not None:
             self.inject_write_fault(key)
+        self._check_inside(key, target.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
+        self._check_inside(key, target.parent)  # again: a link may have been planted in between
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(staging, "wb") as handle:
@@ -61,6 +63,15 @@ class LocalStorage:
             staging.unlink(missing_ok=True)
             raise
         return str(target)
+
+    def _check_inside(self, key: str, folder: Path) -> None:
+        """Keys are safe by construction, but a symbolic link planted inside DEST could still lead a
+        write outside it; the deepest existing folder on the way must resolve to inside DEST."""
+        existing = folder
+        while not existing.exists() and existing != self.root:
+            existing = existing.parent
+        if not existing.resolve().is_relative_to(self.root):
+            raise OutputError(f"refusing to write {key}: a symbolic link in {self.root} leads outside it")
 
     def get(self, key: str) -> bytes:
         return (self.root / check_key(key)).read_bytes()
