@@ -12,7 +12,7 @@ still goes through.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -97,25 +97,30 @@ class ImageGenerator:
 
     def _generate(self, requests: list[tuple[int, ImageRequest]]):
         """Draw the batch in parts that fit the device; if a part fails, draw it row by row so one bad
-        row fails alone. Images never depend on how a batch is split (per-row seeds and positions)."""
+        row fails alone. Images never depend on how a batch is split (per-row seeds and positions).
+
+        A part's images are encoded and written on a few threads (PNG encoding and uploads release
+        the GIL) while the GPU draws the next part; the rows come back once all are written."""
         from twig_batch.pipeline import generate_images
 
         size = self._part_size(requests)
+        writes = []  # (position, future row), in request order
         for first in range(0, len(requests), size):
             part = requests[first:first + size]
             start = time.perf_counter()
             try:
                 results = generate_images(self.bundle, [r for _, r in part], self.settings, templates=self.templates)
             except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
-                yield from self._one_by_one(part)
+                writes += [(position, _done(row)) for position, row in self._one_by_one(part)]
                 continue
             share = (time.perf_counter() - start) / len(part)
-            # PNG encoding and uploads release the GIL: a few threads keep them from idling the GPU.
-            stored = self._writers.map(lambda pair: self._store(pair[0][1], pair[1], share), zip(part, results))
-            for (position, _), row in zip(part, stored):
-                if self.faults is not None:
-                    self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
-                yield position, row
+            writes += [(position, self._writers.submit(self._store, request, result, share))
+                       for (position, request), result in zip(part, results)]
+        for position, write in writes:
+            row = write.result()
+            if self.faults is not None:
+                self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+            yield position, row
 
     def _part_size(self, requests: list[tuple[int, ImageRequest]]) -> int:
         from twig_batch.engine.memory import free_device_bytes
@@ -138,10 +143,7 @@ class ImageGenerator:
             except Exception as exc:
                 yield position, self._error(request, f"generation failed: {type(exc).__name__}: {exc}")
                 continue
-            row = self._store(request, result, time.perf_counter() - start)
-            if self.faults is not None:
-                self.faults.row_stored()
-            yield position, row
+            yield position, self._store(request, result, time.perf_counter() - start)
 
     def _store(self, request: ImageRequest, result, generation_s: float) -> dict:
         from twig_batch.io.artifacts import encode_result, write_result
@@ -165,6 +167,12 @@ class ImageGenerator:
             return pa.Table.from_pylist(rows, schema=SCHEMA)
         schema = pa.schema(list(SCHEMA) + ENCODED_COLUMNS)
         return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _done(row: dict) -> Future:
+    done = Future()
+    done.set_result(row)
+    return done
 
 
 def part_size(bundle, settings: GenerationSettings, prompts: list[str], fixed: int | None,
