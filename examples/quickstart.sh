@@ -25,5 +25,6 @@ fi
 echo
 echo "Images:   $output/images/<xx>/<id>-<hash>/sample-NNNN.png (band images beside them)"
 echo "Manifest: $output/manifest.parquet (one row per prompt and sample); run record: $output/run.json"
+echo "Check it: $python -m twig_batch.cli verify $output --input examples/prompts.parquet"
 echo "Look at it: $python -c \"import pyarrow.parquet as pq; print(pq.read_table('$output/manifest.parquet')"\
 ".select(['id', 'sample_index', 'status', 'image_uri']).to_pandas())\""
