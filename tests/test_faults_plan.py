@@ -108,6 +108,9 @@ def test_kills_land_between_half_and_n_rows_and_stop_at_the_cap(tmp_path, monkey
     again = FaultPlan(kill_worker_after_rows=10, max_kills=2, seed=5, state_dir=str(tmp_path / "state-2"))
     assert [rows_until_killed(ActorFaults(again)) for _ in range(2)] == first[:2]
 
+    exact = FaultPlan(kill_worker_after_rows=7, kill_at_random=False, max_kills=3, state_dir=str(tmp_path / "s3"))
+    assert [rows_until_killed(ActorFaults(exact)) for _ in range(3)] == [7, 7, 7]
+
 
 def _try_to_kill(state_dir):
     return faults._claim_next(Path(state_dir) / faults.KILLS_DIR, {"pid": os.getpid()}, limit=3)

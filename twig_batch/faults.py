@@ -6,7 +6,8 @@ variable (JSON) for `ray job submit`. The plan travels to every model actor with
 arguments and is recorded in run.json, so a run that was made to fail says so.
 
 - `kill_worker_after_rows=n`: an actor process hard-exits (`os._exit`, no clean-up, like a kill -9
-  or a lost node) after a seeded random number of rows between n/2 and n, counted from its start.
+  or a lost node) after a seeded random number of rows between n/2 and n, counted from its start
+  (after exactly n rows with `kill_at_random=false`).
   The check runs after each row's objects are written, so the actor dies mid-batch: some images of
   the batch exist, its rows were never returned. Ray restarts the actor and retries the batch.
 - `max_kills`: the kills allowed in the whole run, over all actors and their restarts. A restarted
@@ -47,6 +48,7 @@ KILLS_DIR, STARTS_DIR, STORAGE_FAILURES_DIR, DELAYS_DIR = "kills", "actor-starts
 @dataclass(slots=True)
 class FaultPlan:
     kill_worker_after_rows: int | None = None
+    kill_at_random: bool = True  # False: after exactly kill_worker_after_rows rows
     max_kills: int = 1
     storage_failure_rate: float = 0.0
     storage_failure_kind: str = "503"
@@ -59,6 +61,8 @@ class FaultPlan:
         if self.kill_worker_after_rows is not None and not _whole(self.kill_worker_after_rows, 1):
             raise InputError(f"faults: kill_worker_after_rows must be a whole number >= 1, got "
                              f"{self.kill_worker_after_rows!r}")
+        if not isinstance(self.kill_at_random, bool):
+            raise InputError(f"faults: kill_at_random must be true or false, got {self.kill_at_random!r}")
         if not _whole(self.max_kills, 0):
             raise InputError(f"faults: max_kills must be a whole number >= 0, got {self.max_kills!r}")
         if not _number(self.storage_failure_rate) or not 0 <= self.storage_failure_rate <= 1:
@@ -184,7 +188,7 @@ class ActorFaults:
         self.kill_at = None
         if plan.kill_worker_after_rows is not None and plan.max_kills > 0:
             n = plan.kill_worker_after_rows
-            self.kill_at = self.rng.randint(max(1, math.ceil(n / 2)), n)
+            self.kill_at = self.rng.randint(max(1, math.ceil(n / 2)), n) if plan.kill_at_random else n
         self.delayed = plan.actor_delay_s > 0 and (plan.delayed_actors is None or self.start < plan.delayed_actors)
         if storage is not None and plan.storage_failure_rate > 0:
             install_storage_faults(storage, plan, random.Random(f"{plan.seed}:storage:{self.start}"), self.state)
