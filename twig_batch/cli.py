@@ -20,6 +20,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+MODEL_HELP = "'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."
+
+
 @app.command("make-tiny-model")
 def make_tiny_model_cmd(
     folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
@@ -53,7 +56,7 @@ def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
-    model: str = typer.Option("tiny", help="'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."),
+    model: str = typer.Option("tiny", help=MODEL_HELP),
     out: Path = typer.Option(Path("twig-output/generate"), help="Output folder."),
     seed: int = typer.Option(0, help="Base seed; image i uses a seed derived from (seed, prompt, i)."),
     num_images: int = typer.Option(1, min=1, help="How many images."),
@@ -132,7 +135,7 @@ def generate(
 def run_cmd(
     input: str = typer.Argument(..., help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
     output: str = typer.Option(..., "--output", "-o", help="A local folder or s3://bucket/prefix."),
-    model: str = typer.Option("tiny", help="'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."),
+    model: str = typer.Option("tiny", help=MODEL_HELP),
     mode: str = typer.Option("plain", help="plain, twig or seed."),
     actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU in the cluster, 1 on CPU]."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves [default: 1, 0 on CPU]."),
