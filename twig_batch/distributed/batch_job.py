@@ -163,8 +163,8 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
     return summary
 
 
-def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None = None,
-               rows_per_block: int | None = None):
+def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None,
+               rows_per_block: int):
     """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
     import ray
 
@@ -180,7 +180,7 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset,
                                          "samples": config.samples_per_prompt, "base_seed": config.seed,
                                          "skip_keys": skip, "seed_column": seed_column})
     # Blocks of about one batch let every actor in the pool get work, even from a single small file.
-    return items.repartition(target_num_rows_per_block=rows_per_block or config.work_batch(0))
+    return items.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None):

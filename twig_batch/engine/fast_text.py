@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.batched import pad_left
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.sampling import sample_tokens
@@ -26,18 +25,16 @@ COMPACT_MIN_STEPS = 32  # steps that must remain for dropping finished rows to p
 def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float = 0.0, stop_id: int | None = None,
                        use_graphs: bool | None = None) -> list[list[int]]:
     """New token ids per prompt (`TextPrompt`s); the stop token is not included."""
-    from twig_batch.pipeline.text_generation import embed_prompts
+    from twig_batch.pipeline.text_generation import text_prefill_inputs
 
     if not prompts:
         return []
     stop = bundle.tokens.eos if stop_id is None else stop_id
     device, lm = bundle.device, bundle.language_model
-    ids, mask = pad_left([p.ids for p in prompts], bundle.tokens.pad)
-    ids, valid = ids.to(device), mask.to(device).bool()
-    positions = (mask.to(device).cumsum(-1) - 1).clamp(min=0)
+    embeds, mask, positions = text_prefill_inputs(bundle, prompts)
     fuse_for_device(lm)
-    cache = StaticKVCache(lm, len(prompts), ids.shape[1] + max_new_tokens)
-    hidden = forward_static(lm, cache, embed_prompts(bundle, ids, prompts), positions, valid)[:, -1]
+    cache = StaticKVCache(lm, len(prompts), embeds.shape[1] + max_new_tokens)
+    hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
     if use_graphs is None:
         use_graphs = device.type == "cuda"
     next_position = positions[:, -1:] + 1

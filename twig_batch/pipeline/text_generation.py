@@ -38,6 +38,15 @@ def embed_prompts(bundle, ids: torch.Tensor, prompts: list[TextPrompt]) -> torch
     return embeds
 
 
+def text_prefill_inputs(bundle, prompts: list[TextPrompt]):
+    """The prompts left-padded into one batch: input embeddings [B, W, D] (vision features in their
+    placeholders), which columns are real [B, W] (1/0) and each row's positions over its real tokens."""
+    ids, mask = pad_left([p.ids for p in prompts], bundle.tokens.pad)
+    ids, mask = ids.to(bundle.device), mask.to(bundle.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return embed_prompts(bundle, ids, prompts), mask, positions
+
+
 @torch.no_grad()
 def reference_text(bundle, prompt: TextPrompt, max_new_tokens: int, temperature: float = 0.0,
                    stop_id: int | None = None) -> list[int]:
@@ -70,12 +79,10 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
         return []
     stop = bundle.tokens.eos if stop_id is None else stop_id
     device, lm = bundle.device, bundle.language_model
-    ids, mask = pad_left([p.ids for p in prompts], bundle.tokens.pad)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    embeds, mask, positions = text_prefill_inputs(bundle, prompts)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embed_prompts(bundle, ids, prompts), attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True).last_hidden_state[:, -1]
     next_position = positions[:, -1:] + 1
     seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64)
     live = list(range(len(prompts)))  # prompt index of each row still in the batch
