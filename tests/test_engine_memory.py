@@ -13,7 +13,8 @@ def test_kv_bytes_per_token_is_what_the_static_cache_allocates(tiny64):
     lm = tiny64.language_model
     cache = StaticKVCache(lm, rows=3, max_len=10)
     allocated = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
-    assert kv_bytes_per_token(lm) * 3 * 10 == allocated
+    assert cache.max_len >= 10  # a cache lent by the KV arena may be wider than asked
+    assert kv_bytes_per_token(lm) * 3 * cache.max_len == allocated
 
 
 def test_each_mode_costs_its_cache_and_more_text_costs_more(tiny64):

@@ -2,31 +2,69 @@
 
 One graph per attention bucket (the cache width a step reads), captured the first time a step
 lands in that bucket; a step then costs one replay instead of hundreds of kernel launches.
+
+A capture costs an eager warm-up step and a pass of Python over the whole model, a large share of
+a short call. Graphs over a cache lent by the KV arena are therefore kept after the call (keyed by
+the model, the embedding and the cache's addresses and shape) and replayed by every later call that
+borrows the same shape; graphs over a cache of its own die with the call.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
-from twig_batch.engine.static_decoder import StaticKVCache, attend_width, forward_at
+from twig_batch.engine.kv_arena import on_release
+from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width, forward_at
+
+KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embedding in use)
 
 
 class GraphedDecodeStep:
     """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text)."""
 
     def __init__(self, bundle, cache: StaticKVCache, embed):
-        rows = cache.k.shape[1]
+        self.cache = cache
+        self.graphs = _graph_set(bundle, cache, embed)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [R], positions [R, 1]: the last-layer hidden states [R, D] after this step."""
+        end = self.cache.used + 1
+        if end > self.cache.max_len:
+            raise RuntimeError(f"KV cache full: {end} > {self.cache.max_len} columns")
+        out = self.graphs.replay(tokens, positions, self.cache.used, attend_width(self.cache, end))
+        self.cache.used = end
+        return out
+
+
+class GraphSet:
+    """The captured steps over one cache's tensors, with the static inputs they read."""
+
+    def __init__(self, bundle, tensors: CacheTensors, embed, arena=None):
+        rows = tensors.k.shape[1]
         device = bundle.device
-        self.bundle, self.cache, self.embed = bundle, cache, embed
+        self.bundle, self.tensors, self.embed, self.arena = bundle, tensors, embed, arena
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
         self.start = torch.zeros((), dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.captures = 0
+
+    def replay(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, attend: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.start.fill_(start)
+        if attend not in self.graphs:
+            self.graphs[attend] = self._capture(attend)
+        graph, out = self.graphs[attend]
+        graph.replay()
+        return out.clone()
 
     def _body(self, attend: int) -> torch.Tensor:
         embeds = self.embed(self.tokens).unsqueeze(1)
-        return forward_at(self.bundle.language_model, self.cache, embeds, self.positions, self.valid, self.start,
+        return forward_at(self.bundle.language_model, self.tensors, embeds, self.positions, self.valid, self.start,
                           attend)[:, -1]
 
     def _capture(self, attend: int):
@@ -41,20 +79,33 @@ class GraphedDecodeStep:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._body(attend)
         self.pool = graph.pool()
+        self.captures += 1
         return graph, out
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [R], positions [R, 1]: the last-layer hidden states [R, D] after this step."""
-        end = self.cache.used + 1
-        if end > self.cache.max_len:
-            raise RuntimeError(f"KV cache full: {end} > {self.cache.max_len} columns")
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.start.fill_(self.cache.used)
-        attend = attend_width(self.cache, end)
-        if attend not in self.graphs:
-            self.graphs[attend] = self._capture(attend)
-        graph, out = self.graphs[attend]
-        graph.replay()
-        self.cache.used = end
-        return out.clone()
+
+_KEPT: OrderedDict[tuple, GraphSet] = OrderedDict()
+
+
+def _graph_set(bundle, cache: StaticKVCache, embed) -> GraphSet:
+    if cache.arena is None:
+        return GraphSet(bundle, cache.tensors(), embed)
+    # Bound methods are new objects at every attribute access: key on the function and its owner.
+    embed_key = (getattr(embed, "__func__", embed), id(getattr(embed, "__self__", None)))
+    key = (id(bundle.language_model), embed_key, cache.k.data_ptr(), tuple(cache.k.shape), cache.valid.data_ptr())
+    kept = _KEPT.get(key)
+    if kept is None:
+        kept = _KEPT[key] = GraphSet(bundle, cache.tensors(), embed, cache.arena)
+    _KEPT.move_to_end(key)
+    while len(_KEPT) > KEPT_GRAPH_SETS:
+        _KEPT.popitem(last=False)
+    return kept
+
+
+def _forget_arena(arena) -> None:
+    """The arena is about to drop its buffer: graphs over it would write to freed memory, and their
+    views would keep the old buffer alive beside the new one."""
+    for key in [k for k, s in _KEPT.items() if s.arena is arena]:
+        del _KEPT[key]
+
+
+on_release(_forget_arena)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from twig_batch.engine.kv_arena import idle_arena_bytes
 from twig_batch.settings import GenerationSettings
 
 PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
@@ -47,11 +48,13 @@ def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = P
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory on a GPU, counting blocks PyTorch holds but does not use; None elsewhere."""
+    """Free memory on a GPU, counting blocks PyTorch holds but does not use and the idle KV arena
+    (the next call's cache is carved from it); None elsewhere."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + unused + idle_arena_bytes(device)
 
 
 def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
@@ -59,3 +62,12 @@ def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, promp
     """The most images one call can draw within `free_bytes` (at least 1, at most MAX_IMAGES_PER_CALL)."""
     fit = int(free_bytes * headroom) // bytes_per_image(bundle, settings, prompt_tokens)
     return max(1, min(MAX_IMAGES_PER_CALL, fit))
+
+
+def text_rows_that_fit(lm, free_bytes: int, columns: int, prefill_tokens: int, headroom: float = HEADROOM) -> int:
+    """How many rows of one text call fit within `free_bytes` (at least 1): each row holds a KV cache
+    `columns` wide, and the prefill's transient activations over `prefill_tokens` tokens."""
+    cfg = lm.config
+    activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
+    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * activation
+    return max(1, int(free_bytes * headroom) // per_row)

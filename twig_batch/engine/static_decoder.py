@@ -7,33 +7,60 @@ be captured once as a CUDA graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from twig_batch.engine.fused import FUSED_ATTR, finish, fused_layer
+from twig_batch.engine.kv_arena import arena_for
 
 ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
 
 
 class StaticKVCache:
+    """k, v [layers, rows, kv_heads, max_len, head_dim] and valid [rows, max_len], borrowed from the
+    device's KV arena when it is free (`kv_arena.py`: same addresses call after call, so CUDA graphs
+    outlive the call), else allocated for this cache alone. `max_len` may exceed what was asked."""
+
     def __init__(self, lm, rows: int, max_len: int):
         cfg = lm.config
         weight = lm.embed_tokens.weight
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (cfg.num_hidden_layers, rows, self.kv_heads, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.valid = torch.zeros((rows, max_len), dtype=torch.bool, device=weight.device)
-        self.max_len = max_len
+        self.arena = arena_for(weight.device, weight.dtype)
+        lent = self.arena.lend(self, cfg.num_hidden_layers, rows, self.kv_heads, self.head_dim, max_len)
+        if lent is None:
+            self.arena = None
+            shape = (cfg.num_hidden_layers, rows, self.kv_heads, max_len, self.head_dim)
+            lent = (torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                    torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                    torch.zeros((rows, max_len), dtype=torch.bool, device=weight.device))
+        self.k, self.v, self.valid = lent
+        self.max_len = self.k.shape[3]
         self.used = 0  # columns written so far (same for every row)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache."""
+        """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache.
+        The kept rows are copied out, so the cache no longer lives in the arena."""
         self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+        self.arena = None
+
+    def tensors(self) -> "CacheTensors":
+        return CacheTensors(self.k, self.v, self.valid, self.heads, self.kv_heads, self.head_dim)
+
+
+@dataclass(frozen=True)
+class CacheTensors:
+    """What a forward pass reads of a cache, without the cache (and its hold on the arena)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
 
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

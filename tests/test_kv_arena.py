@@ -1,0 +1,63 @@
+"""The KV arena: one cache buffer lent call after call, and the graph sets kept over it."""
+import gc
+
+import torch
+
+from twig_batch.engine.fast import draw_image_tokens_fast
+from twig_batch.engine.graphs import _graph_set
+from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes, release_arenas
+from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.engine.static_decoder import StaticKVCache
+from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.settings import GenerationSettings
+
+
+def test_one_holder_at_a_time_and_the_same_addresses_for_the_next(tiny64):
+    lm = tiny64.language_model
+    first = StaticKVCache(lm, rows=4, max_len=40)
+    assert first.arena is not None and first.max_len >= 40
+    first.valid.fill_(True)
+    second = StaticKVCache(lm, rows=4, max_len=40)  # asked while lent: memory of its own
+    assert second.arena is None and second.k.data_ptr() != first.k.data_ptr()
+    assert idle_arena_bytes(first.k.device) == 0
+    address, width = first.k.data_ptr(), first.max_len
+    del first, second
+    gc.collect()
+    assert idle_arena_bytes(torch.device("cpu")) > 0
+    again = StaticKVCache(lm, rows=4, max_len=20)
+    assert again.arena is not None
+    assert (again.k.data_ptr(), again.max_len) == (address, width)  # one shape per row count
+    assert not again.valid.any()  # nothing of the last call is readable
+
+
+def test_a_bigger_request_replaces_the_buffer_and_forgets_its_graphs(tiny64):
+    lm = tiny64.language_model
+    cache = StaticKVCache(lm, rows=2, max_len=16)
+    kept = _graph_set(tiny64, cache, tiny64.embed_image_codes)
+    assert _graph_set(tiny64, cache, tiny64.embed_image_codes) is kept
+    del cache
+    gc.collect()
+    again = StaticKVCache(lm, rows=2, max_len=16)
+    assert _graph_set(tiny64, again, tiny64.embed_image_codes) is kept  # reused by the next call
+    width = again.max_len
+    del again
+    gc.collect()
+    bigger = StaticKVCache(lm, rows=2, max_len=width + 1)
+    assert bigger.max_len > width
+    assert _graph_set(tiny64, bigger, tiny64.embed_image_codes) is not kept
+    compacted = StaticKVCache(lm, rows=3, max_len=8)  # arena lent to `bigger`: its own memory
+    assert _graph_set(tiny64, compacted, tiny64.embed_image_codes).arena is None
+
+
+def test_stale_contents_of_the_arena_never_change_a_token(tiny64):
+    settings = GenerationSettings(top_k=100)
+    rows = [t2i_prompt_ids(tiny64, p) for p in ["a red cube", "blue sky over a long river", "cat"]]
+    release_arenas()
+    fresh = draw_image_tokens_fast(tiny64, rows, [5, 6, 7], settings, 48)
+    arena = arena_for(tiny64.device, tiny64.dtype)
+    assert arena.buffer is not None
+    arena.buffer.fill_(1e4)  # what an earlier call with other prompts could have left, only louder
+    reused = draw_image_tokens_fast(tiny64, rows, [5, 6, 7], settings, 48)
+    assert torch.equal(fresh, reused)
+    for b in range(3):
+        assert torch.equal(reused[b], reference_image_tokens(tiny64, rows[b], 5 + b, settings, 48))
