@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.controller import ControllerConfig, LatentController, build_controller_net
-from twig_batch.controller.think import prompt_vector, think_ids, think_latents
+from twig_batch.controller.think import ThinkContext, prompt_vector, think_ids, think_latents
 
 D = 64
 
@@ -51,6 +51,18 @@ def test_think_latents_are_one_cache_free_pass_each_over_text_then_memory(tiny64
         manual = tiny64.language_model(inputs_embeds=torch.cat([t, memory[row]])[None], use_cache=False)
         assert torch.allclose(z[row], manual.last_hidden_state[0].mean(dim=0), rtol=0, atol=1e-12)
     assert not torch.allclose(z[0], z[1])
+
+
+def test_a_think_context_runs_the_texts_once_and_thinks_like_the_full_pass(tiny64):
+    ids = tiny64.encode("a small cat on a large table")
+    text = tiny64.embed_text(torch.tensor(ids))
+    texts = [text, text[:1], text[:0], text[2:5]]
+    context = ThinkContext(tiny64, texts, memory_tokens=8)
+    for seed, rows in enumerate([[0, 1, 2, 3], [2], [3, 0]]):  # thinks of a band, on any subset, in any order
+        memory = torch.randn(len(rows), 8, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        z = context.latents(torch.tensor(rows), memory)
+        expected = think_latents(tiny64, [texts[r] for r in rows], memory)
+        assert torch.allclose(z, expected, rtol=0, atol=1e-12)
 
 
 def test_prompt_vector_is_the_mean_embedding_of_the_clean_prompt(tiny64):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.controller.config import ControllerConfig
-from twig_batch.controller.think import prompt_vector, think_ids, think_latents
+from twig_batch.controller.think import ThinkContext, prompt_vector, think_ids
 from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.controller.trigger_log import TriggerLog
 from twig_batch.controller.weights import ControllerNet, build_controller_net
@@ -29,7 +29,7 @@ class _Band:
     guard-rail counters (all tensors on the model's device), and the evaluations not yet logged."""
 
     __slots__ = ("images", "band", "attempts", "window", "filled", "history", "injections", "last_injection",
-                 "pending", "forced_rows")
+                 "pending", "forced_rows", "think")
 
     def __init__(self, images: list[int], band: int, attempts: list[int], config: ControllerConfig, device):
         self.images, self.band, self.attempts = images, band, attempts
@@ -41,6 +41,7 @@ class _Band:
         self.pending: list[tuple] = []  # (step, evaluated, s, delta, var, u, fired, forced, injected) per step
         forced = [not config.force_images or image in config.force_images for image in images]
         self.forced_rows = torch.tensor(forced, dtype=torch.bool, device=device)
+        self.think: ThinkContext | None = None  # the images' think texts, run once at the band's first injection
 
 
 NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
@@ -109,8 +110,7 @@ class LatentController:
         rows = injected.nonzero().flatten()
         embeds = torch.zeros(len(band.images), cfg.control_tokens, hidden.shape[-1], dtype=self.bundle.dtype,
                              device=self.bundle.device)
-        embeds[rows] = self._control_tokens([band.images[b] for b in rows.tolist()], memory[rows], m_vec[rows],
-                                            p_vec[rows]).to(embeds.dtype)
+        embeds[rows] = self._control_tokens(band, rows, memory[rows], m_vec[rows], p_vec[rows]).to(embeds.dtype)
         return Injection(embeds=embeds, rows=injected)
 
     def trigger_log(self, image: int) -> list[dict]:
@@ -154,11 +154,13 @@ class LatentController:
         band.window[:, band.filled % self.config.window] = hidden
         band.filled += 1
 
-    def _control_tokens(self, images: list[int], memory: torch.Tensor, m_vec: torch.Tensor,
+    def _control_tokens(self, band: _Band, rows: torch.Tensor, memory: torch.Tensor, m_vec: torch.Tensor,
                         p_vec: torch.Tensor) -> torch.Tensor:
-        """K control tokens [n, K, D] for the injected images, their thinks run as one batch."""
-        texts = [self.bundle.embed_text(torch.tensor(self.think_ids[i], dtype=torch.long, device=self.bundle.device))
-                 for i in images]
-        z_vec = think_latents(self.bundle, texts, memory)
+        """K control tokens [n, K, D] for the band's injected `rows`, their thinks run as one batch."""
+        if band.think is None:
+            texts = [self.bundle.embed_text(torch.tensor(self.think_ids[i], dtype=torch.long, device=self.bundle.device))
+                     for i in band.images]
+            band.think = ThinkContext(self.bundle, texts, self.config.memory_tokens)
+        z_vec = band.think.latents(rows, memory)
         c_vec = self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale)
         return self.net.shaper(c_vec)

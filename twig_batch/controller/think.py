@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+
 
 def clean_prompt_ids(bundle, prompt: str) -> list[int]:
     """Token ids of the user's prompt as typed (outer whitespace aside), without special tokens."""
@@ -43,3 +45,46 @@ def think_latents(bundle, texts: list[torch.Tensor], memory: torch.Tensor) -> to
     real = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0) < torch.tensor(
         lengths, device=inputs.device).unsqueeze(1)
     return (hidden * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).to(hidden.dtype)
+
+
+class ThinkContext:
+    """The think texts of a band's images, run through the model once; each think then runs only its
+    M memory tokens over them.
+
+    A think is one causal pass over text then memory, so the text part (its cache entries and final
+    hidden states) is the same at every think of a band: computing it once turns a pass over
+    T + M tokens per injection into one over M. `latents` equals `think_latents` on the same inputs
+    (up to float rounding).
+    """
+
+    def __init__(self, bundle, texts: list[torch.Tensor], memory_tokens: int):
+        lm = bundle.language_model
+        n, d = len(texts), bundle.model.config.text_config.hidden_size
+        self.bundle, self.memory_tokens = bundle, memory_tokens
+        self.lengths = torch.tensor([t.shape[0] for t in texts], device=bundle.device)
+        width = int(self.lengths.max()) if n else 0
+        self.cache = StaticKVCache(lm, n, width + memory_tokens)
+        # Sums in at least float32: a bf16 sum of a long text would round away its later tokens.
+        self.sum_dtype = torch.promote_types(bundle.dtype, torch.float32)
+        self.text_sum = torch.zeros(n, d, dtype=self.sum_dtype, device=bundle.device)
+        if width:
+            inputs = torch.zeros(n, width, d, dtype=bundle.dtype, device=bundle.device)
+            for row, text in enumerate(texts):  # left-padded: positions count each row's own tokens
+                inputs[row, width - text.shape[0]:] = text.to(inputs.dtype)
+            valid = torch.arange(width, device=bundle.device) >= (width - self.lengths).unsqueeze(1)
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = forward_static(lm, self.cache, inputs, positions, valid)
+            self.text_sum = (hidden.to(self.sum_dtype) * valid.unsqueeze(-1)).sum(1)
+        self.width = width
+
+    def latents(self, rows: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """z_vec [len(rows), D] for the images at `rows` of this context, memory [len(rows), M, D]."""
+        n, m = self.lengths.shape[0], self.memory_tokens
+        inputs = memory.new_zeros(n, m, memory.shape[-1], dtype=self.bundle.dtype)
+        inputs[rows] = memory.to(inputs.dtype)  # other rows think about nothing, and are not read
+        self.cache.used = self.width  # the last think's memory columns are overwritten
+        positions = self.lengths.unsqueeze(1) + torch.arange(m, device=self.lengths.device)
+        valid = torch.ones((n, m), dtype=torch.bool, device=self.lengths.device)
+        hidden = forward_static(self.bundle.language_model, self.cache, inputs, positions, valid)
+        z = (self.text_sum + hidden.to(self.sum_dtype).sum(1)) / (self.lengths + m).unsqueeze(1)
+        return z[rows].to(hidden.dtype)
