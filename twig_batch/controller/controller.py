@@ -44,6 +44,36 @@ class _Band:
         self.think: ThinkContext | None = None  # the images' think texts, run once at the band's first injection
 
 
+class Decision:
+    """One evaluation's verdict, still on the device. `resolve` reads it (the one wait for the device)
+    and, when any image is injected, thinks and shapes their control tokens. An engine may start the
+    next decode step before resolving and redo that step if an injection comes back."""
+
+    def __init__(self, controller: "LatentController", band: _Band, injected: torch.Tensor, memory, m_vec, p_vec):
+        self.controller, self.band, self.injected = controller, band, injected
+        self.memory, self.m_vec, self.p_vec = memory, m_vec, p_vec
+        self.any = injected.any()
+        if injected.device.type == "cuda":  # copy the flag as soon as it exists; resolve waits for it only
+            self.any = self.any.to("cpu", non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.ready = None
+
+    def resolve(self) -> Injection | None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        if not bool(self.any):
+            return None
+        rows = self.injected.nonzero().flatten()
+        controller, memory = self.controller, self.memory
+        embeds = torch.zeros(len(self.band.images), controller.config.control_tokens, memory.shape[-1],
+                             dtype=controller.bundle.dtype, device=controller.bundle.device)
+        embeds[rows] = controller._control_tokens(self.band, rows, memory[rows], self.m_vec[rows],
+                                                  self.p_vec[rows]).to(embeds.dtype)
+        return Injection(embeds=embeds, rows=self.injected)
+
+
 NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
 
 
@@ -81,6 +111,14 @@ class LatentController:
 
     @torch.no_grad()
     def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
+        decision = self.observe_deferred(step, hidden, logits, tokens)
+        return None if decision is None else decision.resolve()
+
+    @torch.no_grad()
+    def observe_deferred(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
+                         tokens: torch.Tensor) -> "Decision | None":
+        """`observe` without waiting for the device: the trigger is evaluated and the guard rails are
+        counted on the device; whether anyone is injected is read later, by `Decision.resolve`."""
         cfg = self.config
         if self._current is None:  # an engine that does not announce bands: rows are requests 0..B-1
             self.begin_band(list(range(hidden.shape[0])), 0)
@@ -103,15 +141,9 @@ class LatentController:
         allowed = (band.injections < cfg.max_injections_per_band) & (step - band.last_injection >= cfg.min_gap)
         injected = fired & allowed
         band.pending.append((step, evaluated, s, delta, var, u, fired, forced, injected))
-        if not bool(injected.any()):  # the step's one wait for the device
-            return None
         band.injections += injected.long()
         band.last_injection = torch.where(injected, step, band.last_injection)
-        rows = injected.nonzero().flatten()
-        embeds = torch.zeros(len(band.images), cfg.control_tokens, hidden.shape[-1], dtype=self.bundle.dtype,
-                             device=self.bundle.device)
-        embeds[rows] = self._control_tokens(band, rows, memory[rows], m_vec[rows], p_vec[rows]).to(embeds.dtype)
-        return Injection(embeds=embeds, rows=injected)
+        return Decision(self, band, injected, memory, m_vec, p_vec)
 
     def trigger_log(self, image: int) -> list[dict]:
         self._log_pending()

@@ -38,26 +38,56 @@ def draw_image_tokens_fast(
     if use_graphs is None:
         use_graphs = device.type == "cuda"
     graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
-    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
+
+    def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if graphed is not None:
+            return graphed(tokens.repeat_interleave(2), positions)
+        return _decode_step(bundle, cache, tokens, positions, all_valid)
+
+    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     codes = []
+    decide = _decider(observer)
     for i in range(n_tokens):
         step = first_step + i
         logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
         tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
         codes.append(tokens)
-        if observer is not None:
-            injection = observer.observe(step, hidden[0::2], logits, tokens)
-            if injection is not None and bool(injection.rows.any()):
-                next_position = _inject(bundle, cache, next_position, injection)
+        decision = decide(step, hidden[0::2], logits, tokens)
         if i + 1 == n_tokens:
+            injection = decision.resolve() if decision is not None else None
+            if injection is not None and bool(injection.rows.any()):
+                _inject(bundle, cache, next_position, injection)
             break
-        if graphed is not None:
-            hidden = graphed(tokens.repeat_interleave(2), next_position)
-        else:
-            hidden = _decode_step(bundle, cache, tokens, next_position, all_valid)
+        # The next step goes to the device before the verdict is read, so the device never waits for
+        # the host; an injection (rare) takes that step back and redoes it after the control tokens.
+        column = cache.used
+        hidden = step_forward(tokens, next_position)
+        injection = decision.resolve() if decision is not None else None
+        if injection is not None and bool(injection.rows.any()):
+            cache.used = column
+            next_position = _inject(bundle, cache, next_position, injection)
+            hidden = step_forward(tokens, next_position)
         next_position = next_position + 1
     return torch.stack(codes, dim=1).cpu()
+
+
+def _decider(observer):
+    """observer -> fn(step, hidden, logits, tokens) giving an object with `resolve()` (or None)."""
+    if observer is None:
+        return lambda *args: None
+    deferred = getattr(observer, "observe_deferred", None)
+    if deferred is not None:
+        return deferred
+    return lambda *args: _Resolved(observer.observe(*args))
+
+
+class _Resolved:
+    def __init__(self, injection):
+        self.injection = injection
+
+    def resolve(self):
+        return self.injection
 
 
 def _decode_step(bundle, cache, tokens, positions, valid):

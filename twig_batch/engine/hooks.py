@@ -4,6 +4,10 @@ After each sampled image token the loop calls `observer.observe(...)`. An observ
 steer returns an `Injection`: control-token embeddings and the images (rows) they apply to. The loop
 appends those tokens to the KV cache of exactly those images' CFG row pairs, then carries on; other
 images' caches and logits are untouched.
+
+An observer may also offer `observe_deferred(...)`, returning None or an object whose `resolve()`
+gives the `Injection` (or None) later: the fast engine then queues the next decode step before
+reading the verdict, so the device does not wait on the host every step (`engine/fast.py`).
 """
 from __future__ import annotations
 
