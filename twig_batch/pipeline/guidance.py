@@ -1,6 +1,9 @@
-"""seed mode's stage guidance: before each stage the model, told it is an artist painting the
+"""seed mode's stage guidance: for each stage the model, told it is an artist painting the
 prompt in K stages, writes a short plan for the stage. Sampled, with noise from the image's seed and
 the stage (so a plan never depends on the rest of the batch); text only, as in the owner's design.
+
+A plan depends only on the prompt, the stage and the seed, never on what earlier stages drew, so the
+staged loop asks for every stage's plan of every image in one call, before the first stage.
 """
 from __future__ import annotations
 

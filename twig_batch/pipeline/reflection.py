@@ -4,6 +4,8 @@ better description of the band; a band scoring under theta is redrawn once from 
 The scorer only writes the answer text; reading it is ours (`read_reflection`), so a stand-in scorer
 exercises the same parsing. An answer we cannot fully read never causes a redraw: it is accepted
 and flagged (`parse_failed`, with the `problem`), since acting on half an answer would be guessing.
+`ModelScorer` is also a `CanvasQuestions`, so the staged loop may answer its prompts in the same text
+call as the next band's thoughts.
 """
 from __future__ import annotations
 
@@ -16,9 +18,7 @@ from typing import Protocol
 import torch
 
 from twig_batch.pipeline.bands import band_part
-from twig_batch.pipeline.text_generation import BatchedText
-from twig_batch.pipeline.understanding import understanding_prompts
-from twig_batch.prompts import DEFAULT_TEMPLATES, Templates
+from twig_batch.pipeline.understanding import CanvasQuestions
 from twig_batch.settings import GenerationSettings
 
 _SCORE = re.compile(r"\bscore\b\s*[:=\-]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -73,12 +73,8 @@ class Scorer(Protocol):
         """One answer text per request (read with `read_reflection`)."""
 
 
-class ModelScorer:
+class ModelScorer(CanvasQuestions):
     """Asks the model, looking at the canvas; greedy, up to `settings.think_max_tokens` new tokens."""
-
-    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
-        self.templates = templates
-        self.text = text or BatchedText()
 
     def question(self, request: ReflectionRequest) -> str:
         return self.templates.reflect.format(
@@ -86,6 +82,4 @@ class ModelScorer:
             band=request.band + 1, bands=request.bands, thought=request.thought, thoughts=" ".join(request.earlier))
 
     def reflect(self, bundle, requests: list[ReflectionRequest], settings: GenerationSettings) -> list[str]:
-        prompts = understanding_prompts(bundle, [self.question(r) for r in requests],
-                                        [r.canvas for r in requests], self.templates.system)
-        return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
+        return self.answer(bundle, self.prompts(bundle, requests), settings)

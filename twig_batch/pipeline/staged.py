@@ -1,10 +1,19 @@
 """The band loop shared by every mode, over a whole batch of images in lockstep.
 
-For each band: (twig) every image thinks, (seed) every image writes its stage plan; the band's image
-tokens are drawn for all images in one batched call, re-prefilled from the band's text condition and
-the image tokens so far (both CFG rows); the band images are decoded; (twig, reflect) every image is
-judged and the rejected ones redraw the band once, together. `staged_reference.py` is the same loop
-for one image, written plainly; the two give the same tokens and texts.
+For each band: (twig) the images without a thought for it think; the band's image tokens are drawn
+for all images in one batched call, re-prefilled from the band's text condition and the image tokens
+so far (both CFG rows); the band images are decoded; (twig, reflect) every image is judged and the
+rejected ones redraw the band once, together. `staged_reference.py` is the same loop for one image,
+written plainly; the two give the same tokens and texts.
+
+Text rows do not depend on their batch, so texts are asked for in as few calls as the data allows:
+- seed: a stage plan never looks at a drawn band, so every plan of every image is one call, before
+  the first band;
+- twig with reflection: the reflection on band k and the thought for band k + 1 look at the same
+  canvas, so (when the model writes both, with one text writer) they are one call and the canvas goes
+  through the vision model once. That thought is speculative: an image whose band k is rejected drops
+  it and thinks again after the redraw, since its plan and canvas have changed. With K bands and
+  every band accepted that is K + 1 text calls instead of 2K.
 """
 from __future__ import annotations
 
@@ -23,23 +32,37 @@ from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
 from twig_batch.pipeline.text_generation import BatchedText
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
+from twig_batch.pipeline.understanding import CanvasQuestions, canvas_features
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
 
 
 class PhaseClock:
-    """Per-image phase timings: a batched call's time is shared evenly by the images in it."""
+    """Per-image phase timings: a batched call's time is shared evenly by the prompts in it (one per
+    image and phase), so the images' phase times add up to the wall time."""
 
     def __init__(self, n: int) -> None:
         self.timings: list[dict[str, float]] = [{} for _ in range(n)]
 
-    @contextmanager
     def __call__(self, phase: str, images: list[int]):
+        return self.shared((phase, images))
+
+    @contextmanager
+    def shared(self, *phases: tuple[str, list[int]]):
+        """Times one call that serves several phases, each (phase, images): every phase is charged
+        its number of prompts' share of the time."""
         start = time.perf_counter()
         yield
-        share = (time.perf_counter() - start) / max(len(images), 1)
-        for i in images:
-            self.timings[i][phase] = self.timings[i].get(phase, 0.0) + share
+        share = (time.perf_counter() - start) / max(sum(len(images) for _, images in phases), 1)
+        for phase, images in phases:
+            for i in images:
+                self.timings[i][phase] = self.timings[i].get(phase, 0.0) + share
+
+
+def one_call_for_both(thinker, scorer) -> bool:
+    """Whether reflections and thoughts can share a text call: the model writes both, with one text writer.
+    Stand-ins are asked on their own, through `think` and `reflect`."""
+    return isinstance(thinker, CanvasQuestions) and thinker.shares_calls_with(scorer)
 
 
 @torch.no_grad()
@@ -74,6 +97,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     band_images: list[list] = [[] for _ in everyone]
     codes = torch.zeros((n, 0), dtype=torch.long)
     canvas = None  # uint8 [n, px, px, 3]: each image as drawn so far, undrawn positions as code 0
+    think_while_reflecting = mode == "twig" and settings.reflect and one_call_for_both(thinker, scorer)
 
     def draw(rows: list[int], band: int, seeds: list[int], n_tokens: int = schedule.tokens_per_band) -> torch.Tensor:
         conditions = [t2i_prompt_ids(bundle, condition_text(mode, templates, requests[i].prompt, band, bands,
@@ -86,18 +110,46 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
                                prefix_codes=codes[rows, :start] if start else None, first_step=start,
                                observer=observer)
 
+    def plan_every_stage() -> None:
+        asks = [GuidanceRequest(r.prompt, band, bands, r.seed) for band in range(bands) for r in requests]
+        with clock("guidance_s", everyone):
+            plans = guide.guide(bundle, asks, settings)
+        for i in everyone:
+            texts[i] = plans[i::n]  # asked band by band, so image i's plans are every n-th from i
+
+    def thought_request(i: int, band: int) -> ThoughtRequest:
+        return ThoughtRequest(requests[i].prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i])
+
+    def think(rows: list[int], band: int) -> None:
+        with clock("thinking_s", rows):
+            thoughts = thinker.think(bundle, [thought_request(i, band) for i in rows], settings)
+        for i, thought in zip(rows, thoughts):
+            texts[i].append(thought)
+
+    def reflect(band: int) -> tuple[list[str], list[str]]:
+        """Every image's reflection answer on `band` and, when one call can write both, every image's
+        (speculative) thought for the next band; otherwise no thoughts."""
+        asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i])
+                for i, r in enumerate(requests)]
+        if not think_while_reflecting or band + 1 == bands:
+            with clock("reflection_s", everyone):
+                return scorer.reflect(bundle, asks, settings), []
+        thought_asks = [thought_request(i, band + 1) for i in everyone]
+        with clock.shared(("reflection_s", everyone), ("thinking_s", everyone)):
+            features = canvas_features(bundle, [ask.canvas for ask in asks])  # both questions show this canvas
+            prompts = scorer.prompts(bundle, asks, features) + thinker.prompts(bundle, thought_asks, features)
+            answers = scorer.answer(bundle, prompts, settings)
+        return answers[:n], answers[n:]
+
     for band in range(bands):
         if mode == "twig":
-            with clock("thinking_s", everyone):
-                asks = [ThoughtRequest(r.prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i])
-                        for i, r in enumerate(requests)]
-                for i, thought in enumerate(thinker.think(bundle, asks, settings)):
-                    texts[i].append(thought)
-        elif mode == "seed":
-            with clock("guidance_s", everyone):
-                asks = [GuidanceRequest(r.prompt, band, bands, r.seed) for r in requests]
-                for i, plan in enumerate(guide.guide(bundle, asks, settings)):
-                    texts[i].append(plan)
+            # Everybody before the first band; later, whoever has no thought for the band yet: everybody
+            # when thoughts are not written with the reflections, else those that redrew the band before.
+            unthought = [i for i in everyone if len(texts[i]) == band]
+            if unthought:
+                think(unthought, band)
+        elif mode == "seed" and band == 0:
+            plan_every_stage()
 
         if mode != "plain":
             codes = torch.cat([codes, draw(everyone, band, [r.seed for r in requests])], dim=1)
@@ -112,13 +164,14 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
         if mode != "twig" or not settings.reflect:
             continue
 
-        with clock("reflection_s", everyone):
-            asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i])
-                    for i, r in enumerate(requests)]
-            verdicts = [read_reflection(answer, band, settings.theta)
-                        for answer in scorer.reflect(bundle, asks, settings)]
+        answers, thoughts_ahead = reflect(band)
+        verdicts = [read_reflection(answer, band, settings.theta) for answer in answers]
         for i, verdict in enumerate(verdicts):
             reflections[i].append(verdict.record())
+        # A rejected image's speculative thought is dropped: it read the plan and canvas being replaced.
+        for i, thought in enumerate(thoughts_ahead):
+            if verdicts[i].accepted:
+                texts[i].append(thought)
         again = [i for i, v in enumerate(verdicts) if not v.accepted]
         if not again:
             continue

@@ -5,6 +5,8 @@ partial image (the canvas) through the understanding path. Greedy decoding, so a
 only on the prompt, the earlier thoughts and the picture.
 
 `Thinker` is the seam: anything with a `think` method can stand in for the model (tests use that).
+`ModelThinker` is also a `CanvasQuestions`: the staged loop may write its thoughts in the same text
+call as the reflections (through `prompts` and `answer`, not `think`).
 """
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ from typing import Protocol
 import torch
 
 from twig_batch.pipeline.bands import band_part
-from twig_batch.pipeline.text_generation import BatchedText
-from twig_batch.pipeline.understanding import understanding_prompts
-from twig_batch.prompts import DEFAULT_TEMPLATES, Templates
+from twig_batch.pipeline.understanding import CanvasQuestions
 from twig_batch.settings import GenerationSettings
 
 
@@ -34,12 +34,8 @@ class Thinker(Protocol):
         """One thought per request."""
 
 
-class ModelThinker:
+class ModelThinker(CanvasQuestions):
     """Asks the model itself, all requests in one batch (or one at a time with `ReferenceText`)."""
-
-    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
-        self.templates = templates
-        self.text = text or BatchedText()
 
     def question(self, request: ThoughtRequest) -> str:
         t = self.templates
@@ -50,6 +46,4 @@ class ModelThinker:
         return t.think_next.format(**fields, thoughts=" ".join(request.earlier))
 
     def think(self, bundle, requests: list[ThoughtRequest], settings: GenerationSettings) -> list[str]:
-        prompts = understanding_prompts(bundle, [self.question(r) for r in requests],
-                                        [r.canvas for r in requests], self.templates.system)
-        return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
+        return self.answer(bundle, self.prompts(bundle, requests), settings)

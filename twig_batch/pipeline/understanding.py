@@ -2,15 +2,17 @@
 
 The features replace the embeddings of the image placeholders of an understanding prompt
 (`prompts.chat_ids(..., image_tokens=bundle.understanding_tokens)`), as Janus does for a picture
-in a conversation.
+in a conversation. `CanvasQuestions` is what the model-backed thinker and scorer share: questions
+about the canvas, answered the same way, so that both can be answered in one text call.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from twig_batch.pipeline.text_generation import TextPrompt
-from twig_batch.prompts import chat_ids
+from twig_batch.pipeline.text_generation import BatchedText, TextPrompt
+from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, chat_ids
+from twig_batch.settings import GenerationSettings
 
 
 def vision_input(bundle, pixels: torch.Tensor) -> torch.Tensor:
@@ -30,21 +32,64 @@ def image_features(bundle, pixels: torch.Tensor) -> torch.Tensor:
     return bundle.model.model.get_image_features(vision_input(bundle, pixels)).pooler_output
 
 
+def canvas_features(bundle, canvases: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Each canvas's vision features (None where there is no canvas), all canvases in one batch."""
+    shown = [i for i, c in enumerate(canvases) if c is not None]
+    if not shown:
+        return [None] * len(canvases)
+    features = image_features(bundle, torch.stack([canvases[i] for i in shown]))
+    feature_of = {i: features[n] for n, i in enumerate(shown)}
+    return [feature_of.get(i) for i in range(len(canvases))]
+
+
+def featured_prompts(bundle, questions: list[str], features: list[torch.Tensor | None], system: str,
+                     seeds: list[int] | None = None) -> list[TextPrompt]:
+    """One prompt per question; those with vision features show their picture before the question."""
+    seeds = seeds or [0] * len(questions)
+    prompts = []
+    for question, feature, seed in zip(questions, features, seeds):
+        if feature is None:
+            prompts.append(TextPrompt(chat_ids(bundle, question, system), None, seed))
+        else:
+            ids = chat_ids(bundle, question, system, image_tokens=bundle.understanding_tokens)
+            prompts.append(TextPrompt(ids, feature, seed))
+    return prompts
+
+
 def understanding_prompts(bundle, questions: list[str], canvases: list[torch.Tensor | None], system: str,
                           seeds: list[int] | None = None) -> list[TextPrompt]:
     """One prompt per question; those with a canvas [H, W, 3] show it before the question.
 
     All canvases go through the vision model in one batch.
     """
-    seeds = seeds or [0] * len(questions)
-    shown = [i for i, c in enumerate(canvases) if c is not None]
-    features = image_features(bundle, torch.stack([canvases[i] for i in shown])) if shown else None
-    feature_of = {i: features[n] for n, i in enumerate(shown)}
-    prompts = []
-    for i, question in enumerate(questions):
-        if i in feature_of:
-            ids = chat_ids(bundle, question, system, image_tokens=bundle.understanding_tokens)
-            prompts.append(TextPrompt(ids, feature_of[i], seeds[i]))
-        else:
-            prompts.append(TextPrompt(chat_ids(bundle, question, system), None, seeds[i]))
-    return prompts
+    return featured_prompts(bundle, questions, canvas_features(bundle, canvases), system, seeds)
+
+
+class CanvasQuestions:
+    """The model asked about the canvas, greedily, up to `settings.think_max_tokens` new tokens.
+
+    Subclasses word the question (`question(request)`; a request has a `canvas`, None for none).
+    `prompts` and `answer` are the two halves of asking, apart so that a caller can put the prompts
+    of two askers into one text call when `shares_calls_with` says the answers would be the same.
+    """
+
+    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
+        self.templates = templates
+        self.text = text or BatchedText()
+
+    def question(self, request) -> str:
+        raise NotImplementedError
+
+    def prompts(self, bundle, requests: list, features: list[torch.Tensor | None] | None = None) -> list[TextPrompt]:
+        """One prompt per request; `features` are the requests' canvas features if already computed."""
+        if features is None:
+            features = canvas_features(bundle, [r.canvas for r in requests])
+        return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates.system)
+
+    def answer(self, bundle, prompts: list[TextPrompt], settings: GenerationSettings) -> list[str]:
+        return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
+
+    def shares_calls_with(self, other) -> bool:
+        """Whether `other`'s prompts can go into this one's text calls: it answers the same way (greedy,
+        same budget) with the very same text writer, and text rows do not depend on their batch."""
+        return isinstance(other, CanvasQuestions) and other.text is self.text
