@@ -87,9 +87,9 @@ def native_generate_anchor(bundle, images: int) -> dict:
         return {"native_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
-def plain_workload(bundle, images: int, use_graphs: bool = True) -> dict:
+def plain_workload(bundle, images: int, use_graphs: bool = True, kv_cache: str = "model") -> dict:
     """The batch drawn twice: first cold (graph captures), then as a worker's every later batch is."""
-    settings = GenerationSettings()
+    settings = GenerationSettings(kv_cache=kv_cache)
     rows = prompts_of_length(bundle, images)
     seeds = list(range(images))
     draw_image_tokens_fast(bundle, rows[:2], seeds[:2], settings, 8)  # compiled kernels, outside both timings
@@ -102,7 +102,7 @@ def plain_workload(bundle, images: int, use_graphs: bool = True) -> dict:
         runs.append((t_tokens, t_decode))
     (cold_tokens, cold_decode), (t_tokens, t_decode) = runs
     total = t_tokens + t_decode
-    return {"images": images, "cuda_graphs": use_graphs, "tokens_s": t_tokens, "decode_s": t_decode, "img_s": images / total,
+    return {"images": images, "cuda_graphs": use_graphs, "kv_cache": kv_cache, "tokens_s": t_tokens, "decode_s": t_decode, "img_s": images / total,
             "ms_per_step": t_tokens / bundle.image_tokens * 1e3, "cold_img_s": images / (cold_tokens + cold_decode),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 

@@ -41,6 +41,24 @@ def step(result: dict, out: Path, name: str, value: dict | list) -> None:
     print(name, json.dumps(value)[:600], flush=True)
 
 
+def fp8_kernel_check(rows: int = 256, heads: int = 32, columns: int = 400, head_dim: int = 128) -> dict:
+    """The fp8 decode-attention kernel against the dequantizing reference, at a 7B step's shape."""
+    from twig_batch.engine.fp8_kv import decode_attention, quantize, reference_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(rows, heads, 1, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    k8, k_scale = quantize(torch.randn(rows, heads, columns, head_dim, device="cuda", generator=g) * 4)
+    v8, v_scale = quantize(torch.randn(rows, heads, columns, head_dim, device="cuda", generator=g))
+    valid = torch.rand(rows, columns, device="cuda", generator=g) > 0.2
+    write = torch.tensor(columns - 30, device="cuda")
+    cols = torch.arange(columns, device="cuda")
+    mask = ((valid & (cols <= write)) | (cols == write))[:, None, None, :]
+    out = decode_attention(q, k8, k_scale, v8, v_scale, valid, write, mask)
+    expected = reference_attention(q, k8, k_scale, v8, v_scale, mask)
+    return {"fp8_kernel_max_abs_diff": (out.float() - expected.float()).abs().max().item(),
+            "fp8_kernel_mean_abs_output": expected.float().abs().mean().item()}
+
+
 def table(result: dict) -> str:
     lines = ["| workload | images | images/s | first batch images/s | ms/step | peak GiB | target | vs native generate "
              "| vs seed-style |",
@@ -50,7 +68,7 @@ def table(result: dict) -> str:
     for row in result["workloads"]:
         name = row["name"]
         step = f"{row['ms_per_step']:.1f}" if "ms_per_step" in row else "-"
-        target = TARGETS.get(name.split()[0], "")
+        target = TARGETS.get(name.split()[0].rstrip(","), "")
         cold = f"{row['cold_img_s']:.2f}" if "cold_img_s" in row else "-"
         lines.append(f"| {name} | {row['images']} | {row['img_s']:.2f} | {cold} | {step} | {row['peak_gib']:.1f} | {target} | "
                      f"{row['img_s'] / native:.2f}x | {row['img_s'] / seed_style:.0f}x |")
@@ -91,6 +109,12 @@ def main() -> None:
     auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
     step(result, out, "auto", {"auto_images_per_call_plain": auto})
     step(result, out, "workloads", [{"name": "plain (batch from free memory)", **plain_workload(bundle, auto)}])
+    step(result, out, "fp8_kernel", fp8_kernel_check())
+    step(result, out, "workloads", [{"name": "plain, fp8 KV cache", **plain_workload(bundle, args.images, kv_cache="fp8")}])
+    fp8 = GenerationSettings(kv_cache="fp8")
+    auto8 = images_per_call(bundle, fp8, free_device_bytes(bundle.device), prompt_tokens=64)
+    step(result, out, "workloads", [{"name": "plain, fp8 KV cache (batch from free memory)",
+                                     **plain_workload(bundle, auto8, kv_cache="fp8")}])
     (out / "speed_suite.md").write_text(table(result) + "\n")
     print(table(result))
 

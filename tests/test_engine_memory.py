@@ -23,7 +23,11 @@ def test_each_mode_costs_its_cache_and_more_text_costs_more(tiny64):
     seed = bytes_per_image(tiny64, GenerationSettings(mode="seed", guidance_max_tokens=300))
     per_token = kv_bytes_per_token(tiny64.language_model)
     assert plain >= 2 * (128 + 576) * per_token  # two CFG rows over prompt + image tokens
-    assert plain < twig < seed
+    assert plain < twig and plain < seed
+    assert bytes_per_image(tiny64, GenerationSettings(mode="twig", think_max_tokens=128)) > twig
+    assert bytes_per_image(tiny64, GenerationSettings(mode="seed", guidance_max_tokens=600)) > seed
+    # twig's text call holds a reflection and the next thought per image, each showing the canvas
+    assert twig >= 2 * (tiny64.understanding_tokens + 3 * 64) * per_token
     steered = GenerationSettings(controller=ControllerConfig(max_injections_per_band=4, control_tokens=4))
     assert bytes_per_image(tiny64, steered) >= plain + 2 * 16 * per_token  # control-token slots
     assert bytes_per_image(tiny64, GenerationSettings(), prompt_tokens=512) > plain

@@ -13,19 +13,21 @@ from twig_batch.settings import GenerationSettings
 
 
 def test_one_holder_at_a_time_and_the_same_addresses_for_the_next(tiny64):
+    release_arenas()
     lm = tiny64.language_model
     first = StaticKVCache(lm, rows=4, max_len=40)
-    assert first.arena is not None and first.max_len >= 40
+    assert first.arena and first.max_len >= 40
     first.valid.fill_(True)
     second = StaticKVCache(lm, rows=4, max_len=40)  # asked while lent: memory of its own
-    assert second.arena is None and second.k.data_ptr() != first.k.data_ptr()
-    assert idle_arena_bytes(first.k.device) == 0
+    assert not second.arena and second.k.data_ptr() != first.k.data_ptr()
+    arena = arena_for(first.k.device, first.k.dtype)
+    assert arena.lent() and idle_arena_bytes(first.k.device) == 0  # lent memory is not free memory
     address, width = first.k.data_ptr(), first.max_len
     del first, second
     gc.collect()
-    assert idle_arena_bytes(torch.device("cpu")) > 0
+    assert not arena.lent() and idle_arena_bytes(torch.device("cpu")) >= arena.nbytes > 0
     again = StaticKVCache(lm, rows=4, max_len=20)
-    assert again.arena is not None
+    assert again.arena
     assert (again.k.data_ptr(), again.max_len) == (address, width)  # one shape per row count
     assert not again.valid.any()  # nothing of the last call is readable
 
@@ -45,8 +47,9 @@ def test_a_bigger_request_replaces_the_buffer_and_forgets_its_graphs(tiny64):
     bigger = StaticKVCache(lm, rows=2, max_len=width + 1)
     assert bigger.max_len > width
     assert _graph_set(tiny64, bigger, tiny64.embed_image_codes) is not kept
-    compacted = StaticKVCache(lm, rows=3, max_len=8)  # arena lent to `bigger`: its own memory
-    assert _graph_set(tiny64, compacted, tiny64.embed_image_codes).arena is None
+    own = StaticKVCache(lm, rows=3, max_len=8)  # arena lent to `bigger`: memory of its own, graphs too
+    assert not own.arena
+    assert _graph_set(tiny64, own, tiny64.embed_image_codes) is not _graph_set(tiny64, own, tiny64.embed_image_codes)
 
 
 def test_stale_contents_of_the_arena_never_change_a_token(tiny64):

@@ -9,6 +9,7 @@ from twig_batch.controller.config import ControllerConfig
 from twig_batch.errors import InputError
 
 MODES = ("plain", "twig", "seed")
+KV_CACHES = ("model", "fp8")  # the image-token cache in the model's dtype, or fp8 (engine/fp8_kv.py)
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class GenerationSettings:
     guidance_max_tokens: int = 300
     guidance_temperature: float = 1.0
     controller: ControllerConfig | None = None  # None: no latent controller
+    kv_cache: str = "model"
 
     def __post_init__(self) -> None:
         if isinstance(self.controller, dict):  # settings that travelled as JSON (batch jobs, Ray actors)
@@ -34,6 +36,8 @@ class GenerationSettings:
                              f"{type(self.controller).__name__}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise InputError(f"kv cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         # Values from `--set KEY=VALUE` or JSON may be text, NaN or floats: say so, rather than fail later.
         whole = ("bands", "think_max_tokens", "guidance_max_tokens") + (("top_k",) if self.top_k is not None else ())
         for name in whole:

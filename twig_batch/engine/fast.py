@@ -32,7 +32,7 @@ def draw_image_tokens_fast(
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
     fuse_for_device(lm)
-    cache = StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack)
+    cache = StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8")
     hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
     next_position = positions[:, -1:] + 1
     if use_graphs is None:

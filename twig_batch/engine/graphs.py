@@ -40,10 +40,10 @@ class GraphedDecodeStep:
 class GraphSet:
     """The captured steps over one cache's tensors, with the static inputs they read."""
 
-    def __init__(self, bundle, tensors: CacheTensors, embed, arena=None):
+    def __init__(self, bundle, tensors: CacheTensors, embed):
         rows = tensors.k.shape[1]
         device = bundle.device
-        self.bundle, self.tensors, self.embed, self.arena = bundle, tensors, embed, arena
+        self.bundle, self.tensors, self.embed = bundle, tensors, embed
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
@@ -87,14 +87,15 @@ _KEPT: OrderedDict[tuple, GraphSet] = OrderedDict()
 
 
 def _graph_set(bundle, cache: StaticKVCache, embed) -> GraphSet:
-    if cache.arena is None:
-        return GraphSet(bundle, cache.tensors(), embed)
+    tensors = cache.tensors()
+    if not cache.arena:
+        return GraphSet(bundle, tensors, embed)
     # Bound methods are new objects at every attribute access: key on the function and its owner.
     embed_key = (getattr(embed, "__func__", embed), id(getattr(embed, "__self__", None)))
-    key = (id(bundle.language_model), embed_key, cache.k.data_ptr(), tuple(cache.k.shape), cache.valid.data_ptr())
+    key = (id(bundle.language_model), embed_key, tensors.addresses())
     kept = _KEPT.get(key)
     if kept is None:
-        kept = _KEPT[key] = GraphSet(bundle, cache.tensors(), embed, cache.arena)
+        kept = _KEPT[key] = GraphSet(bundle, tensors, embed)
     _KEPT.move_to_end(key)
     while len(_KEPT) > KEPT_GRAPH_SETS:
         _KEPT.popitem(last=False)
@@ -102,10 +103,10 @@ def _graph_set(bundle, cache: StaticKVCache, embed) -> GraphSet:
 
 
 def _forget_arena(arena) -> None:
-    """The arena is about to drop its buffer: graphs over it would write to freed memory, and their
-    views would keep the old buffer alive beside the new one."""
-    for key in [k for k, s in _KEPT.items() if s.arena is arena]:
-        del _KEPT[key]
+    """An arena is about to drop its buffer: graphs over it would write to freed memory, and their
+    views would keep the old buffer alive beside the new one. Buffers are replaced only while a
+    worker's shapes still grow (its first batches), so dropping every kept graph costs little."""
+    _KEPT.clear()
 
 
 on_release(_forget_arena)

@@ -2,8 +2,8 @@
 
 A call's memory beyond the weights is almost all KV cache: the image engine keeps two rows per
 image (CFG) as long as prompt + stage text + image tokens + control-token slots; the text engine
-(thoughts, reflections, stage plans) keeps one row per image over an understanding prompt (the
-partial image's vision tokens) plus the text written. The larger of the two, plus the prefill's
+keeps, per image, a reflection and the next thought over an understanding prompt (the partial
+image's vision tokens, the earlier thoughts) in twig mode, or every stage's plan in seed mode. The larger of the two, plus the prefill's
 transient activations, is what one more image costs. Only part of the free memory is handed out:
 an out-of-memory error costs a whole batch, a few images fewer per call a few percent of speed.
 """
@@ -20,31 +20,39 @@ HEADROOM = 0.8  # of the free memory; the rest absorbs fragmentation and the VQ 
 MAX_IMAGES_PER_CALL = 512
 
 
-def kv_bytes_per_token(lm) -> int:
+def kv_bytes_per_token(lm, fp8: bool = False) -> int:
+    """Cache bytes per row per column: the model's dtype, or fp8 values plus a float32 scale per head."""
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = lm.embed_tokens.weight.element_size()
-    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * itemsize
+    per_head = head_dim + 4 if fp8 else head_dim * lm.embed_tokens.weight.element_size()
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * per_head
 
 
 def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
     lm = bundle.language_model
     per_token = kv_bytes_per_token(lm)
-    text_tokens = {"plain": 0, "twig": settings.think_max_tokens, "seed": settings.guidance_max_tokens}[settings.mode]
-    slots = 0
+    # twig draws band k from the prompt and every thought so far; seed from its stage text (a template
+    # may hold the stage's plan).
+    text_tokens = {"plain": 0, "twig": settings.bands * settings.think_max_tokens,
+                   "seed": settings.guidance_max_tokens}[settings.mode]
+    slots = think = 0
     if settings.controller is not None:
         slots = settings.controller.max_injections_per_band * settings.controller.control_tokens
-    image_call = 2 * (prompt_tokens + text_tokens + bundle.image_tokens + slots)
+        think = settings.controller.think_tokens + settings.controller.memory_tokens  # one row, beside the call
+    image_call = 2 * (prompt_tokens + text_tokens + bundle.image_tokens + slots) + think
     text_call = 0
-    if settings.mode != "plain":
-        text_call = bundle.understanding_tokens + prompt_tokens + TEMPLATE_TOKENS + max(
-            settings.think_max_tokens, settings.guidance_max_tokens if settings.mode == "seed" else 0)
+    if settings.mode == "twig":  # a reflection and the next thought in one call: two rows, each showing the canvas
+        text_call = 2 * (bundle.understanding_tokens + prompt_tokens + TEMPLATE_TOKENS
+                         + settings.bands * settings.think_max_tokens + settings.think_max_tokens)
+    elif settings.mode == "seed":  # every stage's plan in one call: a row per stage, text only
+        text_call = settings.bands * (prompt_tokens + TEMPLATE_TOKENS + settings.guidance_max_tokens)
     cfg = lm.config
     # The widest prefill's activations per token: hidden states, q/k/v, the joined gate/up output.
     # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
     activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
     prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
-    return max(image_call, text_call) * per_token + prefill_tokens * activation
+    image_bytes = image_call * kv_bytes_per_token(lm, fp8=settings.kv_cache == "fp8")
+    return max(image_bytes, text_call * per_token) + prefill_tokens * activation
 
 
 def free_device_bytes(device: torch.device) -> int | None:

@@ -13,7 +13,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from twig_batch.engine.fused import FUSED_ATTR, finish, fused_layer
+from twig_batch.engine.fused import FUSED_ATTR, KERNELS, finish, fused_layer
+from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_attention
 from twig_batch.engine.kv_arena import arena_for
 
 ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
@@ -21,35 +22,55 @@ ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this:
 
 class StaticKVCache:
     """k, v [layers, rows, kv_heads, max_len, head_dim] and valid [rows, max_len], borrowed from the
-    device's KV arena when it is free (`kv_arena.py`: same addresses call after call, so CUDA graphs
-    outlive the call), else allocated for this cache alone. `max_len` may exceed what was asked."""
+    device's KV arenas when they are free (`kv_arena.py`: same addresses call after call, so CUDA
+    graphs outlive the call), else allocated for this cache alone. `max_len` may exceed what was asked.
 
-    def __init__(self, lm, rows: int, max_len: int):
+    With `fp8=True` k and v hold fp8 values and k_scale, v_scale [layers, rows, kv_heads, max_len]
+    their float32 scales (`fp8_kv.py`); otherwise the scales are None and k, v have the model's dtype.
+    """
+
+    def __init__(self, lm, rows: int, max_len: int, fp8: bool = False):
         cfg = lm.config
         weight = lm.embed_tokens.weight
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.arena = arena_for(weight.device, weight.dtype)
-        lent = self.arena.lend(self, cfg.num_hidden_layers, rows, self.kv_heads, self.head_dim, max_len)
-        if lent is None:
-            self.arena = None
-            shape = (cfg.num_hidden_layers, rows, self.kv_heads, max_len, self.head_dim)
-            lent = (torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-                    torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-                    torch.zeros((rows, max_len), dtype=torch.bool, device=weight.device))
-        self.k, self.v, self.valid = lent
+        lead = (cfg.num_hidden_layers, rows, self.kv_heads)
+        values = self._borrow(weight.device, FP8 if fp8 else weight.dtype, lead, self.head_dim, max_len)
+        self.k, self.v, self.valid, from_arena = values
+        self.k_scale = self.v_scale = None
+        if fp8:  # the scales come from an arena of their own dtype: bytes are never read as another type
+            self.k_scale, self.v_scale, _, scales_from_arena = self._borrow(weight.device, torch.float32, lead, 1,
+                                                                            max_len)
+            width = min(self.k.shape[3], self.k_scale.shape[3])
+            self.k, self.v, self.valid = self.k[:, :, :, :width], self.v[:, :, :, :width], self.valid[:, :width]
+            self.k_scale, self.v_scale = self.k_scale[..., :width, 0], self.v_scale[..., :width, 0]
+            from_arena = from_arena and scales_from_arena
+        self.arena = from_arena  # every tensor lent by an arena: graphs over them may be kept
         self.max_len = self.k.shape[3]
         self.used = 0  # columns written so far (same for every row)
+
+    def _borrow(self, device, dtype, lead: tuple[int, int, int], trailing: int, max_len: int):
+        """(k, v, valid, lent by the arena?) for one dtype: the arena's views when it is free."""
+        layers, rows, kv_heads = lead
+        lent = arena_for(device, dtype).lend(self, layers, rows, kv_heads, trailing, max_len)
+        if lent is not None:
+            return (*lent, True)
+        shape = (*lead, max_len, trailing)
+        return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros((rows, max_len), dtype=torch.bool, device=device), False)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache.
         The kept rows are copied out, so the cache no longer lives in the arena."""
         self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
-        self.arena = None
+        if self.k_scale is not None:
+            self.k_scale, self.v_scale = self.k_scale[:, rows], self.v_scale[:, rows]
+        self.arena = False
 
     def tensors(self) -> "CacheTensors":
-        return CacheTensors(self.k, self.v, self.valid, self.heads, self.kv_heads, self.head_dim)
+        return CacheTensors(self.k, self.v, self.valid, self.heads, self.kv_heads, self.head_dim, self.k_scale,
+                            self.v_scale)
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,12 @@ class CacheTensors:
     heads: int
     kv_heads: int
     head_dim: int
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def addresses(self) -> tuple:
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
+                     if t is not None)
 
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +143,8 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if cache.k_scale is not None:
+            return _attend_fp8(cache, i, q, k, v, write, start, attend, mask)
         cache.k[i].index_copy_(2, write, k)
         cache.v[i].index_copy_(2, write, v)
         return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
@@ -141,3 +170,19 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
         x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return lm.norm(x)
+
+
+def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask):
+    """attend_kv over an fp8 cache: quantize the new columns, then read fp8 (a kernel for one query)."""
+    if cache.kv_heads != cache.heads:
+        raise ValueError("the fp8 KV cache does not support grouped-query attention")
+    quant = KERNELS.get("quantize_kv", quantize, q.device)
+    for values, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
+        new8, new_scale = quant(new)
+        values[i].view(torch.uint8).index_copy_(2, write, new8.view(torch.uint8))  # byte copies: any fp8 build
+        scales[i].index_copy_(2, write, new_scale)
+    parts = (cache.k[i, :, :, :attend], cache.k_scale[i, :, :, :attend], cache.v[i, :, :, :attend],
+             cache.v_scale[i, :, :, :attend])
+    if q.shape[2] == 1:
+        return decode_attention(q, *parts, cache.valid[:, :attend], start, mask)
+    return reference_attention(q, *parts, mask)
