@@ -3,86 +3,250 @@
 Same contract as `pipeline.text_generation.generate_text_batch` and token-exact to its one-row
 reference, but with fixed shapes: rows that finished keep a slot (their further tokens are thrown
 away) so that on a GPU every step replays one captured CUDA graph. Tokens stay on the device; every
-few steps the host asks how many rows are done: all of them ends the call, half of them (with
-enough steps left) drops the finished rows from the cache, so ragged texts cost what they use.
+few steps the host asks how many rows are done. Finished rows are handed to prompts still waiting
+for a row (continuous batching, when a call has more prompts than rows); with nobody waiting, all
+rows done ends the call and half of them done (with enough steps left) drops the finished rows
+from the cache, so ragged texts cost what they use.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
+import torch.nn.functional as F
 
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
+from twig_batch.engine.memory import free_device_bytes, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+from twig_batch.engine.text_slots import place_rows
 from twig_batch.seeds import STREAM_TEXT
 
-# Steps between checks whether every row has finished: each check waits for the device.
+# Steps between checks whether rows have finished: each check waits for the device, so a finished
+# row idles (or its slot stays empty) for up to CHECK_EVERY - 1 steps before a waiting prompt takes it.
 CHECK_EVERY = 16
 COMPACT_MIN_STEPS = 32  # steps that must remain for dropping finished rows to pay
 
 
 @torch.no_grad()
 def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float = 0.0, stop_id: int | None = None,
-                       use_graphs: bool | None = None) -> list[list[int]]:
-    """New token ids per prompt (`TextPrompt`s); the stop token is not included."""
-    from twig_batch.pipeline.text_generation import text_prefill_inputs
+                       use_graphs: bool | None = None, max_rows: int | None = None) -> list[list[int]]:
+    """New token ids per prompt (`TextPrompt`s); the stop token is not included.
 
+    At most `max_rows` prompts are written at once (None: all of them, or on a GPU as many as fit in
+    its free memory); the others wait in order and take the rows of prompts that finish.
+    """
     if not prompts:
         return []
-    stop = bundle.tokens.eos if stop_id is None else stop_id
-    device, lm = bundle.device, bundle.language_model
-    embeds, mask, positions = text_prefill_inputs(bundle, prompts)
-    fuse_for_device(lm)
-    cache = StaticKVCache(lm, len(prompts), embeds.shape[1] + max_new_tokens)
-    hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
+    fuse_for_device(bundle.language_model)
     if use_graphs is None:
-        use_graphs = device.type == "cuda"
-    next_position = positions[:, -1:] + 1
-    seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64, device=device)
-    batch = _Rows(torch.arange(len(prompts), device=device), seeds, next_position)
-    graphed = GraphedDecodeStep(bundle, cache, bundle.embed_text) if use_graphs else None
-    written: list[list[int]] = [[] for _ in prompts]
-    drawn, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tokens = sample_tokens(bundle.text_logits(hidden), batch.seeds, step, temperature, stream=STREAM_TEXT)
-        drawn.append(tokens)
-        done |= tokens == stop
-        last = step + 1 == max_new_tokens
-        if last or step % CHECK_EVERY == CHECK_EVERY - 1:
-            finished = int(done.sum())  # the only wait for the device, every CHECK_EVERY steps
-            if last or finished == len(done):
+        use_graphs = bundle.device.type == "cuda"
+    if max_rows is None:
+        max_rows = _rows_that_fit(bundle, prompts, max_new_tokens)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    call = _Call(bundle, prompts, max_new_tokens, temperature, bundle.tokens.eos if stop_id is None else stop_id,
+                 use_graphs, waiting=list(range(len(prompts))), written=[[] for _ in prompts])
+    while call.waiting:
+        _Round(call, max_rows).run()
+    # A row that joined late keeps computing after its budget until its round ends.
+    return [_until_stop(row[:max_new_tokens], call.stop) for row in call.written]
+
+
+@dataclass
+class _Call:
+    bundle: object
+    prompts: list
+    max_new_tokens: int
+    temperature: float
+    stop: int
+    use_graphs: bool
+    waiting: list[int]  # prompts not started yet, in the order they take rows
+    written: list[list[int]]  # tokens drawn so far per prompt, stop token and beyond included
+
+
+class _Round:
+    """One cache: up to `max_rows` waiting prompts prefilled together, then decoded a token per step;
+    prompts still waiting take the rows of finished ones for as long as their budget fits."""
+
+    def __init__(self, call: _Call, max_rows: int):
+        self.call = call
+        first, call.waiting = call.waiting[:max_rows], call.waiting[max_rows:]
+        # A joiner's prompt goes into the columns just before the current one, so the prefill is as
+        # wide as every waiting prompt and the cache has room for a second budget of tokens.
+        width = max(len(call.prompts[i].ids) for i in first + call.waiting)
+        # The round's own width, even in a wider cache (the KV arena may lend one): every step
+        # attends to all columns written so far, so a round that ran on would slow every row.
+        self.columns = width + call.max_new_tokens * (2 if call.waiting else 1)
+        self.cache, self.hidden, positions = _prefill(call, first, width, self.columns)
+        self.rows = _Rows.starting(call, first, positions, step=0)
+        self.graphed = self._graphed()
+        self.done = torch.zeros(len(first), dtype=torch.bool, device=call.bundle.device)
+        self.drawn: list[torch.Tensor] = []
+
+    def run(self) -> None:
+        call, step = self.call, 0
+        while True:
+            self.tokens = self.rows.sample(call.bundle.text_logits(self.hidden), step, call.temperature)
+            self.drawn.append(self.tokens)
+            self.done |= self.tokens == call.stop
+            checking = step == self.rows.last_step(call.max_new_tokens) or step % CHECK_EVERY == CHECK_EVERY - 1
+            if checking and not self._check(step):
                 break
-            if _worth_compacting(len(done), finished, max_new_tokens - step - 1):
-                batch.record(written, drawn)
-                drawn, keep = [], (~done).nonzero().flatten()
-                cache.keep_rows(keep)
-                batch, tokens, done = batch.select(keep), tokens[keep], done[keep]
-                graphed = GraphedDecodeStep(bundle, cache, bundle.embed_text) if use_graphs else None
-        if graphed is not None:
-            hidden = graphed(tokens, batch.positions)
+            self._decode()
+            step += 1
+        self._flush()
+
+    def _check(self, step: int) -> bool:
+        """Hands finished rows to waiting prompts, or drops them; False when no row has work left."""
+        call = self.call
+        done = self.done | self.rows.past_budget(step, call.max_new_tokens)
+        finished = int(done.sum())  # waits for the device
+        while finished and call.waiting and self._room_for_joiners():
+            self._join(done.nonzero().flatten()[:len(call.waiting)], step)
+            done = self.done | self.rows.past_budget(step, call.max_new_tokens)
+            finished = int(done.sum())
+        self.done = done
+        if finished == len(done):
+            return False
+        steps_left = self.rows.last_step(call.max_new_tokens) - step
+        joining_later = call.waiting and self._room_for_joiners()  # they need the rows, not a smaller cache
+        if not joining_later and _worth_compacting(len(done), finished, steps_left):
+            self._compact()
+        return True
+
+    def _room_for_joiners(self) -> bool:
+        # A joiner's first token is written at column `used`, its last before `used + budget`.
+        return self.cache.used + self.call.max_new_tokens <= self.columns
+
+    def _join(self, slots: torch.Tensor, step: int) -> None:
+        """The next waiting prompts take rows `slots`: prefilled on their own, their K/V copied into
+        those rows and their first token drawn (with their own token index 0) in place of the
+        finished rows' tokens of this step."""
+        call = self.call
+        self._flush()
+        joining, call.waiting = call.waiting[:len(slots)], call.waiting[len(slots):]
+        width = max(len(call.prompts[i].ids) for i in joining)
+        scratch, hidden, positions = _prefill(call, joining, width, width)
+        joiners = _Rows.starting(call, joining, positions, step)
+        first = joiners.sample(call.bundle.text_logits(hidden), step, call.temperature)
+        place_rows(self.cache, slots, scratch)
+        self.rows = self.rows.joined(slots, joiners)
+        self.tokens[slots] = first
+        self.done[slots] = first == call.stop
+        for prompt, token in zip(joining, first.tolist()):
+            call.written[prompt].append(token)
+
+    def _compact(self) -> None:
+        self._flush()
+        keep = (~self.done).nonzero().flatten()
+        self.cache.keep_rows(keep)
+        self.rows, self.tokens, self.done = self.rows.select(keep), self.tokens[keep], self.done[keep]
+        self.graphed = self._graphed()
+
+    def _decode(self) -> None:
+        if self.graphed is not None:
+            self.hidden = self.graphed(self.tokens, self.rows.positions)
         else:
-            step_embeds = bundle.embed_text(tokens).unsqueeze(1)
-            valid = torch.ones((len(done), 1), dtype=torch.bool, device=device)
-            hidden = forward_static(lm, cache, step_embeds, batch.positions, valid)[:, -1]
-        batch.positions = batch.positions + 1
-    batch.record(written, drawn)
-    return [_until_stop(row, stop) for row in written]
+            bundle = self.call.bundle
+            step_embeds = bundle.embed_text(self.tokens).unsqueeze(1)
+            valid = torch.ones((len(self.tokens), 1), dtype=torch.bool, device=bundle.device)
+            self.hidden = forward_static(bundle.language_model, self.cache, step_embeds, self.rows.positions,
+                                         valid)[:, -1]
+        self.rows.positions = self.rows.positions + 1
+
+    def _graphed(self) -> GraphedDecodeStep | None:
+        if not self.call.use_graphs:
+            return None
+        return GraphedDecodeStep(self.call.bundle, self.cache, self.call.bundle.embed_text)
+
+    def _flush(self) -> None:
+        self.rows.record(self.call.written, self.drawn)
+        self.drawn = []
+
+
+def _prefill(call: _Call, indices: list[int], width: int, columns: int):
+    """A cache `columns` wide holding these prompts left-padded to `width` columns; the last hidden
+    states [R, D] and each row's next position [R, 1]."""
+    from twig_batch.pipeline.text_generation import text_prefill_inputs
+
+    embeds, mask, positions = text_prefill_inputs(call.bundle, [call.prompts[i] for i in indices])
+    extra = width - embeds.shape[1]  # masked columns with zero embeddings: nobody attends to them
+    embeds, mask, positions = F.pad(embeds, (0, 0, extra, 0)), F.pad(mask, (extra, 0)), F.pad(positions, (extra, 0))
+    lm = call.bundle.language_model
+    cache = StaticKVCache(lm, len(indices), columns)
+    hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
+    return cache, hidden, positions[:, -1:] + 1
 
 
 class _Rows:
-    """Which prompt each cache row is, with its noise seed and next position."""
+    """Which prompt each cache row is, with its noise seed, next position and the step of the call
+    at which it drew its first token (its token index is the call's step minus that)."""
 
-    def __init__(self, index: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor):
-        self.index, self.seeds, self.positions = index, seeds, positions
+    def __init__(self, index: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, starts: list[int]):
+        self.index, self.seeds, self.positions, self.starts = index, seeds, positions, starts
+
+    @classmethod
+    def starting(cls, call: _Call, indices: list[int], positions: torch.Tensor, step: int) -> "_Rows":
+        device = call.bundle.device
+        seeds = torch.tensor([call.prompts[i].seed for i in indices], dtype=torch.int64, device=device)
+        return cls(torch.tensor(indices, device=device), seeds, positions, [step] * len(indices))
 
     def select(self, keep: torch.Tensor) -> "_Rows":
-        return _Rows(self.index[keep], self.seeds[keep], self.positions[keep])
+        return _Rows(self.index[keep], self.seeds[keep], self.positions[keep], [self.starts[i] for i in keep.tolist()])
+
+    def joined(self, slots: torch.Tensor, joiners: "_Rows") -> "_Rows":
+        """These rows with rows `slots` taken over by `joiners` (in that order)."""
+        starts = list(self.starts)
+        for slot, start in zip(slots.tolist(), joiners.starts):
+            starts[slot] = start
+        return _Rows(self.index.index_copy(0, slots, joiners.index), self.seeds.index_copy(0, slots, joiners.seeds),
+                     self.positions.index_copy(0, slots, joiners.positions), starts)
+
+    @cached_property
+    def cohorts(self) -> list[tuple[int, torch.Tensor]]:
+        """Rows grouped by the step they started at: (start, row indices)."""
+        by_start: dict[int, list[int]] = {}
+        for row, start in enumerate(self.starts):
+            by_start.setdefault(start, []).append(row)
+        return [(start, torch.tensor(rows, device=self.seeds.device)) for start, rows in by_start.items()]
+
+    def sample(self, logits: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
+        """Each row's next token, its noise keyed by the row's seed and its own token index."""
+        if temperature == 0 or len(self.cohorts) == 1:  # greedy draws no noise: one call for all rows
+            return sample_tokens(logits, self.seeds, step - self.starts[0], temperature, stream=STREAM_TEXT)
+        tokens = torch.empty(len(self.starts), dtype=torch.long, device=logits.device)
+        for start, rows in self.cohorts:
+            tokens[rows] = sample_tokens(logits[rows], self.seeds[rows], step - start, temperature,
+                                         stream=STREAM_TEXT)
+        return tokens
+
+    def past_budget(self, step: int, budget: int) -> torch.Tensor:
+        """Which rows have drawn `budget` tokens by `step`."""
+        return torch.tensor([step - start + 1 >= budget for start in self.starts], device=self.seeds.device)
+
+    def last_step(self, budget: int) -> int:
+        return max(self.starts) + budget - 1
 
     def record(self, written: list[list[int]], drawn: list[torch.Tensor]) -> None:
         if not drawn:
             return
         for prompt, tokens in zip(self.index.tolist(), torch.stack(drawn, dim=1).tolist()):
             written[prompt].extend(tokens)
+
+
+def _rows_that_fit(bundle, prompts, max_new_tokens: int) -> int:
+    """All prompts at once off a GPU or when their cache fits in its free memory; otherwise as many
+    rows as fit with a cache that leaves joiners room for their budget."""
+    free = free_device_bytes(bundle.device)
+    if free is None:
+        return len(prompts)
+    lm, width = bundle.language_model, max(len(p.ids) for p in prompts)
+    if text_rows_that_fit(lm, free, width + max_new_tokens, width) >= len(prompts):
+        return len(prompts)
+    return text_rows_that_fit(lm, free, width + 2 * max_new_tokens, width)
 
 
 def _worth_compacting(rows: int, finished: int, steps_left: int) -> bool:
