@@ -20,6 +20,7 @@ from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.memory import free_device_bytes, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
+from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.engine.text_slots import place_rows
 from twig_batch.seeds import STREAM_TEXT
@@ -80,7 +81,7 @@ class _Round:
         # The round's own width, even in a wider cache (the KV arena may lend one): every step
         # attends to all columns written so far, so a round that ran on would slow every row.
         self.columns = width + call.max_new_tokens * (2 if call.waiting else 1)
-        self.cache, self.hidden, positions = _prefill(call, first, width, self.columns)
+        self.cache, self.hidden, positions, first = _prefill(call, first, width, self.columns, share=True)
         self.rows = _Rows.starting(call, first, positions, step=0)
         self.graphed = self._graphed()
         self.done = torch.zeros(len(first), dtype=torch.bool, device=call.bundle.device)
@@ -129,7 +130,7 @@ class _Round:
         self._flush()
         joining, call.waiting = call.waiting[:len(slots)], call.waiting[len(slots):]
         width = max(len(call.prompts[i].ids) for i in joining)
-        scratch, hidden, positions = _prefill(call, joining, width, width)
+        scratch, hidden, positions, joining = _prefill(call, joining, width, width)
         joiners = _Rows.starting(call, joining, positions, step)
         first = joiners.sample(call.bundle.text_logits(hidden), step, call.temperature)
         place_rows(self.cache, slots, scratch)
@@ -167,18 +168,24 @@ class _Round:
         self.drawn = []
 
 
-def _prefill(call: _Call, indices: list[int], width: int, columns: int):
+def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: bool = False):
     """A cache `columns` wide holding these prompts left-padded to `width` columns; the last hidden
-    states [R, D] and each row's next position [R, 1]."""
+    states [R, D], each row's next position [R, 1] and the prompt of each row. With `share`, prompts
+    that open with the same picture prefill it once (`shared_prefix.py`; rows come back reordered)."""
     from twig_batch.pipeline.text_generation import text_prefill_inputs
 
+    plan = sharing_plan(call.bundle, [call.prompts[i] for i in indices]) if share else None
+    if plan is not None:
+        indices = [indices[j] for j in plan.order]
     embeds, mask, positions = text_prefill_inputs(call.bundle, [call.prompts[i] for i in indices])
+    if plan is not None:
+        return (*prefill_shared(call.bundle, plan, embeds, mask, width, columns), indices)
     extra = width - embeds.shape[1]  # masked columns with zero embeddings: nobody attends to them
     embeds, mask, positions = F.pad(embeds, (0, 0, extra, 0)), F.pad(mask, (extra, 0)), F.pad(positions, (extra, 0))
     lm = call.bundle.language_model
     cache = StaticKVCache(lm, len(indices), columns)
     hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
-    return cache, hidden, positions[:, -1:] + 1
+    return cache, hidden, positions[:, -1:] + 1, indices
 
 
 class _Rows:
