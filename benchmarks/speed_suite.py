@@ -22,6 +22,8 @@ from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
 from staged_speed import run_staged
 from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.graphs import forget_graphs
+from twig_batch.engine.kv_arena import idle_arena_bytes, release_arenas
 from twig_batch.engine.memory import free_device_bytes, images_per_call
 from twig_batch.model import load_janus
 from twig_batch.settings import GenerationSettings
@@ -35,6 +37,9 @@ def step(result: dict, out: Path, name: str, value: dict | list) -> None:
         result.setdefault(name, []).extend(value)
     else:
         result.update(value)
+    # Each part starts from the same memory: no KV arena or kept graphs of the part before.
+    forget_graphs()
+    release_arenas()
     gc.collect()
     torch.cuda.empty_cache()  # the next part sizes itself from free memory: give back cached blocks
     (out / "speed_suite.json").write_text(json.dumps(result, indent=2))
@@ -59,6 +64,16 @@ def fp8_kernel_check(rows: int = 256, heads: int = 32, columns: int = 400, head_
             "fp8_kernel_mean_abs_output": expected.float().abs().mean().item()}
 
 
+def workload(result: dict, out: Path, name: str, run) -> None:
+    """One row of the table; an out-of-memory error is recorded on the row and the suite goes on."""
+    try:
+        row = run()
+    except torch.OutOfMemoryError as exc:
+        row = {"error": f"out of memory: {str(exc)[:400]}", "arena_gib": idle_arena_bytes(torch.device("cuda")) / 2**30,
+               "allocated_gib": torch.cuda.memory_allocated() / 2**30}
+    step(result, out, "workloads", [{"name": name, **row}])
+
+
 def table(result: dict) -> str:
     lines = ["| workload | images | images/s | first batch images/s | ms/step | peak GiB | target | vs native generate "
              "| vs seed-style |",
@@ -67,6 +82,9 @@ def table(result: dict) -> str:
     seed_style = 1 / result["seed_style_s_per_image_576"]
     for row in result["workloads"]:
         name = row["name"]
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:60]} | | | | | | | |")
+            continue
         step = f"{row['ms_per_step']:.1f}" if "ms_per_step" in row else "-"
         target = TARGETS.get(name.split()[0].rstrip(","), "")
         cold = f"{row['cold_img_s']:.2f}" if "cold_img_s" in row else "-"
@@ -96,25 +114,25 @@ def main() -> None:
     step(result, out, "native", native_generate_anchor(bundle, 16))
     if not args.skip_unfused:
         os.environ["TWIG_BATCH_FUSED"] = "0"
-        step(result, out, "workloads", [{"name": "plain (unfused step)", **plain_workload(bundle, args.images)}])
+        workload(result, out, "plain (unfused step)", lambda: plain_workload(bundle, args.images))
         os.environ.pop("TWIG_BATCH_FUSED")
     fuse_decoder(bundle.language_model)
     checks_rows = prompts_of_length(bundle, 4)
     step(result, out, "greedy", greedy_agreement(bundle, checks_rows))
     step(result, out, "distribution", distribution_check(bundle, checks_rows))
     step(result, out, "graphs", graph_vs_eager(bundle, checks_rows))
-    step(result, out, "workloads", [{"name": "plain", **plain_workload(bundle, args.images)}])
+    workload(result, out, "plain", lambda: plain_workload(bundle, args.images))
     for mode in ("twig", "seed"):
-        step(result, out, "workloads", [{"name": mode, **run_staged(bundle, mode, args.images)}])
+        workload(result, out, mode, lambda mode=mode: run_staged(bundle, mode, args.images))
     auto = images_per_call(bundle, GenerationSettings(), free_device_bytes(bundle.device), prompt_tokens=64)
     step(result, out, "auto", {"auto_images_per_call_plain": auto})
-    step(result, out, "workloads", [{"name": "plain (batch from free memory)", **plain_workload(bundle, auto)}])
+    workload(result, out, "plain (batch from free memory)", lambda: plain_workload(bundle, auto))
     step(result, out, "fp8_kernel", fp8_kernel_check())
-    step(result, out, "workloads", [{"name": "plain, fp8 KV cache", **plain_workload(bundle, args.images, kv_cache="fp8")}])
+    workload(result, out, "plain, fp8 KV cache", lambda: plain_workload(bundle, args.images, kv_cache="fp8"))
     fp8 = GenerationSettings(kv_cache="fp8")
     auto8 = images_per_call(bundle, fp8, free_device_bytes(bundle.device), prompt_tokens=64)
-    step(result, out, "workloads", [{"name": "plain, fp8 KV cache (batch from free memory)",
-                                     **plain_workload(bundle, auto8, kv_cache="fp8")}])
+    workload(result, out, "plain, fp8 KV cache (batch from free memory)",
+             lambda: plain_workload(bundle, auto8, kv_cache="fp8"))
     (out / "speed_suite.md").write_text(table(result) + "\n")
     print(table(result))
 

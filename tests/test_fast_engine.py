@@ -75,3 +75,20 @@ def test_cache_holds_every_injection_the_controller_may_make(tiny64):
                                    observer=controller)
     assert codes.shape == (1, 40)
     assert sum(r["injected"] for r in controller.trigger_log(0)) == 20  # 80 control tokens: more than the default slack
+
+
+def test_a_prefill_in_slices_of_rows_changes_no_token(tiny64, monkeypatch):
+    from twig_batch.engine import static_decoder
+
+    settings = GenerationSettings(top_k=100)
+    rows = [t2i_prompt_ids(tiny64, p) for p in PROMPTS]
+    prefix = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(5))
+    whole = draw_image_tokens_fast(tiny64, rows, [4, 5, 6], settings, 24, prefix_codes=prefix, first_step=40)
+    calls = []
+    spied = static_decoder.forward_at
+    monkeypatch.setattr(static_decoder, "forward_at", lambda lm, tensors, *a: calls.append(tensors.k.shape[1])
+                        or spied(lm, tensors, *a))
+    monkeypatch.setattr(static_decoder, "PREFILL_CHUNK_TOKENS", 100)  # a row of ~70 tokens per slice
+    sliced = draw_image_tokens_fast(tiny64, rows, [4, 5, 6], settings, 24, prefix_codes=prefix, first_step=40)
+    assert calls[:6] == [1] * 6  # the prefill of 6 CFG rows went one row at a time
+    assert torch.equal(whole, sliced)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width, forward_at, forward_static
+from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,10 @@ def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.
     lengths = mask.sum(1).tolist()
     starts = [w0 - n for n in lengths]
     cache = StaticKVCache(lm, rows, columns)
-    # The distinct prefixes, into cache rows 0..distinct-1 (a view of them: no copy).
+    # The distinct prefixes, into cache rows 0..distinct-1.
     firsts = torch.stack([embeds[r, starts[r]:starts[r] + prefix] for r in range(distinct)])
-    view = CacheTensors(cache.k[:, :distinct], cache.v[:, :distinct], cache.valid[:distinct], cache.heads,
-                        cache.kv_heads, cache.head_dim)
-    forward_at(lm, view, firsts, torch.arange(prefix, device=device).expand(distinct, prefix),
-               torch.ones((distinct, prefix), dtype=torch.bool, device=device), torch.tensor(0, device=device),
-               attend_width(cache, prefix))
+    forward_static(lm, cache, firsts, torch.arange(prefix, device=device).expand(distinct, prefix),
+                   torch.ones((distinct, prefix), dtype=torch.bool, device=device), first_rows=True)
     source = torch.tensor(plan.source, dtype=torch.long, device=device)
     for layer in range(cache.k.shape[0]):  # a layer at a time: the copies stay small
         cache.k[layer, distinct:, :, :prefix] = cache.k[layer, source, :, :prefix]
@@ -84,3 +81,4 @@ def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.
     positions = prefix + (real.long().cumsum(-1) - 1).clamp(min=0)
     hidden = forward_static(lm, cache, questions, positions, real)[:, -1]
     return cache, hidden, positions[:, -1:] + 1
+

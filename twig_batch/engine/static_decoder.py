@@ -18,6 +18,9 @@ from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_
 from twig_batch.engine.kv_arena import arena_for
 
 ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
+# Tokens one prefill pass takes at most (in slices of rows): its activations (the joined gate/up
+# output alone is 44 kB per token at 7B) stay a few GB however many rows a call prefills.
+PREFILL_CHUNK_TOKENS = 16384
 
 
 class StaticKVCache:
@@ -85,6 +88,12 @@ class CacheTensors:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
 
+    def rows(self, first: int, end: int) -> "CacheTensors":
+        """The same cache restricted to rows first..end-1 (views: writes land in the cache)."""
+        scales = [None if t is None else t[:, first:end] for t in (self.k_scale, self.v_scale)]
+        return CacheTensors(self.k[:, first:end], self.v[:, first:end], self.valid[first:end], self.heads,
+                            self.kv_heads, self.head_dim, *scales)
+
     def addresses(self) -> tuple:
         return tuple((t.data_ptr(), tuple(t.shape)) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
                      if t is not None)
@@ -105,18 +114,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
+                   valid: torch.Tensor, first_rows: bool = False) -> torch.Tensor:
     """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
 
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
     tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
+    With `first_rows`, `embeds` are for the cache's first R rows only (the others are left alone).
     """
-    length = embeds.shape[1]
+    rows, length = embeds.shape[:2]
     end = cache.used + length
     if end > cache.max_len:
         raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
+    if rows != cache.k.shape[1] and not first_rows:
+        raise ValueError(f"{rows} rows of input for a cache of {cache.k.shape[1]}")
     start = torch.tensor(cache.used, device=embeds.device)
-    hidden = forward_at(lm, cache, embeds, positions, valid, start, attend_width(cache, end))
+    attend = attend_width(cache, end)
+    tensors = cache.tensors()
+    # Rows never see each other: a prefill in slices of rows bounds its activations.
+    chunk = max(1, PREFILL_CHUNK_TOKENS // length)
+    hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
+                                   positions[a:a + chunk], valid[a:a + chunk], start, attend)
+                        for a in range(0, rows, chunk)])
     cache.used = end
     return hidden
 
