@@ -106,7 +106,12 @@ def _forget_arena(arena) -> None:
     """An arena is about to drop its buffer: graphs over it would write to freed memory, and their
     views would keep the old buffer alive beside the new one. Buffers are replaced only while a
     worker's shapes still grow (its first batches), so dropping every kept graph costs little."""
-    _KEPT.clear()
+    forget_graphs()
 
 
 on_release(_forget_arena)
+
+
+def forget_graphs() -> None:
+    """Drop every kept graph (their memory pools with them)."""
+    _KEPT.clear()
