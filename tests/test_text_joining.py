@@ -94,6 +94,17 @@ def test_joiners_at_many_steps_keep_their_own_token_index(tiny64, ragged, monkey
     assert watch.joined >= 6
 
 
+def test_joiners_move_in_a_few_at_a_time_when_their_prefill_would_be_large(tiny64, ragged, monkeypatch):
+    # Joiners are prefilled in a cache of their own: bounded by the prefill slice, not by the freed rows.
+    temperature, stop, alone = ragged
+    prompts = _prompts(tiny64)
+    monkeypatch.setattr(fast_text, "PREFILL_CHUNK_TOKENS", 1)  # one joiner per prefill
+    watch = _Watch(monkeypatch, max(len(p.ids) for p in prompts))
+    assert generate_text_fast(tiny64, prompts, BUDGET, temperature, stop_id=stop, max_rows=5) == alone
+    joiner_caches = [rows for rows, columns in watch.caches if columns <= watch.widest_prompt]
+    assert joiner_caches and max(joiner_caches) == 1 and watch.joined == len(joiner_caches)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.05], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("budget, rounds", [(12, 2), (1, 1)])
 def test_a_new_round_starts_when_a_joiners_budget_no_longer_fits(tiny64, monkeypatch, budget, rounds, temperature):

@@ -21,7 +21,7 @@ from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.memory import free_device_bytes, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
-from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS, StaticKVCache, forward_static
 from twig_batch.engine.text_slots import place_rows
 from twig_batch.seeds import STREAM_TEXT
 
@@ -106,7 +106,10 @@ class _Round:
         done = self.done | self.rows.past_budget(step, call.max_new_tokens)
         finished = int(done.sum())  # waits for the device
         while finished and call.waiting and self._room_for_joiners():
-            self._join(done.nonzero().flatten()[:len(call.waiting)], step)
+            # Joiners are prefilled in a cache of their own before moving in: a slice of rows at a
+            # time keeps that cache small beside the round's.
+            group = max(1, PREFILL_CHUNK_TOKENS // max(len(call.prompts[i].ids) for i in call.waiting))
+            self._join(done.nonzero().flatten()[:min(len(call.waiting), group)], step)
             done = self.done | self.rows.past_budget(step, call.max_new_tokens)
             finished = int(done.sum())
         self.done = done
