@@ -55,7 +55,7 @@ def decode_attention(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v
         q, k8.view(torch.uint8), k_scale, v8.view(torch.uint8), v_scale, valid, write, out,
         q.stride(0), q.stride(1), k8.stride(0), k8.stride(1), k8.stride(2), k_scale.stride(0), k_scale.stride(1),
         valid.stride(0), out.stride(0), out.stride(1), k8.shape[2], 1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, BLOCK_N=64,
+        HEAD_DIM=head_dim, BLOCK_N=128, num_warps=2,  # the fastest of 32/64/128 x 2/4/8 on an H200 (step_profile)
     )
     return out
 

@@ -17,7 +17,9 @@ from twig_batch.engine.fused import FUSED_ATTR, KERNELS, finish, fused_layer
 from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_attention
 from twig_batch.engine.kv_arena import arena_for
 
-ATTEND_BUCKET = 64  # attention reads the cache up to the next multiple of this: few distinct shapes
+# Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
+# worker (graphs.py keeps them), against reading 16 columns too many on average.
+ATTEND_BUCKET = 32
 # Tokens one prefill pass takes at most (in slices of rows): its activations (the joined gate/up
 # output alone is 44 kB per token at 7B) stay a few GB however many rows a call prefills.
 PREFILL_CHUNK_TOKENS = 16384
