@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from twig_batch.controller.config import ControllerConfig
+from twig_batch.engine.memory import reserve_kv_arena
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.settings import GenerationSettings
@@ -51,6 +52,7 @@ def run_staged(bundle, mode: str, images: int) -> dict:
     settings = workload_settings(mode)
     requests = requests_for(images)
     generate_images(bundle, requests[:2], settings)
+    reserve_kv_arena(bundle, settings, images)  # as a worker does before its first batch
     runs = []
     for _ in range(2):
         torch.cuda.reset_peak_memory_stats()

@@ -64,3 +64,21 @@ def test_stale_contents_of_the_arena_never_change_a_token(tiny64):
     assert torch.equal(fresh, reused)
     for b in range(3):
         assert torch.equal(reused[b], reference_image_tokens(tiny64, rows[b], 5 + b, settings, 48))
+
+
+def test_a_reserved_arena_serves_every_call_up_to_its_size_without_growing(tiny64):
+    from twig_batch.engine.memory import reserve_kv_arena
+    from twig_batch.settings import GenerationSettings
+
+    release_arenas()
+    settings = GenerationSettings(mode="twig", think_max_tokens=8)
+    reserve_kv_arena(tiny64, settings, images=4)
+    arena = arena_for(tiny64.device, tiny64.dtype)
+    reserved, address = arena.nbytes, arena.buffer.data_ptr()
+    assert reserved > 0
+    for rows, columns in [(8, 40), (4, 200), (2, 300)]:  # image calls (2 rows an image), text calls
+        cache = StaticKVCache(tiny64.language_model, rows, columns)
+        assert cache.arena and cache.k.data_ptr() == address
+        del cache
+        gc.collect()
+    assert arena.nbytes == reserved

@@ -131,7 +131,12 @@ class ImageGenerator:
 
             torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
             free = free_device_bytes(self.bundle.device)
-        return part_size(self.bundle, self.settings, [r.prompt for _, r in requests], self.images_per_call, free)
+        size = part_size(self.bundle, self.settings, [r.prompt for _, r in requests], self.images_per_call, free)
+        if self.bundle.device.type == "cuda":
+            from twig_batch.engine.memory import reserve_kv_arena
+
+            reserve_kv_arena(self.bundle, self.settings, size)  # once: later parts reuse it, graphs and all
+        return size
 
     def _one_by_one(self, requests):
         from twig_batch.pipeline import generate_images

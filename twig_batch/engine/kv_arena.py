@@ -53,6 +53,12 @@ class KVArena:
         self._holder = weakref.ref(holder)
         return k, v, valid
 
+    def reserve(self, nbytes: int) -> None:
+        """Grow the buffer to `nbytes` now (when idle), so that calls up to that size never replace
+        it, and never drop the graphs kept over it, later."""
+        if not self.lent() and self.nbytes < nbytes:
+            self._replace(-(-nbytes // self.dtype.itemsize))
+
     def release(self) -> None:
         """Give the memory back (nothing may hold a cache from it)."""
         if self.lent():

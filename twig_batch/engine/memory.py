@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.kv_arena import idle_arena_bytes
+from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
 from twig_batch.settings import GenerationSettings
 
 PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
@@ -28,9 +28,8 @@ def kv_bytes_per_token(lm, fp8: bool = False) -> int:
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * per_head
 
 
-def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
-    lm = bundle.language_model
-    per_token = kv_bytes_per_token(lm)
+def _columns(bundle, settings: GenerationSettings, prompt_tokens: int) -> tuple[int, int]:
+    """Cache columns one image needs: in an image call (its CFG rows and think row), in a text call."""
     # twig draws band k from the prompt and every thought so far; seed from its stage text (a template
     # may hold the stage's plan).
     text_tokens = {"plain": 0, "twig": settings.bands * settings.think_max_tokens,
@@ -46,13 +45,32 @@ def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = P
                          + settings.bands * settings.think_max_tokens + settings.think_max_tokens)
     elif settings.mode == "seed":  # every stage's plan in one call: a row per stage, text only
         text_call = settings.bands * (prompt_tokens + TEMPLATE_TOKENS + settings.guidance_max_tokens)
+    return image_call, text_call
+
+
+def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
+    lm = bundle.language_model
+    image_call, text_call = _columns(bundle, settings, prompt_tokens)
     cfg = lm.config
     # The widest prefill's activations per token: hidden states, q/k/v, the joined gate/up output.
     # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
     activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
     prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
     image_bytes = image_call * kv_bytes_per_token(lm, fp8=settings.kv_cache == "fp8")
-    return max(image_bytes, text_call * per_token) + prefill_tokens * activation
+    return max(image_bytes, text_call * kv_bytes_per_token(lm)) + prefill_tokens * activation
+
+
+def reserve_kv_arena(bundle, settings: GenerationSettings, images: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
+    """Size the model-dtype KV arena once for calls of `images` images (their text calls, and their
+    image calls unless those keep an fp8 cache): it then never grows, and the CUDA graphs kept over
+    it live as long as the worker."""
+    image_call, text_call = _columns(bundle, settings, prompt_tokens)
+    columns = max(0 if settings.kv_cache == "fp8" else image_call, text_call)
+    wanted = images * columns * kv_bytes_per_token(bundle.language_model)
+    free = free_device_bytes(bundle.device)
+    if free is not None:  # a text call that cannot fit at once runs in rounds: never reserve past the memory
+        wanted = min(wanted, int(free * HEADROOM))
+    arena_for(bundle.device, bundle.dtype).reserve(wanted)
 
 
 def free_device_bytes(device: torch.device) -> int | None:
