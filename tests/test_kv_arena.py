@@ -82,3 +82,23 @@ def test_a_reserved_arena_serves_every_call_up_to_its_size_without_growing(tiny6
         del cache
         gc.collect()
     assert arena.nbytes == reserved
+
+
+def test_a_call_gives_the_arena_back_even_if_its_cache_is_still_referenced(tiny64, monkeypatch):
+    from twig_batch.engine import fast, fast_text
+    from twig_batch.pipeline.text_generation import TextPrompt
+
+    kept = []
+
+    class Remembered(StaticKVCache):  # something holding on to every cache after its call
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept.append(self)
+
+    monkeypatch.setattr(fast, "StaticKVCache", Remembered)
+    monkeypatch.setattr(fast_text, "StaticKVCache", Remembered)
+    rows = [t2i_prompt_ids(tiny64, "a red cube")]
+    draw_image_tokens_fast(tiny64, rows, [1], GenerationSettings(), 8)
+    fast_text.generate_text_fast(tiny64, [TextPrompt(tiny64.encode("a cat"))], 4)
+    assert len(kept) == 2 and all(cache.k is None for cache in kept)  # closed: unusable
+    assert not arena_for(tiny64.device, tiny64.dtype).lent()

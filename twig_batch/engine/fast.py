@@ -32,44 +32,44 @@ def draw_image_tokens_fast(
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
     fuse_for_device(lm)
-    cache = StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8")
-    hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
-    next_position = positions[:, -1:] + 1
-    if use_graphs is None:
-        use_graphs = device.type == "cuda"
-    graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
-    all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
+    with StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8") as cache:
+        hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
+        next_position = positions[:, -1:] + 1
+        if use_graphs is None:
+            use_graphs = device.type == "cuda"
+        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
+        all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
 
-    def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if graphed is not None:
-            return graphed(tokens.repeat_interleave(2), positions)
-        return _decode_step(bundle, cache, tokens, positions, all_valid)
+        def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if graphed is not None:
+                return graphed(tokens.repeat_interleave(2), positions)
+            return _decode_step(bundle, cache, tokens, positions, all_valid)
 
-    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
-    codes = []
-    decide = _decider(observer)
-    for i in range(n_tokens):
-        step = first_step + i
-        logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-        tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
-        codes.append(tokens)
-        decision = decide(step, hidden[0::2], logits, tokens)
-        if i + 1 == n_tokens:
+        row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+        codes = []
+        decide = _decider(observer)
+        for i in range(n_tokens):
+            step = first_step + i
+            logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
+            tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
+            codes.append(tokens)
+            decision = decide(step, hidden[0::2], logits, tokens)
+            if i + 1 == n_tokens:
+                injection = decision.resolve() if decision is not None else None
+                if injection is not None and bool(injection.rows.any()):
+                    _inject(bundle, cache, next_position, injection)
+                break
+            # The next step goes to the device before the verdict is read, so the device never waits for
+            # the host; an injection (rare) takes that step back and redoes it after the control tokens.
+            column = cache.used
+            hidden = step_forward(tokens, next_position)
             injection = decision.resolve() if decision is not None else None
             if injection is not None and bool(injection.rows.any()):
-                _inject(bundle, cache, next_position, injection)
-            break
-        # The next step goes to the device before the verdict is read, so the device never waits for
-        # the host; an injection (rare) takes that step back and redoes it after the control tokens.
-        column = cache.used
-        hidden = step_forward(tokens, next_position)
-        injection = decision.resolve() if decision is not None else None
-        if injection is not None and bool(injection.rows.any()):
-            cache.used = column
-            next_position = _inject(bundle, cache, next_position, injection)
-            hidden = step_forward(tokens, next_position)
-        next_position = next_position + 1
-    return torch.stack(codes, dim=1).cpu()
+                cache.used = column
+                next_position = _inject(bundle, cache, next_position, injection)
+                hidden = step_forward(tokens, next_position)
+            next_position = next_position + 1
+        return torch.stack(codes, dim=1).cpu()
 
 
 def _decider(observer):

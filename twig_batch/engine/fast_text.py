@@ -99,6 +99,7 @@ class _Round:
             self._decode()
             step += 1
         self._flush()
+        self.cache.close()  # the next call may have the KV arena now
 
     def _check(self, step: int) -> bool:
         """Hands finished rows to waiting prompts, or drops them; False when no row has work left."""
@@ -137,6 +138,7 @@ class _Round:
         joiners = _Rows.starting(call, joining, positions, step)
         first = joiners.sample(call.bundle.text_logits(hidden), step, call.temperature)
         place_rows(self.cache, slots, scratch)
+        scratch.close()
         self.rows = self.rows.joined(slots, joiners)
         self.tokens[slots] = first
         self.done[slots] = first == call.stop

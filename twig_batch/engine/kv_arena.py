@@ -6,8 +6,9 @@ batch. Caches carved from one persistent buffer keep their addresses from call t
 captured over a cache of some row count is replayed by every later call of that row count
 (`graphs.py` keeps them).
 
-The buffer is lent to one cache at a time (a weak reference to the holder); a cache asked for while
-it is lent gets memory of its own. A lent cache is as wide as the buffer allows for its row count,
+The buffer is lent to one cache at a time: the engines give it back when their call ends (a weak
+reference to the holder covers any cache that is simply dropped); a cache asked for while it is
+lent gets memory of its own. A lent cache is as wide as the buffer allows for its row count,
 never narrower than asked, so each row count always gets the same shape. Old contents need no
 clearing: a lent cache's validity flags start all False, so no query reads a column this call has not
 written, and the buffer is zero-filled once when allocated, so stale columns hold finite numbers whose
@@ -52,6 +53,11 @@ class KVArena:
         valid.zero_()
         self._holder = weakref.ref(holder)
         return k, v, valid
+
+    def give_back(self, holder) -> None:
+        """`holder` is done with the buffer (a cache that ended, or copied its rows elsewhere)."""
+        if self._holder is not None and self._holder() is holder:
+            self._holder = None
 
     def reserve(self, nbytes: int) -> None:
         """Grow the buffer to `nbytes` now (when idle), so that calls up to that size never replace

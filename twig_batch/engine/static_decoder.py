@@ -41,6 +41,7 @@ class StaticKVCache:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         lead = (cfg.num_hidden_layers, rows, self.kv_heads)
+        self._lenders = []  # the arenas whose buffers this cache uses
         values = self._borrow(weight.device, FP8 if fp8 else weight.dtype, lead, self.head_dim, max_len)
         self.k, self.v, self.valid, from_arena = values
         self.k_scale = self.v_scale = None
@@ -58,8 +59,10 @@ class StaticKVCache:
     def _borrow(self, device, dtype, lead: tuple[int, int, int], trailing: int, max_len: int):
         """(k, v, valid, lent by the arena?) for one dtype: the arena's views when it is free."""
         layers, rows, kv_heads = lead
-        lent = arena_for(device, dtype).lend(self, layers, rows, kv_heads, trailing, max_len)
+        arena = arena_for(device, dtype)
+        lent = arena.lend(self, layers, rows, kv_heads, trailing, max_len)
         if lent is not None:
+            self._lenders.append(arena)
             return (*lent, True)
         shape = (*lead, max_len, trailing)
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
@@ -71,6 +74,23 @@ class StaticKVCache:
         self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
         if self.k_scale is not None:
             self.k_scale, self.v_scale = self.k_scale[:, rows], self.v_scale[:, rows]
+        self._give_back()
+
+    def __enter__(self) -> "StaticKVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The call is over: the arena may lend its buffer again, and this cache cannot be used."""
+        self._give_back()
+        self.k = self.v = self.valid = self.k_scale = self.v_scale = None
+
+    def _give_back(self) -> None:
+        for arena in self._lenders:
+            arena.give_back(self)
+        self._lenders = []
         self.arena = False
 
     def tensors(self) -> "CacheTensors":
