@@ -6,16 +6,27 @@ import torch.nn.functional as F
 from PIL import Image
 
 
+# Images per decoder pass. At 384 px the decoder's widest activations take ~150 MB an image, so a
+# whole batch at once (128 images: ~20 GB) would not fit beside a worker's KV cache.
+DECODE_CHUNK = 16
+
+
 @torch.no_grad()
 def decode_codes(bundle, codes: torch.Tensor, token_rows: int | None = None) -> torch.Tensor:
     """Decode codes [B, token_rows * grid] (raster order) to uint8 pixels [B, rows*ds, grid*ds, 3].
 
     `token_rows` smaller than the grid decodes just the rows generated so far (a band image).
+    Images are decoded DECODE_CHUNK at a time (the decoder treats each image on its own).
     """
-    vq = bundle.model.model.vqmodel
     rows = bundle.grid if token_rows is None else token_rows
     if codes.shape[1] != rows * bundle.grid:
         raise ValueError(f"expected {rows * bundle.grid} codes for {rows} token rows, got {codes.shape[1]}")
+    parts = [_decode(bundle, codes[i:i + DECODE_CHUNK], rows) for i in range(0, codes.shape[0], DECODE_CHUNK)]
+    return torch.cat(parts) if parts else _decode(bundle, codes, rows)
+
+
+def _decode(bundle, codes: torch.Tensor, rows: int) -> torch.Tensor:
+    vq = bundle.model.model.vqmodel
     latent = F.normalize(vq.quantize.embedding(codes.to(bundle.device)), p=2, dim=-1)
     latent = latent.view(codes.shape[0], rows, bundle.grid, -1).permute(0, 3, 1, 2).contiguous()
     pixels = vq.decoder(vq.post_quant_conv(latent)).float()
