@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from decode_step_breakdown import cuda_ms
 from twig_batch.engine.fp8_kv import quantize
 from twig_batch.engine.fp8_triton import fp8_decode_attention_kernel
 from twig_batch.engine.fused import fuse_decoder
@@ -24,17 +25,6 @@ from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.model import load_janus
 from twig_batch.seeds import STREAM_TEXT
-
-
-def cuda_ms(fn, repeat: int = 20) -> float:
-    fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
 
 
 def filled_cache(bundle, rows: int, columns: int, embed):
