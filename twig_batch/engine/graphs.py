@@ -50,7 +50,6 @@ class GraphSet:
         self.start = torch.zeros((), dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.captures = 0
 
     def replay(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, attend: int) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -79,7 +78,6 @@ class GraphSet:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._body(attend)
         self.pool = graph.pool()
-        self.captures += 1
         return graph, out
 
 
