@@ -2,6 +2,9 @@
 
 The text is always the clean user prompt, tokenized by the model's own (processor) tokenizer: never
 a chat-formatted, stage-suffixed or guidance-augmented variant of it.
+
+`think_latents` is the definition, written plainly (one pass over text and memory); the controller
+runs `ThinkContext`, which computes the same with the texts' part done once per band.
 """
 from __future__ import annotations
 
