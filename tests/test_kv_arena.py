@@ -102,3 +102,13 @@ def test_a_call_gives_the_arena_back_even_if_its_cache_is_still_referenced(tiny6
     fast_text.generate_text_fast(tiny64, [TextPrompt(tiny64.encode("a cat"))], 4)
     assert len(kept) == 2 and all(cache.k is None for cache in kept)  # closed: unusable
     assert not arena_for(tiny64.device, tiny64.dtype).lent()
+
+
+def test_a_reservation_never_takes_more_than_the_headroom_of_free_memory(tiny64, monkeypatch):
+    from twig_batch.engine import memory
+    from twig_batch.settings import GenerationSettings
+
+    release_arenas()
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: 1_000_000)  # a nearly full device
+    memory.reserve_kv_arena(tiny64, GenerationSettings(mode="twig"), images=64)
+    assert arena_for(tiny64.device, tiny64.dtype).nbytes <= int(1_000_000 * memory.HEADROOM)
