@@ -21,8 +21,7 @@ def decode_codes(bundle, codes: torch.Tensor, token_rows: int | None = None) -> 
     rows = bundle.grid if token_rows is None else token_rows
     if codes.shape[1] != rows * bundle.grid:
         raise ValueError(f"expected {rows * bundle.grid} codes for {rows} token rows, got {codes.shape[1]}")
-    parts = [_decode(bundle, codes[i:i + DECODE_CHUNK], rows) for i in range(0, codes.shape[0], DECODE_CHUNK)]
-    return torch.cat(parts) if parts else _decode(bundle, codes, rows)
+    return torch.cat([_decode(bundle, codes[i:i + DECODE_CHUNK], rows) for i in range(0, codes.shape[0], DECODE_CHUNK)])
 
 
 def _decode(bundle, codes: torch.Tensor, rows: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ def reference_attention(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor
 
 
 def decode_attention(q: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor,
-                     v_scale: torch.Tensor, valid: torch.Tensor, write: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                     v_scale: torch.Tensor, valid: torch.Tensor, write: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
     """One query per row (T = 1). valid [R, A] and the write column `write` (a 0-d device tensor) say
     what the kernel may read (valid columns up to the query's own, which it always sees); `mask` is
     the same rule as a tensor, for the fallback."""

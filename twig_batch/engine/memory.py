@@ -3,9 +3,10 @@
 A call's memory beyond the weights is almost all KV cache: the image engine keeps two rows per
 image (CFG) as long as prompt + stage text + image tokens + control-token slots; the text engine
 keeps, per image, a reflection and the next thought over an understanding prompt (the partial
-image's vision tokens, the earlier thoughts) in twig mode, or every stage's plan in seed mode. The larger of the two, plus the prefill's
-transient activations, is what one more image costs. Only part of the free memory is handed out:
-an out-of-memory error costs a whole batch, a few images fewer per call a few percent of speed.
+image's vision tokens, the earlier thoughts) in twig mode, or every stage's plan in seed mode. The
+larger of the two, plus the prefill's transient activations, is what one more image costs. Only
+part of the free memory is handed out: an out-of-memory error costs a whole batch, a few images
+fewer per call a few percent of speed.
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def kv_bytes_per_token(lm, fp8: bool = False) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_head = head_dim + 4 if fp8 else head_dim * lm.embed_tokens.weight.element_size()
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * per_head
+
+
+def prefill_bytes_per_token(lm) -> int:
+    """A prefill's activations per token: hidden states, q/k/v, the joined gate/up output."""
+    cfg = lm.config
+    return (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
 
 
 def _columns(bundle, settings: GenerationSettings, prompt_tokens: int) -> tuple[int, int]:
@@ -51,10 +58,8 @@ def _columns(bundle, settings: GenerationSettings, prompt_tokens: int) -> tuple[
 def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
     lm = bundle.language_model
     image_call, text_call = _columns(bundle, settings, prompt_tokens)
-    cfg = lm.config
-    # The widest prefill's activations per token: hidden states, q/k/v, the joined gate/up output.
     # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
-    activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
+    activation = prefill_bytes_per_token(lm)
     prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
     image_bytes = image_call * kv_bytes_per_token(lm, fp8=settings.kv_cache == "fp8")
     return max(image_bytes, text_call * kv_bytes_per_token(lm)) + prefill_tokens * activation
@@ -93,7 +98,5 @@ def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, promp
 def text_rows_that_fit(lm, free_bytes: int, columns: int, prefill_tokens: int, headroom: float = HEADROOM) -> int:
     """How many rows of one text call fit within `free_bytes` (at least 1): each row holds a KV cache
     `columns` wide, and the prefill's transient activations over `prefill_tokens` tokens."""
-    cfg = lm.config
-    activation = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
-    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * activation
+    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * prefill_bytes_per_token(lm)
     return max(1, int(free_bytes * headroom) // per_row)

@@ -152,11 +152,13 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     start = torch.tensor(cache.used, device=embeds.device)
     attend = attend_width(cache, end)
     tensors = cache.tensors()
-    # Rows never see each other: a prefill in slices of rows bounds its activations.
     chunk = max(1, PREFILL_CHUNK_TOKENS // length)
-    hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
-                                   positions[a:a + chunk], valid[a:a + chunk], start, attend)
-                        for a in range(0, rows, chunk)])
+    if rows <= chunk:  # every decode step, and small prefills: one pass, no copy of the output
+        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend)
+    else:  # rows never see each other: a prefill in slices of rows bounds its activations
+        hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
+                                       positions[a:a + chunk], valid[a:a + chunk], start, attend)
+                            for a in range(0, rows, chunk)])
     cache.used = end
     return hidden
 
