@@ -4,7 +4,7 @@ import gc
 import torch
 
 from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.graphs import _graph_set
+from twig_batch.engine.graphs import _KEPT, _graph_set
 from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes, release_arenas
 from twig_batch.engine.reference import reference_image_tokens
 from twig_batch.engine.static_decoder import StaticKVCache
@@ -47,6 +47,7 @@ def test_a_bigger_request_replaces_the_buffer_and_forgets_its_graphs(tiny64):
     bigger = StaticKVCache(lm, rows=2, max_len=width + 1)
     assert bigger.max_len > width
     assert _graph_set(tiny64, bigger, tiny64.embed_image_codes) is not kept
+    assert all(s is not kept for s in _KEPT.values())  # graphs over the dropped buffer are forgotten
     own = StaticKVCache(lm, rows=3, max_len=8)  # arena lent to `bigger`: memory of its own, graphs too
     assert not own.arena
     assert _graph_set(tiny64, own, tiny64.embed_image_codes) is not _graph_set(tiny64, own, tiny64.embed_image_codes)
