@@ -75,9 +75,13 @@ def main() -> None:
     parser.add_argument("--size", default="7b")
     args = parser.parse_args()
     bundle = load_janus(f"random-{args.size}", "cuda", torch.bfloat16)
-    report = run_staged(bundle, args.mode, args.images) | {"gpu": torch.cuda.get_device_name(),
-                                                            "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_staged(bundle, args.mode, args.images)
+    except torch.cuda.OutOfMemoryError:  # what held the memory is the only useful record of an OOM
+        (args.out / f"oom_{args.mode}.txt").write_text(torch.cuda.memory_summary())
+        raise
+    report |= {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     (args.out / f"staged_speed_{args.mode}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

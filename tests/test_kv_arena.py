@@ -113,3 +113,24 @@ def test_a_reservation_never_takes_more_than_the_headroom_of_free_memory(tiny64,
     monkeypatch.setattr(memory, "free_device_bytes", lambda device: 1_000_000)  # a nearly full device
     memory.reserve_kv_arena(tiny64, GenerationSettings(mode="twig"), images=64)
     assert arena_for(tiny64.device, tiny64.dtype).nbytes <= int(1_000_000 * memory.HEADROOM)
+
+
+def test_dropping_rows_moves_the_kept_ones_within_the_cache_and_keeps_the_arena(tiny64):
+    release_arenas()
+    lm = tiny64.language_model
+    cache = StaticKVCache(lm, rows=4, max_len=12)
+    cache.used = 5
+    for row in range(4):  # each row's written columns hold its number; the rest must not matter
+        cache.k[:, row, :, :5] = row
+        cache.v[:, row, :, :5] = -row
+        cache.valid[row, :5] = row % 2 == 0
+    address = cache.k.data_ptr()
+    cache.keep_rows(torch.tensor([3, 0, 2]))
+    assert cache.k.shape[1] == 3 and cache.k.data_ptr() == address  # no second copy of the cache
+    assert [int(cache.k[0, r, 0, 4, 0]) for r in range(3)] == [3, 0, 2]
+    assert [int(cache.v[-1, r, 0, 0, 0]) for r in range(3)] == [-3, 0, -2]
+    assert cache.valid[:, :5].tolist() == [[False] * 5, [True] * 5, [True] * 5]
+    arena = arena_for(cache.k.device, cache.k.dtype)
+    assert arena.lent() and not cache.arena  # still its memory, but a one-off shape: graphs not kept
+    cache.close()
+    assert not arena.lent()

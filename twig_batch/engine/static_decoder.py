@@ -70,11 +70,19 @@ class StaticKVCache:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache.
-        The kept rows are copied out, so the cache no longer lives in the arena."""
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
+        The kept rows move to the front of the cache's own memory a layer at a time, so compacting
+        never needs a second copy of the cache (at 7B that copy was over 20 GB beside a full arena).
+        The cache keeps its hold on the arena, but graphs over its one-off shape are not kept."""
+        kept, used = len(rows), self.used
+        for values in (self.k, self.v, self.k_scale, self.v_scale):
+            for layer in () if values is None else values:  # [rows, kv_heads, width(, head_dim)]
+                layer[:kept, :, :used] = layer[rows, :, :used]
+        self.valid[:kept] = self.valid[rows]
+        self.k, self.v, self.valid = self.k[:, :kept], self.v[:, :kept], self.valid[:kept]
         if self.k_scale is not None:
-            self.k_scale, self.v_scale = self.k_scale[:, rows], self.v_scale[:, rows]
-        self._give_back()
+            self.k_scale, self.v_scale = self.k_scale[:, :kept], self.v_scale[:, :kept]
+        self.arena = False
 
     def __enter__(self) -> "StaticKVCache":
         return self
@@ -117,7 +125,7 @@ class CacheTensors:
                             self.kv_heads, self.head_dim, *scales)
 
     def addresses(self) -> tuple:
-        return tuple((t.data_ptr(), tuple(t.shape)) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
                      if t is not None)
 
 
