@@ -21,7 +21,6 @@ from twig_batch.engine.fp8_kv import quantize
 from twig_batch.engine.fp8_triton import fp8_decode_attention_kernel
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.graphs import GraphedDecodeStep
-from twig_batch.engine.shared_columns import launch_spans_kernel, no_sharing, unconditional_spans
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.model import load_janus
@@ -109,21 +108,6 @@ def attention_alone(rows: int, width: int = 384, heads: int = 32, head_dim: int 
                     valid.stride(0), result.stride(0), result.stride(1), width, 1 / math.sqrt(head_dim),
                     HEAD_DIM=head_dim, BLOCK_N=block, num_warps=warps)
             out[f"fp8_kernel_ms_block{block}_warps{warps}"] = cuda_ms(run)
-    return out | spans_kernel_alone(q, k, v, valid, write)
-
-
-def spans_kernel_alone(q, k, v, valid, write, text: int = 64) -> dict:
-    """The bf16 decode kernel reading every row's own columns, then with plain's CFG sharing (each
-    unconditional row reads its `text` BOS and pad columns from one row) at a few block sizes."""
-    rows, width = q.shape[0], k.shape[2]
-    own = no_sharing(torch.zeros((4, rows), dtype=torch.int32, device="cuda"))
-    shared = unconditional_spans([text] * (rows // 2), text).cuda()
-    out = {}
-    for block in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for name, spans in (("own", own), ("shared", shared)):
-                out[f"bf16_kernel_{name}_ms_block{block}_warps{warps}"] = cuda_ms(
-                    lambda: launch_spans_kernel(q, k, v, valid, write, spans, block, warps))
     return out
 
 
@@ -131,14 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--attention-only", action="store_true", help="no model: the attention kernels alone")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.attention_only:
-        report = attention_alone(args.rows)
-        (args.out / "attention_alone.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
-        return
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     fuse_decoder(bundle.language_model)
     with torch.no_grad():

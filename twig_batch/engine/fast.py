@@ -13,7 +13,6 @@ from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
-from twig_batch.engine.shared_columns import sharing_enabled, unconditional_spans
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.settings import GenerationSettings
 
@@ -35,8 +34,6 @@ def draw_image_tokens_fast(
     fuse_for_device(lm)
     with StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8") as cache:
         hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
-        if _may_share(cache, settings):
-            cache.share_columns(unconditional_spans([len(ids) for ids in cond_rows], max(map(len, cond_rows))))
         next_position = positions[:, -1:] + 1
         if use_graphs is None:
             use_graphs = device.type == "cuda"
@@ -73,12 +70,6 @@ def draw_image_tokens_fast(
                 hidden = step_forward(tokens, next_position)
             next_position = next_position + 1
         return torch.stack(codes, dim=1).cpu()
-
-
-def _may_share(cache: StaticKVCache, settings: GenerationSettings) -> bool:
-    # The kernel reads one key head per query head, and the fp8 cache has a kernel of its own.
-    return (settings.kv_cache != "fp8" and cache.kv_heads == cache.heads
-            and sharing_enabled(cache.k.device))
 
 
 def _decider(observer):

@@ -20,17 +20,13 @@ import weakref
 
 import torch
 
-from twig_batch.engine.shared_columns import no_sharing
-
 
 class KVArena:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.buffer: torch.Tensor | None = None  # flat, zero-filled at allocation
         self._holder: weakref.ref | None = None
-        # (rows, width) -> validity flags and column spans (`shared_columns.py`), kept for the graphs
-        self._valid: dict[tuple[int, int], torch.Tensor] = {}
-        self._spans: dict[tuple[int, int], torch.Tensor] = {}
+        self._valid: dict[tuple[int, int], torch.Tensor] = {}  # (rows, width) -> flags, kept for the graphs
 
     @property
     def nbytes(self) -> int:
@@ -40,9 +36,8 @@ class KVArena:
         return self._holder is not None and self._holder() is not None
 
     def lend(self, holder, layers: int, rows: int, kv_heads: int, head_dim: int, min_width: int):
-        """(k, v, valid, spans) for `holder`, k and v [layers, rows, kv_heads, width, head_dim] with
-        width >= min_width, valid [rows, width] all False, spans [4, rows] sharing nothing; None while
-        another holder has them."""
+        """(k, v, valid) for `holder`, k and v [layers, rows, kv_heads, width, head_dim] with
+        width >= min_width, valid [rows, width] all False; None while another holder has them."""
         if self.lent():
             return None
         per_column = layers * rows * kv_heads * head_dim  # elements of k (or v) per cache column
@@ -56,11 +51,8 @@ class KVArena:
         if valid is None:
             valid = self._valid[(rows, width)] = torch.zeros((rows, width), dtype=torch.bool, device=self.device)
         valid.zero_()
-        spans = self._spans.get((rows, width))
-        if spans is None:
-            spans = self._spans[(rows, width)] = torch.zeros((4, rows), dtype=torch.int32, device=self.device)
         self._holder = weakref.ref(holder)
-        return k, v, valid, no_sharing(spans)
+        return k, v, valid
 
     def give_back(self, holder) -> None:
         """`holder` is done with the buffer (a cache that ended, or copied its rows elsewhere)."""
@@ -79,7 +71,7 @@ class KVArena:
             raise RuntimeError("the KV arena is still lent to a live cache")
         for hook in _RELEASE_HOOKS:
             hook(self)
-        self.buffer, self._valid, self._spans = None, {}, {}
+        self.buffer, self._valid = None, {}
 
     def _replace(self, elements: int) -> None:
         # Drop the old buffer first, so growing never needs the old and the new at once.

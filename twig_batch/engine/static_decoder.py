@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from twig_batch.engine.fused import FUSED_ATTR, KERNELS, finish, fused_layer
 from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_attention
 from twig_batch.engine.kv_arena import arena_for
-from twig_batch.engine.shared_columns import attend_over_spans, no_sharing
 
 # Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
 # worker (graphs.py keeps them), against reading 16 columns too many on average.
@@ -44,12 +43,11 @@ class StaticKVCache:
         lead = (cfg.num_hidden_layers, rows, self.kv_heads)
         self._lenders = []  # the arenas whose buffers this cache uses
         values = self._borrow(weight.device, FP8 if fp8 else weight.dtype, lead, self.head_dim, max_len)
-        self.k, self.v, self.valid, self.spans, from_arena = values
-        self.sharing = False  # whether decode steps read `spans` (`shared_columns.py`)
+        self.k, self.v, self.valid, from_arena = values
         self.k_scale = self.v_scale = None
         if fp8:  # the scales come from an arena of their own dtype: bytes are never read as another type
-            self.k_scale, self.v_scale, _, _, scales_from_arena = self._borrow(weight.device, torch.float32, lead,
-                                                                               1, max_len)
+            self.k_scale, self.v_scale, _, scales_from_arena = self._borrow(weight.device, torch.float32, lead, 1,
+                                                                            max_len)
             width = min(self.k.shape[3], self.k_scale.shape[3])
             self.k, self.v, self.valid = self.k[:, :, :, :width], self.v[:, :, :, :width], self.valid[:, :width]
             self.k_scale, self.v_scale = self.k_scale[..., :width, 0], self.v_scale[..., :width, 0]
@@ -59,7 +57,7 @@ class StaticKVCache:
         self.used = 0  # columns written so far (same for every row)
 
     def _borrow(self, device, dtype, lead: tuple[int, int, int], trailing: int, max_len: int):
-        """(k, v, valid, spans, lent by the arena?) for one dtype: the arena's views when it is free."""
+        """(k, v, valid, lent by the arena?) for one dtype: the arena's views when it is free."""
         layers, rows, kv_heads = lead
         arena = arena_for(device, dtype)
         lent = arena.lend(self, layers, rows, kv_heads, trailing, max_len)
@@ -68,13 +66,7 @@ class StaticKVCache:
             return (*lent, True)
         shape = (*lead, max_len, trailing)
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros((rows, max_len), dtype=torch.bool, device=device),
-                no_sharing(torch.zeros((4, rows), dtype=torch.int32, device=device)), False)
-
-    def share_columns(self, spans: torch.Tensor) -> None:
-        """From now on decode steps read each row's spans [4, rows] (`shared_columns.py`)."""
-        self.spans.copy_(spans)
-        self.sharing = True
+                torch.zeros((rows, max_len), dtype=torch.bool, device=device), False)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (in that order): a smaller batch reads a smaller cache.
@@ -82,15 +74,12 @@ class StaticKVCache:
         The kept rows move to the front of the cache's own memory a layer at a time, so compacting
         never needs a second copy of the cache (at 7B that copy was over 20 GB beside a full arena).
         The cache keeps its hold on the arena, but graphs over its one-off shape are not kept."""
-        if self.sharing:
-            raise RuntimeError("rows that share columns cannot be dropped")
         kept, used = len(rows), self.used
         for values in (self.k, self.v, self.k_scale, self.v_scale):
             for layer in () if values is None else values:  # [rows, kv_heads, width(, head_dim)]
                 layer[:kept, :, :used] = layer[rows, :, :used]
         self.valid[:kept] = self.valid[rows]
         self.k, self.v, self.valid = self.k[:, :kept], self.v[:, :kept], self.valid[:kept]
-        self.spans = no_sharing(self.spans[:, :kept])
         if self.k_scale is not None:
             self.k_scale, self.v_scale = self.k_scale[:, :kept], self.v_scale[:, :kept]
         self.arena = False
@@ -104,7 +93,7 @@ class StaticKVCache:
     def close(self) -> None:
         """The call is over: the arena may lend its buffer again, and this cache cannot be used."""
         self._give_back()
-        self.k = self.v = self.valid = self.spans = self.k_scale = self.v_scale = None
+        self.k = self.v = self.valid = self.k_scale = self.v_scale = None
 
     def _give_back(self) -> None:
         for arena in self._lenders:
@@ -114,7 +103,7 @@ class StaticKVCache:
 
     def tensors(self) -> "CacheTensors":
         return CacheTensors(self.k, self.v, self.valid, self.heads, self.kv_heads, self.head_dim, self.k_scale,
-                            self.v_scale, self.spans if self.sharing else None)
+                            self.v_scale)
 
 
 @dataclass(frozen=True)
@@ -128,19 +117,16 @@ class CacheTensors:
     head_dim: int
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
-    spans: torch.Tensor | None = None  # set when decode steps read shared columns
 
     def rows(self, first: int, end: int) -> "CacheTensors":
-        """The same cache restricted to rows first..end-1 (views: writes land in the cache). Spans
-        name rows of the whole cache, so a part reads its own columns only (prefill slices do)."""
+        """The same cache restricted to rows first..end-1 (views: writes land in the cache)."""
         scales = [None if t is None else t[:, first:end] for t in (self.k_scale, self.v_scale)]
-        whole = first == 0 and end >= self.k.shape[1]
         return CacheTensors(self.k[:, first:end], self.v[:, first:end], self.valid[first:end], self.heads,
-                            self.kv_heads, self.head_dim, *scales, self.spans if whole else None)
+                            self.kv_heads, self.head_dim, *scales)
 
     def addresses(self) -> tuple:
-        tensors = (self.k, self.v, self.valid, self.k_scale, self.v_scale, self.spans)
-        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) if t is not None else None for t in tensors)
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
+                     if t is not None)
 
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +197,6 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
             return _attend_fp8(cache, i, q, k, v, write, start, attend, mask)
         cache.k[i].index_copy_(2, write, k)
         cache.v[i].index_copy_(2, write, v)
-        if cache.spans is not None and length == 1:
-            return attend_over_spans(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend],
-                                     cache.valid[:, :attend], start, cache.spans)
         return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
