@@ -148,9 +148,36 @@ def test_placing_rows_writes_in_place_and_invalidates_the_rest_of_the_row(tiny64
     assert cache.valid[[0, 2]].all() and torch.equal(cache.k[:, [0, 2]], untouched)
 
 
-def test_text_rows_that_fit_counts_cache_and_prefill_per_row(tiny64):
+def test_text_rows_that_fit_counts_each_rows_cache_and_one_prefill_slice(tiny64):
+    from twig_batch.engine.memory import prefill_bytes_per_token
+    from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
+
     lm = tiny64.language_model
     per_row = text_rows_that_fit(lm, 10**12, 100, 0, headroom=1.0)
     assert per_row == 10**12 // (100 * kv_bytes_per_token(lm))
     assert text_rows_that_fit(lm, 10**12, 100, 50, headroom=1.0) < per_row
     assert text_rows_that_fit(lm, 0, 100, 50) == 1
+    # Prefills run a slice of rows at a time: their activations do not grow with the rows, only the
+    # hidden states they hand back do (twig's 700-token picture prompts at 7B once ran in two rounds).
+    row = 800 * kv_bytes_per_token(lm) + 700 * lm.config.hidden_size * lm.embed_tokens.weight.element_size()
+    one_slice = PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)
+    assert text_rows_that_fit(lm, 256 * row + one_slice, 800, 700, headroom=1.0) == 256
+
+
+def test_a_text_call_whose_cache_fits_in_the_idle_kv_arena_runs_at_once(tiny64, monkeypatch):
+    from twig_batch.engine.memory import HEADROOM, planning_budget, prefill_bytes_per_token
+    from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
+
+    lm = tiny64.language_model
+    prompts = [TextPrompt(tiny64.encode(f"a picture of {n} red cubes")) for n in range(40)]
+    width, budget = max(len(p.ids) for p in prompts), 16
+    output = lm.config.hidden_size * lm.embed_tokens.weight.element_size()
+    row = (width + budget) * kv_bytes_per_token(lm) + width * output
+    arena = 40 * row + PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)  # set aside by the worker already
+    monkeypatch.setattr(fast_text, "idle_arena_bytes", lambda device: arena)
+    monkeypatch.setattr(fast_text, "free_device_bytes", lambda device: arena)  # nothing free beside it
+    assert fast_text._rows_that_fit(tiny64, prompts, budget) == 40
+    # Memory outside the arena keeps its headroom: the same bytes, all of them free, fit fewer rows.
+    monkeypatch.setattr(fast_text, "idle_arena_bytes", lambda device: 0)
+    assert fast_text._rows_that_fit(tiny64, prompts, budget) < 40
+    assert planning_budget(1000, 600) == 600 + int(400 * HEADROOM)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
-from twig_batch.engine.memory import free_device_bytes, text_rows_that_fit
+from twig_batch.engine.kv_arena import idle_arena_bytes
+from twig_batch.engine.memory import free_device_bytes, planning_budget, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
 from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS, StaticKVCache, forward_static
@@ -255,10 +256,11 @@ def _rows_that_fit(bundle, prompts, max_new_tokens: int) -> int:
     free = free_device_bytes(bundle.device)
     if free is None:
         return len(prompts)
+    budget = planning_budget(free, idle_arena_bytes(bundle.device))
     lm, width = bundle.language_model, max(len(p.ids) for p in prompts)
-    if text_rows_that_fit(lm, free, width + max_new_tokens, width) >= len(prompts):
+    if text_rows_that_fit(lm, budget, width + max_new_tokens, width, headroom=1.0) >= len(prompts):
         return len(prompts)
-    return text_rows_that_fit(lm, free, width + 2 * max_new_tokens, width)
+    return text_rows_that_fit(lm, budget, width + 2 * max_new_tokens, width, headroom=1.0)
 
 
 def _worth_compacting(rows: int, finished: int, steps_left: int) -> bool:

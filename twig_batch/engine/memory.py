@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
+from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
 from twig_batch.settings import GenerationSettings
 
 PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
@@ -88,6 +89,13 @@ def free_device_bytes(device: torch.device) -> int | None:
     return free + unused + idle_arena_bytes(device)
 
 
+def planning_budget(free_bytes: int, idle_arena: int, headroom: float = HEADROOM) -> int:
+    """What one call may plan to use of `free_bytes` (as `free_device_bytes` counts it), `idle_arena`
+    of which is the idle KV arena: that memory is already allocated and set aside for caches, so it
+    counts whole; the headroom applies to the rest, where the call's other allocations land."""
+    return idle_arena + int((free_bytes - idle_arena) * headroom)
+
+
 def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
                     headroom: float = HEADROOM) -> int:
     """The most images one call can draw within `free_bytes` (at least 1, at most MAX_IMAGES_PER_CALL)."""
@@ -97,6 +105,9 @@ def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, promp
 
 def text_rows_that_fit(lm, free_bytes: int, columns: int, prefill_tokens: int, headroom: float = HEADROOM) -> int:
     """How many rows of one text call fit within `free_bytes` (at least 1): each row holds a KV cache
-    `columns` wide, and the prefill's transient activations over `prefill_tokens` tokens."""
-    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * prefill_bytes_per_token(lm)
-    return max(1, int(free_bytes * headroom) // per_row)
+    `columns` wide and its `prefill_tokens` of the prefill's output; the prefill's other activations
+    are one slice's (`PREFILL_CHUNK_TOKENS`) however many rows there are."""
+    output = lm.config.hidden_size * lm.embed_tokens.weight.element_size()  # per token: the prefill's hidden states
+    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * output
+    one_slice = PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm) if prefill_tokens else 0
+    return max(1, (int(free_bytes * headroom) - one_slice) // per_row)
