@@ -61,28 +61,51 @@ def distribution_check(bundle, rows: list[list[int]], steps: int = 16, prefixes=
 
 
 def greedy_agreement(bundle, rows: list[list[int]], n: int = 32) -> dict:
+    """Greedy tokens of both paths at the start of each band. Where the first tokens differ, how close
+    the reference's own logits had the two picks (`reference_gap`) against how far the two paths'
+    logits are apart at that step (`logit_noise`): a gap below the noise is a tie bf16 cannot break."""
     settings = GenerationSettings(temperature=0)
-    agree = []
+    agree, disagreements = [], []
     for band in range(3):
         codebook = bundle.model.config.vq_config.num_embeddings
         prefix = torch.randint(0, codebook, (len(rows), band * 192), generator=torch.Generator().manual_seed(band))
+        fast_log = LogitsRecorder()
         fast = draw_image_tokens_fast(bundle, rows, [0] * len(rows), settings, n, prefix_codes=prefix,
-                                      first_step=band * 192)
+                                      first_step=band * 192, observer=fast_log)
         for b in range(len(rows)):
+            ref_log = LogitsRecorder()
             ref = reference_image_tokens(bundle, rows[b], 0, settings, n, prefix_codes=prefix[b],
-                                         first_step=band * 192)
+                                         first_step=band * 192, observer=ref_log)
             agree.append(int((fast[b] == ref).cumprod(0).sum()))
+            if fast[b, 0] != ref[0]:
+                ref_first, fast_first = ref_log.steps[0][0], fast_log.steps[0][b]
+                disagreements.append({
+                    "band": band, "prompt": b,
+                    "reference_gap": (ref_first[ref[0]] - ref_first[fast[b, 0]]).item(),
+                    "logit_noise": (fast_first - ref_first).abs().max().item()})
     return {"greedy_first_tokens_agreeing": agree, "greedy_tokens_compared": n,
-            "greedy_first_token_agrees": sum(a > 0 for a in agree), "greedy_bands": len(agree)}
+            "greedy_first_token_agrees": sum(a > 0 for a in agree), "greedy_bands": len(agree),
+            "greedy_first_token_disagreements": disagreements}
 
 
 def graph_vs_eager(bundle, rows: list[list[int]]) -> dict:
-    """The same 130 steps replayed from CUDA graphs and run eagerly: tokens, and the first step's gap."""
+    """The same 130 steps replayed from CUDA graphs and run eagerly: tokens, and the first step's gap.
+    Each path also runs twice: if a path does not repeat itself, the two cannot be expected to agree."""
     settings = GenerationSettings()
     seeds = list(range(len(rows)))
     graph_log, eager_log = LogitsRecorder(), LogitsRecorder()
     a = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=True, observer=graph_log)
     b = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=False, observer=eager_log)
+    a2 = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=True)
+    b2 = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=False)
     second = (graph_log.steps[1] - eager_log.steps[1]).abs().max().item()  # step 1 is the first decode step
     return {"graph_tokens_equal_eager": bool(torch.equal(a, b)), "graph_vs_eager_first_decode_logit_gap": second,
-            "graph_vs_eager_first_decode_tv": _tv(graph_log.steps[1], eager_log.steps[1]).max().item()}
+            "graph_vs_eager_first_decode_tv": _tv(graph_log.steps[1], eager_log.steps[1]).max().item(),
+            "graph_tokens_repeat": bool(torch.equal(a, a2)), "eager_tokens_repeat": bool(torch.equal(b, b2)),
+            "graph_vs_eager_first_differing_step": _first_difference(a, b)}
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """The first step at which any image's tokens differ (None if none do)."""
+    differs = (a != b).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else None
