@@ -125,8 +125,9 @@ class CacheTensors:
                             self.kv_heads, self.head_dim, *scales)
 
     def addresses(self) -> tuple:
-        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (self.k, self.v, self.valid, self.k_scale, self.v_scale)
-                     if t is not None)
+        # Strides too: a compacted cache is a view with another row stride at the same address.
+        tensors = (self.k, self.v, self.valid, self.k_scale, self.v_scale)
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors if t is not None)
 
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
