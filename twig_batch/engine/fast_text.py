@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
-from twig_batch.engine.kv_arena import idle_arena_bytes
+from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
 from twig_batch.engine.memory import free_device_bytes, planning_budget, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
@@ -256,7 +256,9 @@ def _rows_that_fit(bundle, prompts, max_new_tokens: int) -> int:
     free = free_device_bytes(bundle.device)
     if free is None:
         return len(prompts)
-    budget = planning_budget(free, idle_arena_bytes(bundle.device))
+    arena = arena_for(bundle.device, bundle.dtype)  # the one a text cache borrows from
+    own = 0 if arena.lent() else arena.nbytes
+    budget = planning_budget(free, own, idle_arena_bytes(bundle.device) - own)
     lm, width = bundle.language_model, max(len(p.ids) for p in prompts)
     if text_rows_that_fit(lm, budget, width + max_new_tokens, width, headroom=1.0) >= len(prompts):
         return len(prompts)

@@ -89,11 +89,13 @@ def free_device_bytes(device: torch.device) -> int | None:
     return free + unused + idle_arena_bytes(device)
 
 
-def planning_budget(free_bytes: int, idle_arena: int, headroom: float = HEADROOM) -> int:
-    """What one call may plan to use of `free_bytes` (as `free_device_bytes` counts it), `idle_arena`
-    of which is the idle KV arena: that memory is already allocated and set aside for caches, so it
-    counts whole; the headroom applies to the rest, where the call's other allocations land."""
-    return idle_arena + int((free_bytes - idle_arena) * headroom)
+def planning_budget(free_bytes: int, own_arena: int, other_arenas: int = 0, headroom: float = HEADROOM) -> int:
+    """What one call may plan to use of `free_bytes` (as `free_device_bytes` counts it, every idle KV
+    arena included). `own_arena` is the idle arena its cache will borrow: already allocated and set
+    aside for caches, so it counts whole. Arenas of other dtypes (an fp8 cache's) stay allocated
+    through the call, so they do not count; the headroom applies to the rest, where the call's other
+    allocations land."""
+    return own_arena + int((free_bytes - own_arena - other_arenas) * headroom)
 
 
 def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
