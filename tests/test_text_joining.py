@@ -153,15 +153,15 @@ def test_text_rows_that_fit_counts_each_rows_cache_and_one_prefill_slice(tiny64)
     from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
 
     lm = tiny64.language_model
-    per_row = text_rows_that_fit(lm, 10**12, 100, 0, headroom=1.0)
+    per_row = text_rows_that_fit(lm, 10**12, 100, 0)
     assert per_row == 10**12 // (100 * kv_bytes_per_token(lm))
-    assert text_rows_that_fit(lm, 10**12, 100, 50, headroom=1.0) < per_row
+    assert text_rows_that_fit(lm, 10**12, 100, 50) < per_row
     assert text_rows_that_fit(lm, 0, 100, 50) == 1
     # Prefills run a slice of rows at a time: their activations do not grow with the rows, only the
     # hidden states they hand back do (twig's 700-token picture prompts at 7B once ran in two rounds).
     row = 800 * kv_bytes_per_token(lm) + 700 * lm.config.hidden_size * lm.embed_tokens.weight.element_size()
     one_slice = PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)
-    assert text_rows_that_fit(lm, 256 * row + one_slice, 800, 700, headroom=1.0) == 256
+    assert text_rows_that_fit(lm, 256 * row + one_slice, 800, 700) == 256
 
 
 def test_a_text_call_whose_cache_fits_in_the_idle_kv_arena_runs_at_once(tiny64, monkeypatch):

@@ -260,9 +260,9 @@ def _rows_that_fit(bundle, prompts, max_new_tokens: int) -> int:
     own = 0 if arena.lent() else arena.nbytes
     budget = planning_budget(free, own, idle_arena_bytes(bundle.device) - own)
     lm, width = bundle.language_model, max(len(p.ids) for p in prompts)
-    if text_rows_that_fit(lm, budget, width + max_new_tokens, width, headroom=1.0) >= len(prompts):
+    if text_rows_that_fit(lm, budget, width + max_new_tokens, width) >= len(prompts):
         return len(prompts)
-    return text_rows_that_fit(lm, budget, width + 2 * max_new_tokens, width, headroom=1.0)
+    return text_rows_that_fit(lm, budget, width + 2 * max_new_tokens, width)
 
 
 def _worth_compacting(rows: int, finished: int, steps_left: int) -> bool:

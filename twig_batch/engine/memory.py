@@ -105,11 +105,11 @@ def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, promp
     return max(1, min(MAX_IMAGES_PER_CALL, fit))
 
 
-def text_rows_that_fit(lm, free_bytes: int, columns: int, prefill_tokens: int, headroom: float = HEADROOM) -> int:
-    """How many rows of one text call fit within `free_bytes` (at least 1): each row holds a KV cache
-    `columns` wide and its `prefill_tokens` of the prefill's output; the prefill's other activations
-    are one slice's (`PREFILL_CHUNK_TOKENS`) however many rows there are."""
+def text_rows_that_fit(lm, budget: int, columns: int, prefill_tokens: int) -> int:
+    """How many rows of one text call fit within `budget` bytes (`planning_budget`; at least 1): each
+    row holds a KV cache `columns` wide and its `prefill_tokens` of the prefill's output; the
+    prefill's other activations are one slice's (`PREFILL_CHUNK_TOKENS`) however many rows there are."""
     output = lm.config.hidden_size * lm.embed_tokens.weight.element_size()  # per token: the prefill's hidden states
     per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * output
     one_slice = PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm) if prefill_tokens else 0
-    return max(1, (int(free_bytes * headroom) - one_slice) // per_row)
+    return max(1, (budget - one_slice) // per_row)
