@@ -5,7 +5,8 @@ Model: Janus-Pro-7B-sized, random weights, bf16, bf16 KV cache. Writes DIR/speed
 DIR/speed_suite.md (the table), and prints the table. In order: device anchors (copy, matmul), the
 seed-style loop, transformers' native `generate`, the bf16 checks against the reference loop, plain
 with the unfused decode step (for comparison), then plain (at --images and at the batch chosen from
-free memory), twig and seed with the default engine and a per-phase breakdown.
+free memory), twig and seed with the default engine and a per-phase breakdown, plain with an fp8 KV
+cache, and last twig and seed at the batch chosen from free memory.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
-from staged_speed import run_staged
+from staged_speed import run_staged, workload_settings
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.graphs import forget_graphs
 from twig_batch.engine.kv_arena import idle_arena_bytes, release_arenas
@@ -72,6 +73,7 @@ def workload(result: dict, out: Path, name: str, run) -> None:
         row = {"error": f"out of memory: {str(exc)[:400]}", "arena_gib": idle_arena_bytes(torch.device("cuda")) / 2**30,
                "allocated_gib": torch.cuda.memory_allocated() / 2**30}
     step(result, out, "workloads", [{"name": name, **row}])
+    (out / "speed_suite.md").write_text(table(result) + "\n")  # the table so far, like the JSON
 
 
 def table(result: dict) -> str:
@@ -133,7 +135,10 @@ def main() -> None:
     auto8 = images_per_call(bundle, fp8, free_device_bytes(bundle.device), prompt_tokens=64)
     workload(result, out, "plain, fp8 KV cache (batch from free memory)",
              lambda: plain_workload(bundle, auto8, kv_cache="fp8"))
-    (out / "speed_suite.md").write_text(table(result) + "\n")
+    for mode in ("twig", "seed"):  # what a worker picks when no batch size is given
+        staged = images_per_call(bundle, workload_settings(mode), free_device_bytes(bundle.device), prompt_tokens=64)
+        step(result, out, "auto", {f"auto_images_per_call_{mode}": staged})
+        workload(result, out, f"{mode} (batch from free memory)", lambda mode=mode, n=staged: run_staged(bundle, mode, n))
     print(table(result))
 
 

@@ -57,13 +57,24 @@ def _columns(bundle, settings: GenerationSettings, prompt_tokens: int) -> tuple[
 
 
 def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
+    """What one more image adds to a call: its KV cache (the larger of its image and text calls) and
+    its share of the prefill's output; `prefill_slice_bytes` is paid once per call on top."""
     lm = bundle.language_model
     image_call, text_call = _columns(bundle, settings, prompt_tokens)
     # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
-    activation = prefill_bytes_per_token(lm)
     prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
     image_bytes = image_call * kv_bytes_per_token(lm, fp8=settings.kv_cache == "fp8")
-    return max(image_bytes, text_call * kv_bytes_per_token(lm)) + prefill_tokens * activation
+    return max(image_bytes, text_call * kv_bytes_per_token(lm)) + prefill_tokens * prefill_output_bytes_per_token(lm)
+
+
+def prefill_output_bytes_per_token(lm) -> int:
+    """A prefill's output per token (its final hidden states), kept for every row of the call."""
+    return lm.config.hidden_size * lm.embed_tokens.weight.element_size()
+
+
+def prefill_slice_bytes(lm) -> int:
+    """A prefill's other activations: one slice's (`PREFILL_CHUNK_TOKENS`), however many rows there are."""
+    return PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)
 
 
 def reserve_kv_arena(bundle, settings: GenerationSettings, images: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
@@ -101,15 +112,15 @@ def planning_budget(free_bytes: int, own_arena: int, other_arenas: int = 0, head
 def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
                     headroom: float = HEADROOM) -> int:
     """The most images one call can draw within `free_bytes` (at least 1, at most MAX_IMAGES_PER_CALL)."""
-    fit = int(free_bytes * headroom) // bytes_per_image(bundle, settings, prompt_tokens)
+    budget = int(free_bytes * headroom) - prefill_slice_bytes(bundle.language_model)
+    fit = budget // bytes_per_image(bundle, settings, prompt_tokens)
     return max(1, min(MAX_IMAGES_PER_CALL, fit))
 
 
 def text_rows_that_fit(lm, budget: int, columns: int, prefill_tokens: int) -> int:
     """How many rows of one text call fit within `budget` bytes (`planning_budget`; at least 1): each
-    row holds a KV cache `columns` wide and its `prefill_tokens` of the prefill's output; the
-    prefill's other activations are one slice's (`PREFILL_CHUNK_TOKENS`) however many rows there are."""
-    output = lm.config.hidden_size * lm.embed_tokens.weight.element_size()  # per token: the prefill's hidden states
-    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * output
-    one_slice = PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm) if prefill_tokens else 0
+    row holds a KV cache `columns` wide and its `prefill_tokens` of the prefill's output, and the call
+    one slice of the prefill's other activations."""
+    per_row = columns * kv_bytes_per_token(lm) + prefill_tokens * prefill_output_bytes_per_token(lm)
+    one_slice = prefill_slice_bytes(lm) if prefill_tokens else 0
     return max(1, (budget - one_slice) // per_row)
