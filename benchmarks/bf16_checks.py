@@ -89,20 +89,30 @@ def greedy_agreement(bundle, rows: list[list[int]], n: int = 32) -> dict:
 
 
 def graph_vs_eager(bundle, rows: list[list[int]]) -> dict:
-    """The same 130 steps replayed from CUDA graphs and run eagerly: tokens, and the first step's gap.
-    Each path also runs twice: if a path does not repeat itself, the two cannot be expected to agree."""
+    """The same 130 steps replayed from CUDA graphs and run eagerly: tokens, and where they part.
+    Each path also runs twice, with the same observer (it widens the cache): if a path does not
+    repeat itself, the two cannot be expected to agree."""
     settings = GenerationSettings()
     seeds = list(range(len(rows)))
-    graph_log, eager_log = LogitsRecorder(), LogitsRecorder()
-    a = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=True, observer=graph_log)
-    b = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=False, observer=eager_log)
-    a2 = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=True)
-    b2 = draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=False)
+    runs = {}
+    for name, graphs in (("graph", True), ("eager", False), ("graph_again", True), ("eager_again", False)):
+        log = LogitsRecorder()
+        runs[name] = (draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=graphs, observer=log), log)
+    (a, graph_log), (b, eager_log) = runs["graph"], runs["eager"]
+    (a2, graph_log2), (b2, eager_log2) = runs["graph_again"], runs["eager_again"]
     second = (graph_log.steps[1] - eager_log.steps[1]).abs().max().item()  # step 1 is the first decode step
     return {"graph_tokens_equal_eager": bool(torch.equal(a, b)), "graph_vs_eager_first_decode_logit_gap": second,
             "graph_vs_eager_first_decode_tv": _tv(graph_log.steps[1], eager_log.steps[1]).max().item(),
             "graph_tokens_repeat": bool(torch.equal(a, a2)), "eager_tokens_repeat": bool(torch.equal(b, b2)),
-            "graph_vs_eager_first_differing_step": _first_difference(a, b)}
+            "graph_vs_eager_first_differing_step": _first_difference(a, b),
+            "graph_vs_eager_first_differing_logits_step": _first_logit_difference(graph_log, eager_log),
+            "graph_repeat_first_differing_logits_step": _first_logit_difference(graph_log, graph_log2),
+            "eager_repeat_first_differing_logits_step": _first_logit_difference(eager_log, eager_log2)}
+
+
+def _first_logit_difference(a: LogitsRecorder, b: LogitsRecorder) -> int | None:
+    """The first step whose logits differ in any bit (None if none do)."""
+    return next((i for i, (x, y) in enumerate(zip(a.steps, b.steps)) if not torch.equal(x, y)), None)
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:

@@ -27,6 +27,7 @@ class GenerationSettings:
     guidance_temperature: float = 1.0
     controller: ControllerConfig | None = None  # None: no latent controller
     kv_cache: str = "model"
+    deterministic: bool = False  # the same bits every run on a GPU, at some speed (engine/repeatable.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.controller, dict):  # settings that travelled as JSON (batch jobs, Ray actors)
@@ -45,8 +46,9 @@ class GenerationSettings:
                 raise InputError(f"{name.replace('_', ' ')} must be a whole number, got {getattr(self, name)!r}")
         if self.top_p is not None and not _finite(self.top_p):
             raise InputError(f"top-p must be a finite number, got {self.top_p!r}")
-        if not isinstance(self.reflect, bool):
-            raise InputError(f"reflect must be true or false, got {self.reflect!r}")
+        for name in ("reflect", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _finite(self.cfg_weight) or self.cfg_weight < 0:
             raise InputError(f"cfg weight must be a finite number >= 0, got {self.cfg_weight!r}")
         if not _finite(self.temperature) or self.temperature < 0:

@@ -5,8 +5,9 @@ lands in that bucket; a step then costs one replay instead of hundreds of kernel
 
 A capture costs an eager warm-up step and a pass of Python over the whole model, a large share of
 a short call. Graphs over a cache lent by the KV arena are therefore kept after the call (keyed by
-the model, the embedding and the cache's addresses and shape) and replayed by every later call that
-borrows the same shape; graphs over a cache of its own die with the call.
+the model, the embedding, the cache's addresses and shape, and the attention kernels allowed) and
+replayed by every later call that borrows the same shape; graphs over a cache of its own die with
+the call.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections import OrderedDict
 import torch
 
 from twig_batch.engine.kv_arena import on_release
+from twig_batch.engine.repeatable import attention_backends
 from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width, forward_at
 
 KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embedding in use)
@@ -90,7 +92,7 @@ def _graph_set(bundle, cache: StaticKVCache, embed) -> GraphSet:
         return GraphSet(bundle, tensors, embed)
     # Bound methods are new objects at every attribute access: key on the function and its owner.
     embed_key = (getattr(embed, "__func__", embed), id(getattr(embed, "__self__", None)))
-    key = (id(bundle.language_model), embed_key, tensors.addresses())
+    key = (id(bundle.language_model), embed_key, tensors.addresses(), attention_backends())
     kept = _KEPT.get(key)
     if kept is None:
         kept = _KEPT[key] = GraphSet(bundle, tensors, embed)

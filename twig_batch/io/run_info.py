@@ -51,11 +51,23 @@ def write_run_info(storage, info: dict) -> None:
 
 
 def check_resume_matches(previous: dict, current: dict, where: str) -> None:
+    previous = with_settings_added_since(previous)
     differing = [name for name in IDENTITY_FIELDS if previous.get(name) != current.get(name)]
     if differing:
         detail = "; ".join(f"{name}: was {previous.get(name)!r}, now {current.get(name)!r}" for name in differing)
         raise InputError(f"cannot resume the run in {where} with different {', '.join(differing)} ({detail}); "
                          "use the original options or a new output destination")
+
+
+def with_settings_added_since(previous: dict) -> dict:
+    """A run recorded before a setting existed ran with its default: compare it so."""
+    from twig_batch.settings import GenerationSettings
+
+    recorded = previous.get("settings")
+    if not isinstance(recorded, dict):
+        return previous
+    defaults = json.loads(json.dumps(GenerationSettings().to_dict(), default=str))
+    return previous | {"settings": defaults | recorded}
 
 
 def write_complete_marker(storage, summary: dict) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from twig_batch.engine.repeatable import attention_for
 from twig_batch.settings import GenerationSettings
 
 
@@ -66,4 +67,5 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
         observer = LatentController(bundle, [r.prompt for r in requests], settings.controller,
                                     weights=shared_controller_net(bundle, settings.controller))
 
-    return generate_staged(bundle, requests, settings, observer, templates=templates)
+    with attention_for(settings.deterministic):
+        return generate_staged(bundle, requests, settings, observer, templates=templates)
