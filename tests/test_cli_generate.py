@@ -22,6 +22,16 @@ def test_generate_writes_png_and_record(tmp_path):
     assert (out / "image-0000.png").read_bytes() != (out / "image-0001.png").read_bytes()
 
 
+def test_generate_deterministic_is_recorded_and_draws_the_same_image_on_a_cpu(tmp_path):
+    for flag, out in (([], tmp_path / "usual"), (["--deterministic"], tmp_path / "repeatable")):
+        result = runner.invoke(app, ["generate", "a red cube", "--out", str(out), "--seed", "5", *flag])
+        assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "repeatable" / "image-0000.json").read_text())
+    assert record["settings"]["deterministic"] is True
+    assert json.loads((tmp_path / "usual" / "image-0000.json").read_text())["settings"]["deterministic"] is False
+    assert (tmp_path / "usual" / "image-0000.png").read_bytes() == (tmp_path / "repeatable" / "image-0000.png").read_bytes()
+
+
 def test_generate_bad_model_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
     assert result.exit_code == 2

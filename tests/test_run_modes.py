@@ -25,7 +25,7 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
     dest = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--mode", "twig", "--actors", "1",
                                       "--batch-size", "4", "--set", "think_max_tokens=6", "--controller",
-                                      "--controller-set", "force_every=100"])
+                                      "--controller-set", "force_every=100", "--deterministic"])
     assert result.exit_code == 0, result.output
     rows = read_manifest(dest).to_pylist()
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"} and {r["mode"] for r in rows} == {"twig"}
@@ -39,6 +39,7 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
         assert r["trigger_log_uri"].rsplit("/", 1)[0] == r["image_uri"].rsplit("/", 1)[0]  # next to the image
     info = json.loads((dest / "run.json").read_text())
     assert info["settings"]["controller"]["force_every"] == 100 and info["settings"]["think_max_tokens"] == 6
+    assert info["settings"]["deterministic"] is True
 
 
 def test_a_model_that_fails_on_the_workers_is_one_clear_error(ray_cluster, tmp_path):
