@@ -87,10 +87,6 @@ def probe(rows: int, width: int, prefix: int, layers: int, max_len: int) -> dict
     vs = [torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(layers)]
     q = torch.randn((rows, HEADS, 1, HEAD_DIM), generator=gen, device=device, dtype=torch.bfloat16)
     half = rows // 2
-    for k, v in zip(ks, vs):  # every unconditional row (odd, and the second half) holds the same prefix
-        for block in (slice(1, rows, 2), slice(half, rows)):
-            k[block, :, :prefix] = k[block.start:block.start + 1, :, :prefix]
-            v[block, :, :prefix] = v[block.start:block.start + 1, :, :prefix]
     mask = torch.ones((rows, 1, 1, width), dtype=torch.bool, device=device)
     biases = (bias_of(torch.ones((half, 1, 1, width), dtype=torch.bool, device=device)),
               bias_of(torch.ones((half, 1, 1, width - prefix), dtype=torch.bool, device=device)),
@@ -99,6 +95,9 @@ def probe(rows: int, width: int, prefix: int, layers: int, max_len: int) -> dict
     result["one_call_ms_per_layer"] = graph_time(lambda: [one_call(q, k, v, mask, width) for k, v in zip(ks, vs)]) / layers
     layouts = {"interleaved": (slice(0, rows, 2), slice(1, rows, 2)), "blocks": (slice(0, half), slice(half, rows))}
     for name, (cond, uncond) in layouts.items():
+        for k, v in zip(ks, vs):  # this layout's unconditional rows hold the same prefix
+            k[uncond, :, :prefix] = k[uncond.start:uncond.start + 1, :, :prefix]
+            v[uncond, :, :prefix] = v[uncond.start:uncond.start + 1, :, :prefix]
         run = lambda: [split_calls(q, k, v, biases, width, prefix, cond, uncond) for k, v in zip(ks, vs)]  # noqa: E731
         result[f"split_{name}_ms_per_layer"] = graph_time(run) / layers
         reference = one_call(q, ks[0], vs[0], mask, width)
