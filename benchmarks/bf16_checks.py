@@ -119,26 +119,3 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
     """The first step at which any image's tokens differ (None if none do)."""
     differs = (a != b).any(dim=0).nonzero()
     return int(differs[0]) if len(differs) else None
-
-
-def shared_prefix_check(bundle, rows: list[list[int]], steps: int = 32) -> dict:
-    """Long (seed-length) prompts drawn greedily with the shared CFG prefix and without: how many
-    first tokens agree, and the TV distance between the two paths' sampling distributions while
-    their tokens agree (bf16 sums the prefix and the rest in two parts instead of one)."""
-    from twig_batch.engine import cfg_prefix
-
-    greedy = GenerationSettings(temperature=0)
-    runs = {}
-    for name, threshold in (("shared", cfg_prefix.MIN_SHARED_COLUMNS), ("unshared", 10**9)):
-        saved, cfg_prefix.MIN_SHARED_COLUMNS = cfg_prefix.MIN_SHARED_COLUMNS, threshold
-        try:
-            log = LogitsRecorder()
-            codes = draw_image_tokens_fast(bundle, rows, [0] * len(rows), greedy, steps, observer=log)
-        finally:
-            cfg_prefix.MIN_SHARED_COLUMNS = saved
-        runs[name] = (codes, torch.stack(log.steps, 1))
-    (shared, shared_logits), (alone, alone_logits) = runs["shared"], runs["unshared"]
-    agree = (shared == alone).long().cumprod(1).sum(1)
-    tv = torch.cat([_tv(shared_logits[b, : a + 1], alone_logits[b, : a + 1]) for b, a in enumerate(agree.tolist())])
-    return {"shared_prefix_prompt_tokens": [len(r) for r in rows], "shared_prefix_tokens_agreeing": agree.tolist(),
-            "shared_prefix_tv_mean": tv.mean().item(), "shared_prefix_tv_max": tv.max().item()}

@@ -17,8 +17,8 @@ from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
 from twig_batch.settings import GenerationSettings
 
 
-def pad_left(rows: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
+def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -27,15 +27,14 @@ def pad_left(rows: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[tor
     return ids, mask
 
 
-def cfg_prefill_inputs(bundle, cond_rows: list[list[int]], prefix_codes: torch.Tensor | None, width_multiple: int = 1):
+def cfg_prefill_inputs(bundle, cond_rows: list[list[int]], prefix_codes: torch.Tensor | None):
     """The prefill of B images as 2B rows (cond_0, uncond_0, ...): left-padded input embeddings
-    [2B, W, D], which columns are real [2B, W] (bool) and each row's positions [2B, W]. The text's
-    width is a multiple of `width_multiple`; any image prefix follows it."""
+    [2B, W, D], which columns are real [2B, W] (bool) and each row's positions [2B, W]."""
     device = bundle.device
     rows: list[list[int]] = []
     for ids in cond_rows:
         rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
-    ids, mask = pad_left(rows, bundle.tokens.pad, width_multiple)
+    ids, mask = pad_left(rows, bundle.tokens.pad)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     valid = mask.bool()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine import cfg_prefix
 from twig_batch.engine.batched import cfg_prefill_inputs
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
@@ -28,28 +27,23 @@ def draw_image_tokens_fast(
 ) -> torch.Tensor:
     """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`."""
     device = bundle.device
-    fp8 = settings.kv_cache == "fp8"
-    sharing = cfg_prefix.wanted(cond_rows, device, fp8)
-    multiple = cfg_prefix.WIDTH_MULTIPLE if sharing else 1
-    embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes, width_multiple=multiple)
-    text_width = embeds.shape[1] - (0 if prefix_codes is None else prefix_codes.shape[1])
-    shared = cfg_prefix.plan(cond_rows, text_width) if sharing else None
+    embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
     rows = embeds.shape[0]
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
     fuse_for_device(lm)
-    with StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=fp8) as cache:
+    with StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8") as cache:
         hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
         next_position = positions[:, -1:] + 1
         if use_graphs is None:
             use_graphs = device.type == "cuda"
-        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes, shared) if use_graphs else None
+        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
         all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
 
         def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if graphed is not None:
                 return graphed(tokens.repeat_interleave(2), positions)
-            return _decode_step(bundle, cache, tokens, positions, all_valid, shared)
+            return _decode_step(bundle, cache, tokens, positions, all_valid)
 
         row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
         codes = []
@@ -96,9 +90,9 @@ class _Resolved:
         return self.injection
 
 
-def _decode_step(bundle, cache, tokens, positions, valid, shared=None):
+def _decode_step(bundle, cache, tokens, positions, valid):
     step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
-    return forward_static(bundle.language_model, cache, step_embeds, positions, valid, shared=shared)[:, -1]
+    return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
 
 
 def _inject(bundle, cache, next_position, injection):

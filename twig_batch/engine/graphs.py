@@ -15,7 +15,6 @@ from collections import OrderedDict
 
 import torch
 
-from twig_batch.engine.cfg_prefix import SharedPrefix
 from twig_batch.engine.kv_arena import on_release
 from twig_batch.engine.repeatable import attention_backends
 from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width, forward_at
@@ -26,8 +25,8 @@ KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embed
 class GraphedDecodeStep:
     """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text)."""
 
-    def __init__(self, bundle, cache: StaticKVCache, embed, shared: SharedPrefix | None = None):
-        self.cache, self.shared = cache, shared
+    def __init__(self, bundle, cache: StaticKVCache, embed):
+        self.cache = cache
         self.graphs = _graph_set(bundle, cache, embed)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -35,7 +34,7 @@ class GraphedDecodeStep:
         end = self.cache.used + 1
         if end > self.cache.max_len:
             raise RuntimeError(f"KV cache full: {end} > {self.cache.max_len} columns")
-        out = self.graphs.replay(tokens, positions, self.cache.used, attend_width(self.cache, end), self.shared)
+        out = self.graphs.replay(tokens, positions, self.cache.used, attend_width(self.cache, end))
         self.cache.used = end
         return out
 
@@ -51,37 +50,35 @@ class GraphSet:
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
         self.start = torch.zeros((), dtype=torch.long, device=device)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # by (width read, sharing)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def replay(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, attend: int,
-               shared: SharedPrefix | None = None) -> torch.Tensor:
+    def replay(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, attend: int) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.start.fill_(start)
-        key = (attend, shared)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(attend, shared)
-        graph, out = self.graphs[key]
+        if attend not in self.graphs:
+            self.graphs[attend] = self._capture(attend)
+        graph, out = self.graphs[attend]
         graph.replay()
         return out.clone()
 
-    def _body(self, attend: int, shared: SharedPrefix | None) -> torch.Tensor:
+    def _body(self, attend: int) -> torch.Tensor:
         embeds = self.embed(self.tokens).unsqueeze(1)
         return forward_at(self.bundle.language_model, self.tensors, embeds, self.positions, self.valid, self.start,
-                          attend, shared)[:, -1]
+                          attend)[:, -1]
 
-    def _capture(self, attend: int, shared: SharedPrefix | None):
+    def _capture(self, attend: int):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         # One warm-up (lazy library set-up, compiled kernels) outside the capture; it writes the same
         # cache column the real step will. Each warm-up is an eager step: tens of ms at a few hundred rows.
         with torch.cuda.stream(stream):
-            self._body(attend, shared)
+            self._body(attend)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(attend, shared)
+            out = self._body(attend)
         self.pool = graph.pool()
         return graph, out
 

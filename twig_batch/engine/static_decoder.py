@@ -13,7 +13,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from twig_batch.engine.cfg_prefix import SharedPrefix, attend_split, split_inputs
 from twig_batch.engine.fused import FUSED_ATTR, KERNELS, finish, fused_layer
 from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_attention
 from twig_batch.engine.kv_arena import arena_for
@@ -146,13 +145,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-                   valid: torch.Tensor, first_rows: bool = False, shared: SharedPrefix | None = None) -> torch.Tensor:
+                   valid: torch.Tensor, first_rows: bool = False) -> torch.Tensor:
     """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
 
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
     tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
     With `first_rows`, `embeds` are for the cache's first R rows only (the others are left alone).
-    With `shared`, a decode step's unconditional rows read their prefix from one row (`cfg_prefix.py`).
     """
     rows, length = embeds.shape[:2]
     end = cache.used + length
@@ -165,8 +163,7 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     tensors = cache.tensors()
     chunk = max(1, PREFILL_CHUNK_TOKENS // length)
     if rows <= chunk:  # every decode step, and small prefills: one pass, no copy of the output
-        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend,
-                            shared if length == 1 else None)
+        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend)
     else:  # rows never see each other: a prefill in slices of rows bounds its activations
         hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
                                        positions[a:a + chunk], valid[a:a + chunk], start, attend)
@@ -180,10 +177,9 @@ def attend_width(cache: StaticKVCache, end: int) -> int:
 
 
 def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               start: torch.Tensor, attend: int, shared: SharedPrefix | None = None) -> torch.Tensor:
+               start: torch.Tensor, attend: int) -> torch.Tensor:
     """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
-    int, so one captured CUDA graph serves every step whose columns fall in the same bucket.
-    `shared` (decode steps of an image call in the model's dtype only): see `cfg_prefix.py`."""
+    int, so one captured CUDA graph serves every step whose columns fall in the same bucket."""
     rows, length, _ = embeds.shape
     device = embeds.device
     write = start + torch.arange(length, device=device)  # [T]
@@ -196,15 +192,12 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
     mask = ((cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    split = None if shared is None else split_inputs(cache.valid[:, :attend], mask, shared, embeds.dtype)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if cache.k_scale is not None:
             return _attend_fp8(cache, i, q, k, v, write, start, attend, mask)
         cache.k[i].index_copy_(2, write, k)
         cache.v[i].index_copy_(2, write, v)
-        if split is not None:
-            return attend_split(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], split)
         return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
