@@ -46,10 +46,11 @@ def phase_totals(results) -> dict[str, float]:
     return phases
 
 
-def run_staged(bundle, mode: str, images: int) -> dict:
+def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | None = None) -> dict:
     """The batch run twice after a two-image warm-up (compiled kernels): first cold (graph captures
-    for this batch's shapes), then as a worker's every later batch runs; the second is the figure."""
-    settings = workload_settings(mode)
+    for this batch's shapes), then as a worker's every later batch runs; the second is the figure.
+    `settings` replaces the workload's own (`workload_settings(mode)`)."""
+    settings = settings or workload_settings(mode)
     requests = requests_for(images)
     generate_images(bundle, requests[:2], settings)
     reserve_kv_arena(bundle, settings, images)  # as a worker does before its first batch
