@@ -2,9 +2,9 @@
 
 For the masked one-query attention of a decode step in bf16, PyTorch picks cuDNN's fused kernel: the
 fastest, but on an H200 it does not give the same bits twice once a step reads more than about 128
-columns, so the same seeds give images that part after ~65 tokens (benchmarks/results/2026-11-29-h200/
-final/determinism.json). PyTorch's memory-efficient kernel repeats itself bit for bit and takes about
-twice as long per decode step's attention. The engine's CPU path is exact either way.
+columns, so the same seeds give images that part after ~65 tokens (`benchmarks/determinism_probe.py`,
+results in benchmarks/README.md). PyTorch's memory-efficient kernel repeats itself bit for bit and
+takes about twice as long per decode step's attention. The CPU path repeats itself either way.
 """
 from __future__ import annotations
 
