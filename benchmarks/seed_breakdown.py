@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 from pathlib import Path
 
 import torch
 
-from staged_speed import run_staged, workload_settings
+from staged_speed import run_staged, start_fresh, workload_settings
 from twig_batch.engine.fused import fuse_decoder
-from twig_batch.engine.graphs import forget_graphs
-from twig_batch.engine.kv_arena import release_arenas
 from twig_batch.model import load_janus
 
 
@@ -38,10 +35,7 @@ def main() -> None:
         result[name] = run_staged(bundle, "seed", args.images, settings)
         print(name, json.dumps(result[name]), flush=True)
         (args.out / "seed_breakdown.json").write_text(json.dumps(result, indent=2))
-        forget_graphs()
-        release_arenas()
-        gc.collect()
-        torch.cuda.empty_cache()
+        start_fresh()
 
 
 if __name__ == "__main__":

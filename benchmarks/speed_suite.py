@@ -11,7 +11,6 @@ cache, and last twig and seed at the batch chosen from free memory.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import time
@@ -21,10 +20,9 @@ import torch
 
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
-from staged_speed import run_staged, workload_settings
+from staged_speed import run_staged, start_fresh, workload_settings
 from twig_batch.engine.fused import fuse_decoder
-from twig_batch.engine.graphs import forget_graphs
-from twig_batch.engine.kv_arena import idle_arena_bytes, release_arenas
+from twig_batch.engine.kv_arena import idle_arena_bytes
 from twig_batch.engine.memory import free_device_bytes, images_per_call
 from twig_batch.model import load_janus
 from twig_batch.settings import GenerationSettings
@@ -38,11 +36,7 @@ def step(result: dict, out: Path, name: str, value: dict | list) -> None:
         result.setdefault(name, []).extend(value)
     else:
         result.update(value)
-    # Each part starts from the same memory: no KV arena or kept graphs of the part before.
-    forget_graphs()
-    release_arenas()
-    gc.collect()
-    torch.cuda.empty_cache()  # the next part sizes itself from free memory: give back cached blocks
+    start_fresh()
     (out / "speed_suite.json").write_text(json.dumps(result, indent=2))
     print(name, json.dumps(value)[:600], flush=True)
 

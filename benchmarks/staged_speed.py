@@ -7,6 +7,7 @@ token limit (64, 64 and 300), and no reflection parses, so every band is accepte
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 from twig_batch.controller.config import ControllerConfig
+from twig_batch.engine.graphs import forget_graphs
+from twig_batch.engine.kv_arena import release_arenas
 from twig_batch.engine.memory import reserve_kv_arena
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest, generate_images
@@ -44,6 +47,15 @@ def phase_totals(results) -> dict[str, float]:
         for phase, seconds in r.timings.items():
             phases[phase] = phases.get(phase, 0.0) + seconds
     return phases
+
+
+def start_fresh() -> None:
+    """Drop the KV arena and the kept graphs of the part before, and PyTorch's cached blocks: each
+    part of a benchmark sizes itself from the same free memory."""
+    forget_graphs()
+    release_arenas()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | None = None) -> dict:
