@@ -150,7 +150,7 @@ def test_a_write_that_keeps_failing_becomes_that_rows_error(tmp_path):
     plan = FaultPlan(storage_failure_rate=1.0, storage_failure_kind="throttle", state_dir=str(tmp_path / "state"))
     generator = _generator(tmp_path, plan)
     generator.storage.retry_policy = FAST
-    rows = generator(_work(3)).to_pylist()
+    rows = generator.draw_all(_work(3)).to_pylist()
     assert [r["status"] for r in rows] == ["error"] * 3
     assert all(r["error"].startswith("writing the outputs failed: BlockingIOError") and "injected throttle" in r["error"]
                for r in rows)
@@ -163,7 +163,7 @@ def test_writes_that_fail_now_and_then_are_retried_to_success(tmp_path):
     plan = FaultPlan(storage_failure_rate=0.4, storage_failure_kind="503", seed=11, state_dir=str(tmp_path / "state"))
     generator = _generator(tmp_path, plan)
     generator.storage.retry_policy = RetryPolicy(attempts=10, base_delay_s=0, max_delay_s=0)
-    rows = generator(_work(6)).to_pylist()
+    rows = generator.draw_all(_work(6)).to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 6
     injected = faults.markers(plan.state_dir, faults.STORAGE_FAILURES_DIR)
     writes = len(list((tmp_path / "out").rglob("*.png")))  # 6 final images and their band images

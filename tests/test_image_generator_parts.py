@@ -26,9 +26,9 @@ def test_parts_of_two_give_the_same_images_as_one_call(generators, monkeypatch):
     real = twig_batch.pipeline.generate_images
     monkeypatch.setattr(twig_batch.pipeline, "generate_images", lambda b, reqs, *a, **k: calls.append(len(reqs))
                         or real(b, reqs, *a, **k))
-    split = in_parts(work(5)).to_pylist()
+    split = in_parts.draw_all(work(5)).to_pylist()
     assert calls == [2, 2, 1]
-    single = whole(work(5)).to_pylist()
+    single = whole.draw_all(work(5)).to_pylist()
     assert calls[3:] == [5]  # on a CPU the whole batch is one call
     assert [r["status"] for r in split] == ["ok"] * 5
     assert [r["image_png"] for r in split] == [r["image_png"] for r in single]

@@ -19,6 +19,10 @@ arguments and is recorded in run.json, so a run that was made to fail says so.
   transient OSError before touching the disk.
 - `actor_delay_s`: each batch sleeps this long first (only in the first `delayed_actors` actors to
   start, when that is set): a straggler.
+- `oom_above_images=n`: a model call of more than n images raises an out-of-memory error before
+  drawing, as a GPU would with too large a part.
+- `fail_prompts_containing=text`: a model call that holds a prompt containing `text` raises an
+  error, as a row that breaks the generation would.
 
 `state_dir` is a folder on the actors' local filesystem (shared by every actor of a one-machine
 cluster); each kill, injected storage failure and delayed batch leaves a small file there, which is
@@ -54,6 +58,8 @@ class FaultPlan:
     storage_failure_kind: str = "503"
     actor_delay_s: float = 0.0
     delayed_actors: int | None = None  # None: every actor is delayed
+    oom_above_images: int | None = None
+    fail_prompts_containing: str | None = None
     seed: int = 0
     state_dir: str | None = None
 
@@ -74,6 +80,12 @@ class FaultPlan:
             raise InputError(f"faults: actor_delay_s must be a number >= 0, got {self.actor_delay_s!r}")
         if self.delayed_actors is not None and not _whole(self.delayed_actors, 1):
             raise InputError(f"faults: delayed_actors must be a whole number >= 1, got {self.delayed_actors!r}")
+        if self.oom_above_images is not None and not _whole(self.oom_above_images, 1):
+            raise InputError(f"faults: oom_above_images must be a whole number >= 1, got {self.oom_above_images!r}")
+        if self.fail_prompts_containing is not None and (not isinstance(self.fail_prompts_containing, str)
+                                                         or not self.fail_prompts_containing):
+            raise InputError(f"faults: fail_prompts_containing must be non-empty text, got "
+                             f"{self.fail_prompts_containing!r}")
         if not _whole(self.seed, None):
             raise InputError(f"faults: seed must be a whole number, got {self.seed!r}")
         if self.state_dir is not None:
@@ -86,7 +98,7 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         return (self.kill_worker_after_rows is not None and self.max_kills > 0) or self.storage_failure_rate > 0 \
-            or self.actor_delay_s > 0
+            or self.actor_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,6 +211,19 @@ class ActorFaults:
             if self.state:
                 _claim(self.state / DELAYS_DIR, f"{uuid.uuid4().hex}.json", {"start": self.start})
             time.sleep(self.plan.actor_delay_s)
+
+    def before_part(self, requests: list) -> None:
+        """Called before each model call with its requests: maybe fail it as the plan says."""
+        plan = self.plan
+        if plan.oom_above_images is not None and len(requests) > plan.oom_above_images:
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected: a part of {len(requests)} images, more than "
+                                         f"{plan.oom_above_images}")
+        if plan.fail_prompts_containing is not None:
+            for request in requests:
+                if plan.fail_prompts_containing in request.prompt:
+                    raise RuntimeError(f"injected failure for a prompt containing {plan.fail_prompts_containing!r}")
 
     def row_stored(self) -> None:
         """Called after each row's objects are written and before the batch returns: maybe die here."""

@@ -18,10 +18,12 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twig_batch.distributed.actor_report import detach_events
 from twig_batch.distributed.cluster import connect, plan_actors
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
+from twig_batch.distributed.run_events import RunEvents
 from twig_batch.distributed.work_items import expand_to_work_items
 from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, OutputError, TwigBatchError
@@ -86,6 +88,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
     checked = preflight(config)
     storage = checked.storage
     owns_ray = connect(min_local_cpus=math.ceil((config.actors or 1) * config.cpus_per_actor) + 2)
+    progress = events = None
     try:
         plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
         attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -98,11 +101,15 @@ def run_batch(config: RunConfig, echo=print) -> dict:
              f"{len(checked.skip)} image(s) already done")
         if config.faults is not None and config.faults.active:
             echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
-        _stream_results(config, checked, plan, attempt, progress, total)
+        events = RunEvents(storage, info, echo)
+        progress.start_heartbeat()
+        _stream_results(config, checked, plan, attempt, progress, total, events)
     finally:
+        if progress is not None:
+            progress.stop_heartbeat()
         if owns_ray:
             _disconnect()
-    return _finish(config, checked, info, attempt, progress, total, echo)
+    return _finish(config, checked, info, attempt, progress, total, echo, events)
 
 
 def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -> dict:
@@ -120,8 +127,10 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
     return info
 
 
-def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int):
-    """Pull manifest rows as the actors finish them; only small rows reach the driver, never images."""
+def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int,
+                    events: RunEvents):
+    """Pull manifest rows as the actors finish each part; only small rows reach the driver, never
+    images. The actors' events (startups, part splits and failures) come with them."""
     quiet_ray_data()
     items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column,
                        rows_per_block=config.work_batch(plan.gpus_per_actor))
@@ -132,6 +141,8 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
     journal = ManifestJournal(checked.storage, attempt, flush_rows=config.journal_every_rows)
     try:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batch, actor_events = detach_events(batch)
+            events.add(actor_events)
             journal.add(batch)
             errors = int(pc.sum(pc.equal(batch.column("status"), "error")).as_py() or 0)
             progress.update(batch.num_rows - errors, errors)
@@ -142,7 +153,7 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
 
 
 def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, progress: Progress, total: int,
-            echo) -> dict:
+            echo, events: RunEvents) -> dict:
     storage = checked.storage
     if isinstance(storage, LocalStorage):  # every writer has stopped: a killed one's staging files go
         storage.remove_staging_leftovers()
@@ -153,13 +164,17 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
                "manifest_errors": int(pc.sum(pc.equal(statuses, "error")).as_py() or 0),
                "images": storage.uri(layout.IMAGES_DIR), "manifest": storage.uri(layout.MANIFEST)}
     summary["skipped_already_ok"] = max(0, total - progress.ok - progress.errors) if config.resume else 0
+    steady = events.steady_images_per_s()
+    summary["steady_images_per_s"] = round(steady, 4) if steady is not None else None
+    summary["actor_stats"] = events.attempt["actor_stats"]
     info["attempts"][-1].update(finished_at=utc_now(), ok=progress.ok, errors=progress.errors,
                                 skipped=summary["skipped_already_ok"])
     info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors")})
     write_run_info(storage, info)
     write_complete_marker(storage, {"attempt": attempt, **summary})  # last: the run is done and final
     echo(f"done: {progress.ok} image(s) drawn, {progress.errors} error(s), {summary['skipped_already_ok']} skipped "
-         f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s)")
+         f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s"
+         + (f"; {steady:.2f} once the actors were running)" if steady is not None else ")"))
     return summary
 
 
@@ -202,7 +217,8 @@ def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings,
         fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
                                "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
                                "templates": templates, "images_per_call": config.batch_size,
-                               "faults": config.faults.to_dict() if config.faults is not None else None},
+                               "faults": config.faults.to_dict() if config.faults is not None else None,
+                               "report_events": True},
         batch_size=config.work_batch(plan.gpus_per_actor), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,

@@ -1,21 +1,31 @@
 """`ImageGenerator`: the callable class Ray Data's `map_batches` runs on each GPU actor.
 
 The Ray Data idiom: `__init__` loads the model once per actor, `__call__(batch)` turns a batch of
-work items (id, prompt, sample_index, seed) into a batch of manifest rows. With `output` set, the
-images are written there and the rows carry their URIs; without it, the PNG bytes travel in the
-returned batch, for pipelines that want to handle images themselves.
+work items (id, prompt, sample_index, seed) into manifest rows. It is a generator: the batch is
+drawn in parts that fit the device, and each part's rows are handed back as soon as they are
+written, so the driver sees progress part by part. With `output` set, the images are written there
+and the rows carry their URIs; without it, the PNG bytes travel in the returned batches, for
+pipelines that want to handle images themselves.
 
 A row that cannot be drawn (null, empty, too long or control characters in its prompt, a bad row
 seed, a generation error) comes back with status `error` and the reason; the rest of its batch
-still goes through.
+still goes through. How failing parts are split and isolated is `parts.py`'s; with
+`report_events=True` (the batch driver) every batch also carries the actor's startup and part
+events for the driver to show and record (`actor_report.py`).
 """
 from __future__ import annotations
 
+import gc
+import os
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
+from twig_batch.distributed.actor_report import attach_events, describe_event
+from twig_batch.distributed.parts import Drawn, PartDrawer, breaks_the_device, describe
 from twig_batch.io.manifest import SCHEMA, error_row
 from twig_batch.pipeline import ImageRequest
 from twig_batch.settings import GenerationSettings
@@ -24,12 +34,15 @@ from twig_batch.seeds import derive_seed
 WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
+DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it, retries its batch
 
 
 class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
                  device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
-                 templates=None, faults: dict | None = None, images_per_call: int | None = None):
+                 templates=None, faults: dict | None = None, images_per_call: int | None = None,
+                 report_events: bool = False):
+        started = time.perf_counter()
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
         from twig_batch.model import load_janus
@@ -46,29 +59,44 @@ class ImageGenerator:
         self.base_seed = base_seed
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
         self.images_per_call = images_per_call  # None: as many as fit in the GPU's free memory
+        self.report_events = report_events
         self._writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="twig-writer")
+        # The model runs on a thread of its own, so that a part's images are written and handed back
+        # while the next part is drawn.
+        self._drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twig-draw")
+        self._parts = PartDrawer(self._draw, free_memory=self._free_memory)
+        self.name = _actor_name()
+        self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
+        self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
+                                     "startup_s": round(time.perf_counter() - started, 2)}]
         self.faults = None  # testing only: see twig_batch.faults
         if faults:
             from twig_batch.faults import ActorFaults, FaultPlan
 
             self.faults = ActorFaults(FaultPlan.from_dict(faults), self.storage)
 
-    def __call__(self, batch) -> pa.Table:
+    def __call__(self, batch):
+        """Manifest rows for the work items of `batch`, one table per part as it is finished."""
         items = _as_rows(batch)
         if self.faults is not None:
             self.faults.before_batch(len(items))
-        rows: list[dict | None] = [None] * len(items)
-        requests: list[tuple[int, ImageRequest]] = []
-        for position, item in enumerate(items):
+        refused: list[dict] = []
+        requests: list[ImageRequest] = []
+        for item in items:
             request, problem = self._request(item)
             if problem:
-                rows[position] = error_row(request.prompt_id, item.get("prompt"), request.sample_index,
-                                           request.seed, self.settings.mode, self.model_name, problem)
+                refused.append(error_row(request.prompt_id, item.get("prompt"), request.sample_index, request.seed,
+                                         self.settings.mode, self.model_name, problem))
             else:
-                requests.append((position, request))
-        for position, row in self._generate(requests):
-            rows[position] = row
-        return self._table(rows)
+                requests.append(request)
+        if refused or not requests:
+            yield self._table(refused)
+        for rows in self._generate(requests):
+            yield self._table(rows)
+
+    def draw_all(self, batch) -> pa.Table:
+        """Every row of `batch` in one table (for callers outside Ray Data)."""
+        return pa.concat_tables(list(self(batch)))
 
     def _request(self, item: dict) -> tuple[ImageRequest, str | None]:
         from twig_batch.distributed.work_items import content_id
@@ -95,34 +123,69 @@ class ImageGenerator:
             self._budget = PromptBudget(self.bundle, self.settings, self.templates)
         return self._budget
 
-    def _generate(self, requests: list[tuple[int, ImageRequest]]):
-        """Draw the batch in parts that fit the device; if a part fails, draw it row by row so one bad
-        row fails alone. Images never depend on how a batch is split (per-row seeds and positions).
+    def _generate(self, requests: list[ImageRequest]):
+        """Rows part by part. While the model draws a part, the previous part's images are encoded
+        and written on a few threads (PNG encoding and uploads release the GIL). Images never depend
+        on how a batch is split (per-row seeds and positions)."""
+        if not requests:
+            return
+        waiting = list(requests)
+        drawing = self._drawing.submit(self._next_part, waiting, first=True)
+        while drawing is not None:
+            try:
+                drawn = drawing.result()
+            except Exception as exc:
+                if breaks_the_device(exc):
+                    self._end_process(exc)
+                raise
+            drawing = self._drawing.submit(self._next_part, waiting) if waiting else None
+            writes = [self._writers.submit(self._store, d.request, d.result, d.seconds) if d.error is None
+                      else _done(self._error(d.request, d.error)) for d in drawn]
+            rows = []
+            for write in writes:
+                rows.append(write.result())
+                if self.faults is not None:
+                    self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+            yield rows
 
-        A part's images are encoded and written on a few threads (PNG encoding and uploads release
-        the GIL) while the GPU draws the next part; the rows come back once all are written."""
+    def _next_part(self, waiting: list[ImageRequest], first: bool = False) -> list[Drawn]:
+        """Draws the next part of `waiting` (and takes it off); the first part of a batch sizes them."""
+        if first:
+            self._size = self._part_size(waiting)
+        size = min(self._size, self._parts.cap or self._size)
+        part = waiting[:size]
+        del waiting[:size]
+        known = len(self._parts.events)
+        start = time.perf_counter()
+        drawn = self._parts.run(part)
+        for event in self._parts.events[known:]:
+            self._event({**event.record(), "actor": self.name})
+        self._event({"kind": "part", "actor": self.name, "images": len(part),
+                     "draw_s": round(time.perf_counter() - start, 3)})
+        return drawn
+
+    def _draw(self, requests: list[ImageRequest]):
         from twig_batch.pipeline import generate_images
 
-        size = self._part_size(requests)
-        writes = []  # (position, future row), in request order
-        for first in range(0, len(requests), size):
-            part = requests[first:first + size]
-            start = time.perf_counter()
-            try:
-                results = generate_images(self.bundle, [r for _, r in part], self.settings, templates=self.templates)
-            except Exception:  # noqa: BLE001 (the row-by-row pass reports each row's own error)
-                writes += [(position, _done(row)) for position, row in self._one_by_one(part)]
-                continue
-            share = (time.perf_counter() - start) / len(part)
-            writes += [(position, self._writers.submit(self._store, request, result, share))
-                       for (position, request), result in zip(part, results)]
-        for position, write in writes:
-            row = write.result()
-            if self.faults is not None:
-                self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
-            yield position, row
+        if self.faults is not None:
+            self.faults.before_part(requests)
+        return generate_images(self.bundle, requests, self.settings, templates=self.templates)
 
-    def _part_size(self, requests: list[tuple[int, ImageRequest]]) -> int:
+    def _free_memory(self) -> None:
+        """After an out-of-memory error: every cache and captured graph goes, so the smaller parts
+        start from an empty device."""
+        gc.collect()
+        if self.bundle.device.type == "cuda":
+            import torch
+
+            from twig_batch.engine.graphs import forget_graphs
+            from twig_batch.engine.kv_arena import release_arenas
+
+            forget_graphs()
+            release_arenas()
+            torch.cuda.empty_cache()
+
+    def _part_size(self, requests: list[ImageRequest]) -> int:
         from twig_batch.engine.memory import free_device_bytes
 
         free = None
@@ -131,24 +194,30 @@ class ImageGenerator:
 
             torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
             free = free_device_bytes(self.bundle.device)
-        size = part_size(self.bundle, self.settings, [r.prompt for _, r in requests], self.images_per_call, free)
+        size = part_size(self.bundle, self.settings, [r.prompt for r in requests], self.images_per_call, free)
+        size = min(size, self._parts.cap or size)
         if self.bundle.device.type == "cuda":
             from twig_batch.engine.memory import reserve_kv_arena
 
             reserve_kv_arena(self.bundle, self.settings, size)  # once: later parts reuse it, graphs and all
+        if getattr(self, "_reported_size", None) != size:
+            self._reported_size = size
+            self._event({"kind": "part_size", "actor": self.name, "images": size,
+                         "from_free_memory": self.images_per_call is None and free is not None})
         return size
 
-    def _one_by_one(self, requests):
-        from twig_batch.pipeline import generate_images
+    def _event(self, event: dict) -> None:
+        """Kept for the driver (`report_events`), else said in the actor's own log."""
+        if self.report_events:
+            with self._events_lock:
+                self._events.append(event)
+        elif event["kind"] not in ("startup", "part_size", "part"):
+            print(f"twig-batch actor: {describe_event(event)}", file=sys.stderr, flush=True)
 
-        for position, request in requests:
-            start = time.perf_counter()
-            try:
-                (result,) = generate_images(self.bundle, [request], self.settings, templates=self.templates)
-            except Exception as exc:
-                yield position, self._error(request, f"generation failed: {type(exc).__name__}: {exc}")
-                continue
-            yield position, self._store(request, result, time.perf_counter() - start)
+    def _end_process(self, exc: BaseException) -> None:
+        print(f"twig-batch actor: the device is unusable after {describe(exc)}; ending this actor so that Ray "
+              "restarts it and retries its batch", file=sys.stderr, flush=True)
+        os._exit(DEVICE_BROKEN_EXIT_CODE)
 
     def _store(self, request: ImageRequest, result, generation_s: float) -> dict:
         from twig_batch.io.artifacts import encode_result, write_result
@@ -168,10 +237,27 @@ class ImageGenerator:
                          self.model_name, reason)
 
     def _table(self, rows: list[dict]) -> pa.Table:
-        if self.storage is not None:
-            return pa.Table.from_pylist(rows, schema=SCHEMA)
-        schema = pa.schema(list(SCHEMA) + ENCODED_COLUMNS)
-        return pa.Table.from_pylist(rows, schema=schema)
+        schema = SCHEMA if self.storage is not None else pa.schema(list(SCHEMA) + ENCODED_COLUMNS)
+        table = pa.Table.from_pylist(rows, schema=schema)
+        if not self.report_events:
+            return table
+        with self._events_lock:
+            events, self._events = self._events, []
+        return attach_events(table, events)
+
+
+def _actor_name() -> str:
+    """The Ray actor's id (short) with its host and process, or the process alone outside Ray."""
+    import socket
+
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        import ray
+
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 (a name is only a label)
+        actor = None
+    return f"{actor[:8]}@{name}" if actor else name
 
 
 def _done(row: dict) -> Future:

@@ -1,0 +1,74 @@
+"""The driver's side of the actors' events: each said once in its output and kept in run.json.
+
+Startups and part sizes are said once per actor. An out-of-memory split or a failed part is said
+the first time it happens with a given error; repeats are counted. All of it lands in the current
+attempt's record in run.json (`actor_stats`, `part_events`) as soon as it arrives, so a run that is
+killed later still says what happened.
+"""
+from __future__ import annotations
+
+import time
+
+from twig_batch.distributed.actor_report import describe_event
+from twig_batch.io.run_info import write_run_info
+
+KEPT_PART_EVENTS = 200  # in run.json; later ones are only counted
+
+
+class RunEvents:
+    def __init__(self, storage, info: dict, echo=print):
+        self.storage, self.info, self.echo = storage, info, echo
+        self.attempt = info["attempts"][-1]
+        self.started = time.monotonic()  # part arrival times count from here (seconds into the attempt)
+        self.attempt.setdefault("actor_stats", {})
+        self.attempt.setdefault("part_events", [])
+        self.attempt.setdefault("part_event_counts", {})
+        self._said: set[tuple] = set()
+
+    def add(self, events: list[dict]) -> None:
+        changed = False
+        for event in events:
+            changed |= self._add(event)
+        if changed:
+            write_run_info(self.storage, self.info)
+
+    def steady_images_per_s(self) -> float | None:
+        """Images per second once running: each actor's rows after its first part over the time from
+        that part's arrival to its last, summed over the actors (None before any has two parts)."""
+        rates = [(a["images"] - a["first_part_images"]) / (a["last_part_at"] - a["first_part_at"])
+                 for a in self.attempt["actor_stats"].values()
+                 if a.get("parts", 0) > 1 and a["last_part_at"] > a["first_part_at"]]
+        return sum(rates) if rates else None
+
+    def _add(self, event: dict) -> bool:
+        kind, actor = event["kind"], event.get("actor", "?")
+        if kind == "part":  # the actor's own timing of each part: counted, not said
+            record = self.attempt["actor_stats"].setdefault(actor, {})
+            now = time.monotonic() - self.started
+            if not record.get("parts"):
+                record.update(first_part_at=round(now, 3), first_part_images=event["images"], images=0, busy_s=0.0)
+            record["parts"] = record.get("parts", 0) + 1
+            record["images"] += event["images"]
+            record["busy_s"] = round(record["busy_s"] + event["draw_s"], 3)
+            record["last_part_at"] = round(now, 3)
+            return False
+        if kind in ("startup", "part_size"):
+            record = self.attempt["actor_stats"].setdefault(actor, {})
+            key = "startup_s" if kind == "startup" else "part_images"
+            value = event["startup_s"] if kind == "startup" else event["images"]
+            if record.get(key) == value:
+                return False
+            record[key] = value
+            if kind == "startup":
+                record["device"] = event.get("device")
+            self.echo(describe_event(event))
+            return True
+        counts = self.attempt["part_event_counts"]
+        counts[kind] = counts.get(kind, 0) + 1
+        if len(self.attempt["part_events"]) < KEPT_PART_EVENTS:
+            self.attempt["part_events"].append(event)
+        said = (kind, event.get("message"), event.get("part_images"))
+        if said not in self._said:
+            self._said.add(said)
+            self.echo(describe_event(event))
+        return True
