@@ -38,7 +38,8 @@ def describe_event(event: dict) -> str:
     actor = event.get("actor", "?")
     kind = event["kind"]
     if kind == "startup":
-        return f"actor {actor} ready after {event['startup_s']:.1f}s on {event.get('device', '?')}"
+        return (f"actor {actor} ready after {event['startup_s']:.1f}s on {event.get('device', '?')} "
+                f"(model loaded in {event.get('model_load_s', 0):.1f}s)")
     if kind == "part_size":
         origin = "from free memory" if event.get("from_free_memory") else "as set"
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"

@@ -52,7 +52,9 @@ class ImageGenerator:
         else:
             self.settings = GenerationSettings(**(settings or {}))
         torch_device = resolve_device(device)
+        loading = time.perf_counter()
         self.bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
+        model_s = time.perf_counter() - loading
         self.settings.check_geometry(self.bundle.grid)
         self.model_name = model_name or model
         self.storage = open_storage(output) if output else None
@@ -68,7 +70,8 @@ class ImageGenerator:
         self.name = _actor_name()
         self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
-                                     "startup_s": round(time.perf_counter() - started, 2)}]
+                                     "startup_s": round(time.perf_counter() - started, 2),
+                                     "model_load_s": round(model_s, 2)}]
         self.faults = None  # testing only: see twig_batch.faults
         if faults:
             from twig_batch.faults import ActorFaults, FaultPlan

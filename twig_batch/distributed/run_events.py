@@ -46,7 +46,8 @@ class RunEvents:
             record = self.attempt["actor_stats"].setdefault(actor, {})
             now = time.monotonic() - self.started
             if not record.get("parts"):
-                record.update(first_part_at=round(now, 3), first_part_images=event["images"], images=0, busy_s=0.0)
+                record.update(first_part_at=round(now, 3), first_part_images=event["images"],
+                              first_part_s=event["draw_s"], images=0, busy_s=0.0)
             record["parts"] = record.get("parts", 0) + 1
             record["images"] += event["images"]
             record["busy_s"] = round(record["busy_s"] + event["draw_s"], 3)
@@ -60,7 +61,7 @@ class RunEvents:
                 return False
             record[key] = value
             if kind == "startup":
-                record["device"] = event.get("device")
+                record.update(device=event.get("device"), model_load_s=event.get("model_load_s"))
             self.echo(describe_event(event))
             return True
         counts = self.attempt["part_event_counts"]

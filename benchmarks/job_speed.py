@@ -1,0 +1,161 @@
+"""The batch job end to end: `twig-batch run` itself, default settings, as a user runs it.
+
+Usage: python benchmarks/job_speed.py --out DIR [--model random-7b] [--images 512] [--modes plain,twig,seed]
+                                      [--controller off,on] [--lengths limit,realistic] [--engine-process]
+
+For each mode x controller x text lengths, one `twig-batch run` over a fresh output folder (it joins
+the cluster `ray start` left on this machine, if any, like a workstation user's run), then reads what
+the run recorded (`_COMPLETE.json`, `run.json`) and reports:
+- total_img_s: images over the run's whole wall time, Ray and actor start included;
+- steady_img_s: the driver's figure once running (each actor's rows after its first part, over the
+  time from that part's arrival to its last);
+- engine_img_s: the engine at the same settings in the same run: the actors' own timing of the model
+  calls after each one's first part (`generate_images` alone; no writing, no Ray);
+  with --engine-process, also engine_process_img_s: `generate_images` timed in a process of its own
+  (no Ray, no writers) on two parts of the size the actor chose, the second timed;
+- ratio: steady / engine; startup_s: the slowest actor's start (model build included);
+- busy_share: the share of the run's wall time the GPU spent in model calls.
+`lengths=limit` lets every text run to its token limit (what random weights do);
+`lengths=realistic` stops texts at lengths drawn per row (TWIG_BATCH_EMULATE_TEXT_LENGTHS=realistic,
+twig_batch/pipeline/text_lengths.py says where the numbers come from).
+Writes DIR/job_speed.json (a list of records, rewritten after each run) and DIR/job_speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_prompts import write as write_prompts  # noqa: E402
+
+LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
+
+
+def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, lengths: str, log) -> dict:
+    env = dict(os.environ)
+    env.pop(LENGTHS_VAR, None)
+    if lengths == "realistic":
+        env[LENGTHS_VAR] = "realistic"
+    command = [sys.executable, "-m", "twig_batch.cli", "run", prompts, "--output", str(dest), "--model", model,
+               "--mode", mode, "--controller" if controller else "--no-controller"]
+    start = time.monotonic()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.monotonic() - start
+    log.write(f"$ {' '.join(command)}\n{done.stdout}\n")
+    log.flush()
+    record = {"exit_code": done.returncode, "wall_s": round(wall, 2),
+              "last_line": (done.stdout.strip().splitlines() or [""])[-1]}
+    marker = dest / "_COMPLETE.json"
+    if done.returncode != 0 or not marker.exists():
+        return record
+    summary = json.loads(marker.read_text())
+    attempt = json.loads((dest / "run.json").read_text())["attempts"][-1]
+    stats = attempt.get("actor_stats", {}).values()
+    engine = [(a["images"] - a["first_part_images"]) / (a["busy_s"] - a["first_part_s"])
+              for a in stats if a.get("parts", 0) > 1 and a["busy_s"] > a["first_part_s"]]
+    record.update(
+        ok=summary["ok"], errors=summary["errors"], total_img_s=round(summary["ok"] / wall, 3),
+        driver_img_s=summary["images_per_s"], steady_img_s=summary.get("steady_images_per_s"),
+        engine_img_s=round(sum(engine), 3) if engine else None,
+        startup_s=max((a.get("startup_s", 0) for a in stats), default=None),
+        model_load_s=max((a.get("model_load_s") or 0 for a in stats), default=None),
+        part_images=sorted({a.get("part_images") for a in stats if a.get("part_images")}),
+        busy_share=round(sum(a.get("busy_s", 0) for a in stats) / wall / max(len(stats), 1), 3),
+        part_event_counts=attempt.get("part_event_counts", {}))
+    if record["steady_img_s"] and record["engine_img_s"]:
+        record["ratio"] = round(record["steady_img_s"] / record["engine_img_s"], 3)
+    return record
+
+
+def engine_process(model: str, mode: str, controller: bool, lengths: str, part_images: int) -> float | None:
+    """`generate_images` alone in a fresh process: two parts of `part_images`, the second timed."""
+    env = dict(os.environ)
+    env.pop(LENGTHS_VAR, None)
+    if lengths == "realistic":
+        env[LENGTHS_VAR] = "realistic"
+    code = f"""
+import json, sys, time, torch
+sys.path.insert(0, {str(HERE)!r})
+from bench_prompts import prompts
+from twig_batch.controller import ControllerConfig
+from twig_batch.model import load_janus
+from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.settings import GenerationSettings
+bundle = load_janus({model!r}, "cuda", torch.bfloat16)
+settings = GenerationSettings(mode={mode!r}, controller=ControllerConfig() if {controller!r} else None)
+n = {part_images}
+texts = prompts(2 * n)
+requests = [ImageRequest(f"e{{i}}", texts[i], 0, 1000 + i) for i in range(2 * n)]
+generate_images(bundle, requests[:n], settings)
+torch.cuda.synchronize(); start = time.perf_counter()
+generate_images(bundle, requests[n:], settings)
+torch.cuda.synchronize()
+print(json.dumps({{"img_s": n / (time.perf_counter() - start)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return round(json.loads(done.stdout.strip().splitlines()[-1])["img_s"], 3)
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| mode | controller | text lengths | images | ok | total img/s | steady img/s | engine img/s | "
+             "steady / engine | startup s | part | GPU busy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        def f(key, digits=2):
+            value = r.get(key)
+            return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
+                     f"{r.get('ok', 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
+                     f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "
+                     f"{f('busy_share')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="random-7b")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--modes", default="plain,twig,seed")
+    parser.add_argument("--controller", default="off,on")
+    parser.add_argument("--lengths", default="limit,realistic")
+    parser.add_argument("--engine-process", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "job_speed.json"
+    records = json.loads(results.read_text()) if results.exists() else []  # several invocations add up
+    work = Path(tempfile.mkdtemp(prefix="job-speed-"))
+    prompts = write_prompts(str(work / "prompts.parquet"), args.images)
+    with open(args.out / "job_speed.log", "a") as log:
+        for mode in args.modes.split(","):
+            for controller in [c == "on" for c in args.controller.split(",")]:
+                for lengths in args.lengths.split(","):
+                    if mode == "plain" and lengths == "realistic":
+                        continue  # plain writes no text
+                    dest = work / f"{mode}-{controller}-{lengths}"
+                    record = {"mode": mode, "controller": controller, "lengths": lengths, "images": args.images,
+                              "model": args.model, "date": time.strftime("%Y-%m-%d")}
+                    record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log))
+                    if args.engine_process and record.get("part_images"):
+                        record["engine_process_img_s"] = engine_process(args.model, mode, controller, lengths,
+                                                                        record["part_images"][0])
+                    records.append(record)
+                    results.write_text(json.dumps(records, indent=1))
+                    (args.out / "job_speed.md").write_text(table(records) + "\n")
+                    print(json.dumps(record), flush=True)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
