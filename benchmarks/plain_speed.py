@@ -76,15 +76,29 @@ def seed_style_anchor(bundle, steps: int = 64) -> dict:
     return {"seed_style_ms_per_step": t / steps * 1e3, "seed_style_s_per_image_576": t / steps * 576}
 
 
-def native_generate_anchor(bundle, images: int) -> dict:
+def native_generate_inputs(bundle, images: int) -> torch.Tensor:
+    """`images` prompts cut to one width, each still ending on begin-of-image: no padding to mask."""
+    rows = prompts_of_length(bundle, images)
+    width = min(len(r) for r in rows)
+    return torch.tensor([r[:width - 1] + r[-1:] for r in rows], device=bundle.device)
+
+
+def native_generate(bundle, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own Janus image `generate` over `ids`, CFG 5, sampled: the codes, [rows, image tokens].
+
+    It builds the unconditional rows from the bundle's generation config (pad and begin-of-image ids);
+    the attention mask it needs is ours to pass.
+    """
+    return bundle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                 do_sample=True, guidance_scale=5.0, max_new_tokens=bundle.image_tokens)
+
+
+def native_generate_anchor(bundle, images: int = 128) -> dict:
     try:
-        rows = prompts_of_length(bundle, images)
-        width = min(len(r) for r in rows)
-        ids = torch.tensor([r[:width - 1] + r[-1:] for r in rows], device="cuda")
-        _, t = timed(lambda: bundle.model.generate(input_ids=ids, generation_mode="image", do_sample=True,
-                                                   guidance_scale=5.0, max_new_tokens=576))
+        ids = native_generate_inputs(bundle, images)
+        _, t = timed(lambda: native_generate(bundle, ids))
         return {"native_images": images, "native_s": t, "native_img_s": images / t}
-    except Exception as exc:  # recorded, not fatal: some transformers releases break this path
+    except Exception as exc:  # recorded, not fatal: a broken release must not cost the rest of the suite
         return {"native_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 

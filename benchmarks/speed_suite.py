@@ -1,6 +1,6 @@
 """The three workloads of BENCHMARK.md and their anchors, in one run on one GPU.
 
-Usage: python benchmarks/speed_suite.py --out DIR [--images 128] [--size 7b] [--skip-unfused]
+Usage: python benchmarks/speed_suite.py --out DIR [--images 128] [--native-images 128] [--size 7b] [--skip-unfused]
 Model: Janus-Pro-7B-sized, random weights, bf16, bf16 KV cache. Writes DIR/speed_suite.json and
 DIR/speed_suite.md (the table), and prints the table. In order: device anchors (copy, matmul), the
 seed-style loop, transformers' native `generate`, the bf16 checks against the reference loop, plain
@@ -93,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--native-images", type=int, default=128, help="images of transformers' native generate")
     parser.add_argument("--size", default="7b")
     parser.add_argument("--skip-unfused", action="store_true")
     args = parser.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
     bundle = load_janus(f"random-{args.size}", "cuda", torch.bfloat16)
     step(result, out, "model", {"model_build_s": time.perf_counter() - start})
     step(result, out, "seed_style", seed_style_anchor(bundle))
-    step(result, out, "native", native_generate_anchor(bundle, 16))
+    step(result, out, "native", native_generate_anchor(bundle, args.native_images))
     if not args.skip_unfused:
         os.environ["TWIG_BATCH_FUSED"] = "0"
         workload(result, out, "plain (unfused step)", lambda: plain_workload(bundle, args.images))

@@ -28,6 +28,21 @@ def test_both_layouts_load_the_same_weights_to_identical_logits(tiny_hf_dir, tin
     assert all(torch.equal(hf_state[k], ds_state[k]) for k in hf_state)
 
 
+def test_every_layout_carries_the_generation_config_of_a_converted_checkpoint(tiny_hf_dir, tiny_deepseek_dir):
+    """What transformers' Janus conversion script sets, and its own image `generate` reads."""
+    from transformers import GenerationConfig
+
+    saved = GenerationConfig.from_pretrained(str(tiny_hf_dir))  # as transformers' own loader reads the folder
+    for bundle in (load_janus(str(tiny_hf_dir)), load_janus(str(tiny_deepseek_dir))):
+        tokens = bundle.tokens
+        for config in (bundle.model.generation_config, saved):
+            assert config.generation_kwargs == {"boi_token_id": tokens.boi}
+            assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (tokens.bos, tokens.eos,
+                                                                                       tokens.pad)
+            assert (config.guidance_scale, config.temperature) == (5, 1)
+            assert config._from_model_config is False
+
+
 def test_loaded_weights_are_the_saved_ones(tiny_hf_dir):
     from safetensors.torch import load_file
 

@@ -23,6 +23,10 @@ class SpecialTokens:
     boi: int
     eoi: int
 
+    @classmethod
+    def from_vocab(cls, vocab: dict[str, int]) -> "SpecialTokens":
+        return cls(bos=vocab[BOS], eos=vocab[EOS], pad=vocab[PAD], image=vocab[IMAGE], boi=vocab[BOI], eoi=vocab[EOI])
+
 
 @dataclass
 class JanusBundle:

@@ -49,7 +49,7 @@ def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     state = _read_state(folder)
     if layout == "deepseek":
         state = deepseek_state_to_hf(state)
-    model = _build_and_fill(config, state, folder, device, dtype)
+    model = _build_and_fill(config, special, state, folder, device, dtype)
     mean, std = _image_normalisation(folder)
     return JanusBundle(model=model, tokenizer=tokenizer, tokens=special, ref=ref, layout=layout,
                        image_mean=mean, image_std=std)
@@ -160,12 +160,11 @@ def _load_tokenizer(folder: Path, layout: str):
 
 def _special_tokens(tokenizer, folder: Path) -> SpecialTokens:
     vocab = tokenizer.get_vocab()
-    names = {"bos": tokens_mod.BOS, "eos": tokens_mod.EOS, "pad": tokens_mod.PAD, "image": tokens_mod.IMAGE,
-             "boi": tokens_mod.BOI, "eoi": tokens_mod.EOI}
-    missing = [text for text in names.values() if text not in vocab]
+    names = (tokens_mod.BOS, tokens_mod.EOS, tokens_mod.PAD, tokens_mod.IMAGE, tokens_mod.BOI, tokens_mod.EOI)
+    missing = [text for text in names if text not in vocab]
     if missing:
         raise ModelLoadError(f"the tokenizer in {folder} lacks Janus's special tokens: {', '.join(missing)}")
-    return SpecialTokens(**{field: vocab[text] for field, text in names.items()})
+    return SpecialTokens.from_vocab(vocab)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -207,8 +206,27 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(config, device, dtype, init_weights: bool = False) -> torch.nn.Module:
-    """Allocate a Janus model directly on `device` in `dtype` (random init only when asked)."""
+def janus_generation_config(config, tokens: SpecialTokens):
+    """The generation config transformers' Janus conversion script (convert_janus_weights_to_hf.py)
+    gives a checkpoint. Our engine never reads it; transformers' own image `generate` cannot run without it."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_model_config(config)  # bos, eos and pad of the text config
+    # A config marked as derived from the model config drops its custom entries when read back from disk.
+    generation._from_model_config = False
+    generation.temperature = 1
+    generation.guidance_scale = 5
+    generation.pad_token_id = tokens.pad
+    # generate(generation_mode="image") reads the begin-of-image id from generation_kwargs (5.17 and 5.24 both do);
+    # some releases of the conversion script write it as a field of its own instead.
+    generation.generation_kwargs = {"boi_token_id": tokens.boi}
+    generation.boi_token_id = tokens.boi
+    return generation
+
+
+def build_model(config, tokens: SpecialTokens, device, dtype, init_weights: bool = False) -> torch.nn.Module:
+    """Allocate a Janus model directly on `device` in `dtype` (random init only when asked), carrying the
+    generation config of a converted checkpoint."""
     from transformers import JanusForConditionalGeneration
 
     try:
@@ -218,11 +236,13 @@ def build_model(config, device, dtype, init_weights: bool = False) -> torch.nn.M
     skip = contextlib.nullcontext() if init_weights else no_init_weights()
     with skip, _default_dtype(dtype), torch.device(device):
         model = JanusForConditionalGeneration(config)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.generation_config = janus_generation_config(config, tokens)
+    return model
 
 
-def _build_and_fill(config, state, folder: Path, device, dtype) -> torch.nn.Module:
-    model = build_model(config, device, dtype)
+def _build_and_fill(config, tokens: SpecialTokens, state, folder: Path, device, dtype) -> torch.nn.Module:
+    model = build_model(config, tokens, device, dtype)
     expected = model.state_dict()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.model import bundle as names
 from twig_batch.model.bundle import JanusBundle, SpecialTokens
 
 SIZES = {
@@ -25,9 +24,7 @@ def random_janus(size: str, device, dtype: torch.dtype, seed: int = 0) -> JanusB
 
     dims = SIZES[size.lower()]
     tokenizer = train_tiny_tokenizer()
-    vocab = tokenizer.get_vocab()
-    special = SpecialTokens(bos=vocab[names.BOS], eos=vocab[names.EOS], pad=vocab[names.PAD],
-                            image=vocab[names.IMAGE], boi=vocab[names.BOI], eoi=vocab[names.EOI])
+    special = SpecialTokens.from_vocab(tokenizer.get_vocab())
     text = LlamaConfig(vocab_size=102400, num_key_value_heads=dims["num_attention_heads"],
                        max_position_embeddings=16384, rms_norm_eps=1e-6, bos_token_id=special.bos,
                        eos_token_id=special.eos, pad_token_id=special.pad, **dims)
@@ -36,6 +33,6 @@ def random_janus(size: str, device, dtype: torch.dtype, seed: int = 0) -> JanusB
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=special.image,
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = build_model(config, device, dtype, init_weights=True)
+    model = build_model(config, special, device, dtype, init_weights=True)
     return JanusBundle(model=model, tokenizer=tokenizer, tokens=special, ref=f"random-{size.lower()}",
                        layout="random")

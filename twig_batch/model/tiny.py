@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from twig_batch.model import bundle as names
+from twig_batch.model.bundle import SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the saved generation config is the one transformers' own image generate needs
 # Built-in model references -> token grid (image tokens per side).
 BUILTIN_GRIDS = {"tiny": 24, "tiny-micro": 6}
 _WORDS = (
@@ -86,11 +87,11 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer()
-    vocab = tokenizer.get_vocab()
-    special = {"bos_token_id": vocab[names.BOS], "eos_token_id": vocab[names.EOS], "pad_token_id": vocab[names.PAD]}
-    config = tiny_config(len(tokenizer), vocab[names.IMAGE], special, vq_downsample, grid)
+    tokens = SpecialTokens.from_vocab(tokenizer.get_vocab())
+    special = {"bos_token_id": tokens.bos, "eos_token_id": tokens.eos, "pad_token_id": tokens.pad}
+    config = tiny_config(len(tokenizer), tokens.image, special, vq_downsample, grid)
     torch.manual_seed(seed)
-    model = build_model(config, "cpu", torch.float32, init_weights=True)
+    model = build_model(config, tokens, "cpu", torch.float32, init_weights=True)
     tokenizer.save_pretrained(str(folder))
     preprocessor = {"image_size": config.vision_config.image_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
@@ -98,24 +99,12 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model.save_pretrained(str(folder))
-        _save_generation_config(folder, vocab[names.BOI], special, grid * grid)
+        model.save_pretrained(str(folder))  # with generation_config.json, as a converted checkpoint has
     else:
         state = hf_state_to_deepseek({k: v.contiguous() for k, v in model.state_dict().items()})
         torch.save(state, folder / "pytorch_model.bin")
         (folder / "config.json").write_text(json.dumps(deepseek_config_from_janus(config), indent=2))
     return folder
-
-
-def _save_generation_config(folder: Path, boi_id: int, special: dict, image_tokens: int) -> None:
-    # transformers' own Janus image generate reads boi_token_id from generation_kwargs; the
-    # _from_model_config flag must be False or it ignores the file.
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(**special, generation_kwargs={"boi_token_id": boi_id},
-                              num_image_tokens=image_tokens)
-    config._from_model_config = False
-    config.save_pretrained(str(folder))
 
 
 def tiny_model_path(ref: str = "tiny") -> Path:
