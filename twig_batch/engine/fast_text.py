@@ -6,7 +6,9 @@ away) so that on a GPU every step replays one captured CUDA graph. Tokens stay o
 few steps the host asks how many rows are done. Finished rows are handed to prompts still waiting
 for a row (continuous batching, when a call has more prompts than rows); with nobody waiting, all
 rows done ends the call and half of them done (with enough steps left) drops the finished rows
-from the cache, so ragged texts cost what they use.
+from the cache, so ragged texts cost what they use. A prompt's `stop_after` ends its row exactly
+as a stop token would (the row is done at that step), never by planning around it: the emulated
+lengths of `pipeline/text_lengths.py` must cost what real short texts would.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from twig_batch.seeds import STREAM_TEXT
 # row idles (or its slot stays empty) for up to CHECK_EVERY - 1 steps before a waiting prompt takes it.
 CHECK_EVERY = 16
 COMPACT_MIN_STEPS = 32  # steps that must remain for dropping finished rows to pay
+_NEVER = 2**62  # the stop step of a row whose prompt has no `stop_after`
 
 
 @torch.no_grad()
@@ -53,8 +56,9 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
                  use_graphs, waiting=list(range(len(prompts))), written=[[] for _ in prompts])
     while call.waiting:
         _Round(call, max_rows).run()
-    # A row that joined late keeps computing after its budget until its round ends.
-    return [_until_stop(row[:max_new_tokens], call.stop) for row in call.written]
+    # A row keeps computing after its budget or stop until a check notices (or its round ends).
+    return [_until_stop(row[:prompt.budget(max_new_tokens)], call.stop)
+            for prompt, row in zip(prompts, call.written)]
 
 
 @dataclass
@@ -93,7 +97,7 @@ class _Round:
         while True:
             self.tokens = self.rows.sample(call.bundle.text_logits(self.hidden), step, call.temperature)
             self.drawn.append(self.tokens)
-            self.done |= self.tokens == call.stop
+            self.done |= (self.tokens == call.stop) | self.rows.stopping(step)
             checking = step == self.rows.last_step(call.max_new_tokens) or step % CHECK_EVERY == CHECK_EVERY - 1
             if checking and not self._check(step):
                 break
@@ -142,7 +146,7 @@ class _Round:
         scratch.close()
         self.rows = self.rows.joined(slots, joiners)
         self.tokens[slots] = first
-        self.done[slots] = first == call.stop
+        self.done[slots] = (first == call.stop) | joiners.stopping(step)
         for prompt, token in zip(joining, first.tolist()):
             call.written[prompt].append(token)
 
@@ -195,20 +199,26 @@ def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: b
 
 
 class _Rows:
-    """Which prompt each cache row is, with its noise seed, next position and the step of the call
-    at which it drew its first token (its token index is the call's step minus that)."""
+    """Which prompt each cache row is, with its noise seed, next position, the step of the call at
+    which it drew its first token (its token index is the call's step minus that) and the step at
+    which it draws the last token its prompt's `stop_after` allows (_NEVER without one)."""
 
-    def __init__(self, index: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, starts: list[int]):
-        self.index, self.seeds, self.positions, self.starts = index, seeds, positions, starts
+    def __init__(self, index: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, starts: list[int],
+                 stops: torch.Tensor):
+        self.index, self.seeds, self.positions, self.starts, self.stops = index, seeds, positions, starts, stops
 
     @classmethod
     def starting(cls, call: _Call, indices: list[int], positions: torch.Tensor, step: int) -> "_Rows":
         device = call.bundle.device
         seeds = torch.tensor([call.prompts[i].seed for i in indices], dtype=torch.int64, device=device)
-        return cls(torch.tensor(indices, device=device), seeds, positions, [step] * len(indices))
+        stops = [_NEVER if call.prompts[i].stop_after is None else step + call.prompts[i].stop_after - 1
+                 for i in indices]
+        return cls(torch.tensor(indices, device=device), seeds, positions, [step] * len(indices),
+                   torch.tensor(stops, dtype=torch.int64, device=device))
 
     def select(self, keep: torch.Tensor) -> "_Rows":
-        return _Rows(self.index[keep], self.seeds[keep], self.positions[keep], [self.starts[i] for i in keep.tolist()])
+        return _Rows(self.index[keep], self.seeds[keep], self.positions[keep], [self.starts[i] for i in keep.tolist()],
+                     self.stops[keep])
 
     def joined(self, slots: torch.Tensor, joiners: "_Rows") -> "_Rows":
         """These rows with rows `slots` taken over by `joiners` (in that order)."""
@@ -216,7 +226,12 @@ class _Rows:
         for slot, start in zip(slots.tolist(), joiners.starts):
             starts[slot] = start
         return _Rows(self.index.index_copy(0, slots, joiners.index), self.seeds.index_copy(0, slots, joiners.seeds),
-                     self.positions.index_copy(0, slots, joiners.positions), starts)
+                     self.positions.index_copy(0, slots, joiners.positions), starts,
+                     self.stops.index_copy(0, slots, joiners.stops))
+
+    def stopping(self, step: int) -> torch.Tensor:
+        """Which rows have drawn, by `step`, as many tokens as their `stop_after` allows."""
+        return self.stops <= step
 
     @cached_property
     def cohorts(self) -> list[tuple[int, torch.Tensor]]:

@@ -3,7 +3,8 @@ prompt in K stages, writes a short plan for the stage. Sampled, with noise from 
 the stage (so a plan never depends on the rest of the batch); text only, as in the owner's design.
 
 A plan depends only on the prompt, the stage and the seed, never on what earlier stages drew, so the
-staged loop asks for every stage's plan of every image in one call, before the first stage.
+staged loop asks for every stage's plan of every image in one call, before the first stage. With
+`lengths` (benchmarks only, `text_lengths.py`) each plan stops at a length drawn from its row's seed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Protocol
 
 from twig_batch.pipeline.bands import band_part
 from twig_batch.pipeline.text_generation import BatchedText
+from twig_batch.pipeline.text_lengths import TextLengths, stops_for
 from twig_batch.pipeline.understanding import understanding_prompts
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates
 from twig_batch.seeds import derive_seed
@@ -36,9 +38,12 @@ def guidance_seed(image_seed: int, band: int) -> int:
 
 
 class ModelGuide:
-    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
+    kind = "plan"
+
+    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None, lengths: TextLengths | None = None) -> None:
         self.templates = templates
         self.text = text or BatchedText()
+        self.lengths = lengths
 
     def question(self, request: GuidanceRequest) -> str:
         return self.templates.seed_guidance.format(
@@ -46,6 +51,7 @@ class ModelGuide:
             band=request.band + 1, bands=request.bands)
 
     def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
+        seeds = [guidance_seed(r.seed, r.band) for r in requests]
         prompts = understanding_prompts(bundle, [self.question(r) for r in requests], [None] * len(requests),
-                                        self.templates.system, [guidance_seed(r.seed, r.band) for r in requests])
+                                        self.templates.system, seeds, stops_for(self.lengths, self.kind, seeds))
         return self.text(bundle, prompts, settings.guidance_max_tokens, temperature=settings.guidance_temperature)

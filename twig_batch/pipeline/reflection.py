@@ -66,6 +66,7 @@ class ReflectionRequest:
     thought: str  # the description band `band` was drawn from
     earlier: tuple[str, ...]  # every thought so far, this band's included
     canvas: torch.Tensor  # uint8 [H, W, 3]: the partial image after the band
+    seed: int = 0  # the image's seed
 
 
 class Scorer(Protocol):
@@ -75,6 +76,8 @@ class Scorer(Protocol):
 
 class ModelScorer(CanvasQuestions):
     """Asks the model, looking at the canvas; greedy, up to `settings.think_max_tokens` new tokens."""
+
+    kind = "reflection"
 
     def question(self, request: ReflectionRequest) -> str:
         return self.templates.reflect.format(

@@ -31,6 +31,7 @@ from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
 from twig_batch.pipeline.text_generation import BatchedText
+from twig_batch.pipeline.text_lengths import emulated_text_lengths
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
 from twig_batch.pipeline.understanding import CanvasQuestions, canvas_features
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
@@ -75,7 +76,8 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     `observer` (the latent controller) hears `begin_band(images, band)` before every drawing call.
     `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract;
     default the static-cache engine); `text` writes the model's texts (default: batched over the
-    static cache), used by the default thinker, scorer and guide.
+    static cache), used by the default thinker, scorer and guide, whose texts stop at emulated
+    lengths when `TWIG_BATCH_EMULATE_TEXT_LENGTHS` is set (benchmarks only, `text_lengths.py`).
 
     Plain mode draws the whole image in one pass (one prefill, as Janus-Pro's recipe does; the
     observer hears one band 0) and cuts its band images from the finished codes.
@@ -85,9 +87,10 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     schedule = BandSchedule(bundle.grid, settings.bands)
     templates = templates or DEFAULT_TEMPLATES
     text = text or BatchedText(generate_text_fast)
-    thinker = thinker or ModelThinker(templates, text)
-    scorer = scorer or ModelScorer(templates, text)
-    guide = guide or ModelGuide(templates, text)
+    lengths = emulated_text_lengths()
+    thinker = thinker or ModelThinker(templates, text, lengths)
+    scorer = scorer or ModelScorer(templates, text, lengths)
+    guide = guide or ModelGuide(templates, text, lengths)
     mode, bands, n = settings.mode, schedule.bands, len(requests)
     everyone = list(range(n))
     clock = PhaseClock(n)
@@ -118,7 +121,8 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
             texts[i] = plans[i::n]  # asked band by band, so image i's plans are every n-th from i
 
     def thought_request(i: int, band: int) -> ThoughtRequest:
-        return ThoughtRequest(requests[i].prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i])
+        return ThoughtRequest(requests[i].prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i],
+                              requests[i].seed)
 
     def think(rows: list[int], band: int) -> None:
         with clock("thinking_s", rows):
@@ -129,7 +133,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     def reflect(band: int) -> tuple[list[str], list[str]]:
         """Every image's reflection answer on `band` and, when one call can write both, every image's
         (speculative) thought for the next band; otherwise no thoughts."""
-        asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i])
+        asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i], r.seed)
                 for i, r in enumerate(requests)]
         if not think_while_reflecting or band + 1 == bands:
             with clock("reflection_s", everyone):

@@ -15,6 +15,7 @@ from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
 from twig_batch.pipeline.text_generation import ReferenceText
+from twig_batch.pipeline.text_lengths import emulated_text_lengths
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
@@ -26,9 +27,10 @@ def reference_staged(bundle, request: ImageRequest, settings: GenerationSettings
     """One image in `settings.mode`; the observer sees it as image 0. Timings are not recorded."""
     schedule = BandSchedule(bundle.grid, settings.bands)
     templates = templates or DEFAULT_TEMPLATES
-    thinker = thinker or ModelThinker(templates, ReferenceText())
-    scorer = scorer or ModelScorer(templates, ReferenceText())
-    guide = guide or ModelGuide(templates, ReferenceText())
+    lengths = emulated_text_lengths()
+    thinker = thinker or ModelThinker(templates, ReferenceText(), lengths)
+    scorer = scorer or ModelScorer(templates, ReferenceText(), lengths)
+    guide = guide or ModelGuide(templates, ReferenceText(), lengths)
     mode, bands, prompt = settings.mode, schedule.bands, request.prompt
     texts: list[str] = []  # one thought (twig) or stage plan (seed) per band
     reflections, redrawn, band_images = [], [], []
@@ -47,7 +49,7 @@ def reference_staged(bundle, request: ImageRequest, settings: GenerationSettings
 
     for band in range(bands):
         if mode == "twig":
-            ask = ThoughtRequest(prompt, band, bands, tuple(texts), canvas if band > 0 else None)
+            ask = ThoughtRequest(prompt, band, bands, tuple(texts), canvas if band > 0 else None, request.seed)
             texts.append(thinker.think(bundle, [ask], settings)[0])
         elif mode == "seed":
             texts.append(guide.guide(bundle, [GuidanceRequest(prompt, band, bands, request.seed)], settings)[0])
@@ -58,7 +60,7 @@ def reference_staged(bundle, request: ImageRequest, settings: GenerationSettings
         band_images.append((band_label(band, bands), to_pil(pixels)[0]))
 
         if mode == "twig" and settings.reflect:
-            ask = ReflectionRequest(prompt, band, bands, texts[band], tuple(texts), canvas)
+            ask = ReflectionRequest(prompt, band, bands, texts[band], tuple(texts), canvas, request.seed)
             verdict = read_reflection(scorer.reflect(bundle, [ask], settings)[0], band, settings.theta)
             reflections.append(verdict.record())
             if not verdict.accepted:

@@ -2,7 +2,9 @@
 
 The batched loop left-pads prompts, masks the padding and counts positions over real tokens only
 (as the image engine does), and a row leaves the batch (its cache rows are dropped) as soon as it
-writes the stop token or reaches its token budget. Sampled text draws its noise from the row's own
+writes the stop token or reaches its token budget: the call's limit, or the prompt's own
+`stop_after` when smaller (`text_lengths.py`'s emulation of realistic lengths, which every text
+writer honours as if the stop token came next). Sampled text draws its noise from the row's own
 seed and the token's index (STREAM_TEXT), so a row writes exactly what it would write alone.
 """
 from __future__ import annotations
@@ -22,6 +24,15 @@ class TextPrompt:
     ids: list[int]
     image_features: torch.Tensor | None = None  # [placeholders, D]: replaces the image-placeholder embeddings
     seed: int = 0  # noise seed when sampling (temperature > 0)
+    stop_after: int | None = None  # stop after this many tokens, as if the stop token came next
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be at least 1, got {self.stop_after}")
+
+    def budget(self, max_new_tokens: int) -> int:
+        """The most tokens this prompt writes in a call limited to `max_new_tokens`."""
+        return max_new_tokens if self.stop_after is None else min(self.stop_after, max_new_tokens)
 
 
 def embed_prompts(bundle, ids: torch.Tensor, prompts: list[TextPrompt]) -> torch.Tensor:
@@ -59,12 +70,13 @@ def reference_text(bundle, prompt: TextPrompt, max_new_tokens: int, temperature:
                 use_cache=True).last_hidden_state[:, -1]
     seeds = torch.tensor([prompt.seed], dtype=torch.int64)
     written: list[int] = []
-    for step in range(max_new_tokens):
+    budget = prompt.budget(max_new_tokens)
+    for step in range(budget):
         token = sample_tokens(bundle.text_logits(hidden), seeds, step, temperature, stream=STREAM_TEXT)
         if int(token) == stop:
             break
         written.append(int(token))
-        if len(written) == max_new_tokens:
+        if len(written) == budget:
             break
         step_embeds = bundle.embed_text(token.to(bundle.device).view(1, 1))
         hidden = lm(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
@@ -87,14 +99,15 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
     seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64)
     live = list(range(len(prompts)))  # prompt index of each row still in the batch
     written: list[list[int]] = [[] for _ in prompts]
-    for step in range(max_new_tokens):
+    budgets = [p.budget(max_new_tokens) for p in prompts]
+    for step in range(max(budgets)):
         tokens = sample_tokens(bundle.text_logits(hidden), seeds[live], step, temperature, stream=STREAM_TEXT)
         staying = []
         for row, token in enumerate(tokens.tolist()):
             if token == stop:
                 continue
             written[live[row]].append(token)
-            if len(written[live[row]]) < max_new_tokens:
+            if len(written[live[row]]) < budgets[live[row]]:
                 staying.append(row)
         if not staying:
             break

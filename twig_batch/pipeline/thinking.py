@@ -27,6 +27,7 @@ class ThoughtRequest:
     bands: int
     earlier: tuple[str, ...]  # thoughts of the bands before this one
     canvas: torch.Tensor | None  # uint8 [H, W, 3] partial image; None before the first band
+    seed: int = 0  # the image's seed
 
 
 class Thinker(Protocol):
@@ -36,6 +37,8 @@ class Thinker(Protocol):
 
 class ModelThinker(CanvasQuestions):
     """Asks the model itself, all requests in one batch (or one at a time with `ReferenceText`)."""
+
+    kind = "thought"
 
     def question(self, request: ThoughtRequest) -> str:
         t = self.templates

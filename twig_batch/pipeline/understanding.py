@@ -4,6 +4,9 @@ The features replace the embeddings of the image placeholders of an understandin
 (`prompts.chat_ids(..., image_tokens=bundle.understanding_tokens)`), as Janus does for a picture
 in a conversation. `CanvasQuestions` is what the model-backed thinker and scorer share: questions
 about the canvas, answered the same way, so that both can be answered in one text call.
+
+Each prompt carries its row's noise seed, derived from the image's seed, the kind of text and the
+band, and (when benchmarks emulate realistic lengths, `text_lengths.py`) the length its text stops at.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.pipeline.text_generation import BatchedText, TextPrompt
+from twig_batch.pipeline.text_lengths import TextLengths, stops_for
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, chat_ids
+from twig_batch.seeds import derive_seed
 from twig_batch.settings import GenerationSettings
 
 
@@ -43,39 +48,46 @@ def canvas_features(bundle, canvases: list[torch.Tensor | None]) -> list[torch.T
 
 
 def featured_prompts(bundle, questions: list[str], features: list[torch.Tensor | None], system: str,
-                     seeds: list[int] | None = None) -> list[TextPrompt]:
-    """One prompt per question; those with vision features show their picture before the question."""
+                     seeds: list[int] | None = None, stops: list[int | None] | None = None) -> list[TextPrompt]:
+    """One prompt per question; those with vision features show their picture before the question.
+    `seeds` and `stops` are the rows' noise seeds and `stop_after` lengths (default 0 and None)."""
     seeds = seeds or [0] * len(questions)
+    stops = stops or [None] * len(questions)
     prompts = []
-    for question, feature, seed in zip(questions, features, seeds):
+    for question, feature, seed, stop in zip(questions, features, seeds, stops):
         if feature is None:
-            prompts.append(TextPrompt(chat_ids(bundle, question, system), None, seed))
+            prompts.append(TextPrompt(chat_ids(bundle, question, system), None, seed, stop))
         else:
             ids = chat_ids(bundle, question, system, image_tokens=bundle.understanding_tokens)
-            prompts.append(TextPrompt(ids, feature, seed))
+            prompts.append(TextPrompt(ids, feature, seed, stop))
     return prompts
 
 
 def understanding_prompts(bundle, questions: list[str], canvases: list[torch.Tensor | None], system: str,
-                          seeds: list[int] | None = None) -> list[TextPrompt]:
+                          seeds: list[int] | None = None, stops: list[int | None] | None = None) -> list[TextPrompt]:
     """One prompt per question; those with a canvas [H, W, 3] show it before the question.
 
     All canvases go through the vision model in one batch.
     """
-    return featured_prompts(bundle, questions, canvas_features(bundle, canvases), system, seeds)
+    return featured_prompts(bundle, questions, canvas_features(bundle, canvases), system, seeds, stops)
 
 
 class CanvasQuestions:
     """The model asked about the canvas, greedily, up to `settings.think_max_tokens` new tokens.
 
-    Subclasses word the question (`question(request)`; a request has a `canvas`, None for none).
-    `prompts` and `answer` are the two halves of asking, apart so that a caller can put the prompts
-    of two askers into one text call when `shares_calls_with` says the answers would be the same.
+    Subclasses name their `kind` of text and word the question (`question(request)`; a request has
+    a `canvas`, None for none, its image's `seed` and its `band`). `prompts` and `answer` are the two
+    halves of asking, apart so that a caller can put the prompts of two askers into one text call
+    when `shares_calls_with` says the answers would be the same. With `lengths`, each prompt stops at
+    its emulated length (benchmarks only).
     """
 
-    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None) -> None:
+    kind: str  # "thought" or "reflection": keys the rows' seeds and emulated lengths
+
+    def __init__(self, templates: Templates = DEFAULT_TEMPLATES, text=None, lengths: TextLengths | None = None) -> None:
         self.templates = templates
         self.text = text or BatchedText()
+        self.lengths = lengths
 
     def question(self, request) -> str:
         raise NotImplementedError
@@ -84,7 +96,9 @@ class CanvasQuestions:
         """One prompt per request; `features` are the requests' canvas features if already computed."""
         if features is None:
             features = canvas_features(bundle, [r.canvas for r in requests])
-        return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates.system)
+        seeds = [derive_seed(r.seed, self.kind, r.band) for r in requests]
+        return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates.system,
+                                seeds, stops_for(self.lengths, self.kind, seeds))
 
     def answer(self, bundle, prompts: list[TextPrompt], settings: GenerationSettings) -> list[str]:
         return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
