@@ -8,6 +8,8 @@ import torch
 
 # Keep model caches and Ray's files inside the test run, never in the user's home.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Texts run as the model writes them unless a test asks for the benchmark-only length emulation.
+os.environ.pop("TWIG_BATCH_EMULATE_TEXT_LENGTHS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -39,7 +39,8 @@ def describe_event(event: dict) -> str:
     kind = event["kind"]
     if kind == "startup":
         return (f"actor {actor} ready after {event['startup_s']:.1f}s on {event.get('device', '?')} "
-                f"(model loaded in {event.get('model_load_s', 0):.1f}s)")
+                f"(model loaded in {event.get('model_load_s', 0):.1f}s, kernels compiled in "
+                f"{event.get('warm_up_s', 0):.1f}s)")
     if kind == "part_size":
         origin = "from free memory" if event.get("from_free_memory") else "as set"
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"

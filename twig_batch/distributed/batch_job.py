@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import uuid
 from datetime import datetime, timezone
@@ -50,6 +51,7 @@ class _Preflight:
     previous: dict | None
     skip: frozenset
     seed_column: str | None = None
+    text_lengths: object = None  # pipeline.text_lengths.TextLengths: benchmark-only emulation, or None
 
 
 def preflight(config: RunConfig) -> _Preflight:
@@ -80,7 +82,17 @@ def preflight(config: RunConfig) -> _Preflight:
         check_resume_matches(previous, identity, storage.root_uri)
     skip = frozenset(ok_keys(storage)) if config.resume else frozenset()
     return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
-                      identity, previous, skip, seed_column=seed_column)
+                      identity, previous, skip, seed_column=seed_column, text_lengths=_text_lengths())
+
+
+def _text_lengths():
+    """The benchmark-only text length emulation asked for in this shell (checked here, not on the actors)."""
+    from twig_batch.pipeline.text_lengths import emulated_text_lengths
+
+    try:
+        return emulated_text_lengths()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def run_batch(config: RunConfig, echo=print) -> dict:
@@ -101,6 +113,8 @@ def run_batch(config: RunConfig, echo=print) -> dict:
              f"{len(checked.skip)} image(s) already done")
         if config.faults is not None and config.faults.active:
             echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
+        if checked.text_lengths is not None:
+            echo(checked.text_lengths.describe())
         events = RunEvents(storage, info, echo)
         progress.start_heartbeat()
         _stream_results(config, checked, plan, attempt, progress, total, events)
@@ -123,6 +137,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
                              "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
     if config.faults is not None:  # a run that was made to fail says so in its record
         info["attempts"][-1]["faults"] = config.faults.to_dict()
+    if checked.text_lengths is not None:  # so does a run whose texts were cut to emulated lengths
+        info["attempts"][-1]["emulated_text_lengths"] = checked.text_lengths.record()
     write_run_info(checked.storage, info)
     return info
 
@@ -137,7 +153,8 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
-    results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates)
+    results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates,
+                       checked.text_lengths)
     journal = ManifestJournal(checked.storage, attempt, flush_rows=config.journal_every_rows)
     try:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -198,7 +215,7 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset,
     return items.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None):
+def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None, text_lengths=None):
     """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
     import warnings
 
@@ -206,11 +223,16 @@ def generate(items, config: RunConfig, plan, output_uri: str, settings, template
         # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
         # deprecated without a named replacement yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _actor_pool_stage(items, config, plan, output_uri, settings, templates)
+        return _actor_pool_stage(items, config, plan, output_uri, settings, templates, text_lengths)
 
 
-def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates):
+def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates, text_lengths):
     import ray
+
+    from twig_batch.pipeline.text_lengths import ENV_VAR
+
+    # The emulation is read from the environment where texts are written: the actors get the driver's.
+    extra = {"runtime_env": {"env_vars": {ENV_VAR: os.environ[ENV_VAR]}}} if text_lengths is not None else {}
 
     return items.map_batches(
         ImageGenerator,
@@ -225,7 +247,7 @@ def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings,
         # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch
         # is safe to redo (its objects are rewritten identically, its rows were never returned), but a
         # batch that kills every actor it meets must end the run, not loop.
-        max_restarts=config.max_actor_restarts, max_task_retries=config.max_task_retries,
+        max_restarts=config.max_actor_restarts, max_task_retries=config.max_task_retries, **extra,
     )
 
 

@@ -55,6 +55,11 @@ class ImageGenerator:
         loading = time.perf_counter()
         self.bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
         model_s = time.perf_counter() - loading
+        from twig_batch.engine.warm_up import warm_up
+
+        warming = time.perf_counter()
+        warm_up(self.bundle)  # kernels compile now, not during the first part
+        warm_up_s = time.perf_counter() - warming
         self.settings.check_geometry(self.bundle.grid)
         self.model_name = model_name or model
         self.storage = open_storage(output) if output else None
@@ -71,7 +76,7 @@ class ImageGenerator:
         self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
                                      "startup_s": round(time.perf_counter() - started, 2),
-                                     "model_load_s": round(model_s, 2)}]
+                                     "model_load_s": round(model_s, 2), "warm_up_s": round(warm_up_s, 2)}]
         self.faults = None  # testing only: see twig_batch.faults
         if faults:
             from twig_batch.faults import ActorFaults, FaultPlan

@@ -61,7 +61,8 @@ class RunEvents:
                 return False
             record[key] = value
             if kind == "startup":
-                record.update(device=event.get("device"), model_load_s=event.get("model_load_s"))
+                record.update(device=event.get("device"), model_load_s=event.get("model_load_s"),
+                              warm_up_s=event.get("warm_up_s"))
             self.echo(describe_event(event))
             return True
         counts = self.attempt["part_event_counts"]
