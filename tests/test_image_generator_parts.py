@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 import twig_batch.pipeline
-from twig_batch.distributed.image_generator import ImageGenerator, part_size
+from twig_batch.distributed.image_generator import ImageGenerator, even_parts, part_size
 from twig_batch.engine.memory import bytes_per_image, prefill_slice_bytes
 from twig_batch.settings import GenerationSettings
 
@@ -46,3 +46,8 @@ def test_part_size_follows_free_memory_and_the_longest_prompt(generators):
     assert part_size(bundle, settings, prompts, fixed=None, free_bytes=free) == 100
     long_prompt = prompts + [" ".join(["cube"] * 400)]
     assert part_size(bundle, settings, long_prompt, fixed=None, free_bytes=free) < 100
+
+
+def test_a_batch_is_drawn_in_parts_of_about_equal_size():
+    assert [even_parts(256, most) for most in (165, 256, 300, 100, 1)] == [128, 256, 256, 86, 1]
+    assert even_parts(5, 2) == 2  # 2 + 2 + 1: three parts either way
