@@ -3,6 +3,11 @@
 Same contract as `batched.draw_image_tokens_batch` (CFG row pairs, left padding, per-row seeds and
 positions, observer injections), but the cache is preallocated once per call and the decode step
 has fixed shapes, so on a GPU it is captured and replayed as CUDA graphs (`graphs.py`).
+
+Cache columns of a call: the prefill, then each image's control-token slots (the observer's
+`max_control_slots`), then one column per decode step. An injection writes an image's control
+tokens into its own next free slots (both CFG rows), so however many images fire, and at however
+many different steps, the cache never needs more than those slots: its size is fixed by construction.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.settings import GenerationSettings
 
-CONTROL_SLACK = 64  # cache columns reserved for control tokens when the observer names no budget
+CONTROL_SLACK = 64  # control-token columns per image when the observer names no max_control_slots
 
 
 @torch.no_grad()
@@ -32,9 +37,13 @@ def draw_image_tokens_fast(
     lm = bundle.language_model
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
     fuse_for_device(lm)
-    with StaticKVCache(lm, rows, embeds.shape[1] + n_tokens + slack, fp8=settings.kv_cache == "fp8") as cache:
+    # The prefill, the slots, then a column per decode step: every token but the last is fed back.
+    columns = embeds.shape[1] + slack + max(n_tokens - 1, 0)
+    with StaticKVCache(lm, rows, columns, fp8=settings.kv_cache == "fp8") as cache:
         hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
         next_position = positions[:, -1:] + 1
+        slots = ControlSlots(cache.used, slack, len(cond_rows))
+        cache.used += slack  # decode steps write after the slots
         if use_graphs is None:
             use_graphs = device.type == "cuda"
         graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
@@ -55,9 +64,10 @@ def draw_image_tokens_fast(
             codes.append(tokens)
             decision = decide(step, hidden[0::2], logits, tokens)
             if i + 1 == n_tokens:
-                injection = decision.resolve() if decision is not None else None
-                if injection is not None and bool(injection.rows.any()):
-                    _inject(bundle, cache, next_position, injection)
+                # The controller still hears its verdict out (it thinks and logs), but tokens after the
+                # last one would read the control tokens, and there are none: nothing to write.
+                if decision is not None:
+                    decision.resolve()
                 break
             # The next step goes to the device before the verdict is read, so the device never waits for
             # the host; an injection (rare) takes that step back and redoes it after the control tokens.
@@ -66,7 +76,7 @@ def draw_image_tokens_fast(
             injection = decision.resolve() if decision is not None else None
             if injection is not None and bool(injection.rows.any()):
                 cache.used = column
-                next_position = _inject(bundle, cache, next_position, injection)
+                next_position = _inject(bundle, cache, slots, next_position, injection)
                 hidden = step_forward(tokens, next_position)
             next_position = next_position + 1
         return torch.stack(codes, dim=1).cpu()
@@ -95,10 +105,43 @@ def _decode_step(bundle, cache, tokens, positions, valid):
     return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
 
 
-def _inject(bundle, cache, next_position, injection):
-    rows = injection.rows.to(next_position.device).repeat_interleave(2)
+class ControlSlots:
+    """Each image's control-token columns in one drawing call: `width` columns from `first` on, filled
+    in order, one injection after another (`taken` counts them per image, on the host)."""
+
+    def __init__(self, first: int, width: int, images: int):
+        self.first, self.width = first, width
+        self.taken = [0] * images
+
+    def columns(self, injected: list[bool], k: int, scratch: int) -> torch.Tensor:
+        """[images, k] cache columns for an injection of k tokens: the next free slots of the injected
+        images (which are then taken); `scratch` for the others, whose tokens are invalid."""
+        columns = torch.full((len(injected), k), scratch, dtype=torch.long)
+        for image, fired in enumerate(injected):
+            if not fired:
+                continue
+            taken = self.taken[image]
+            if taken + k > self.width:
+                raise RuntimeError(
+                    f"image {image} of this drawing call was given {taken + k} control tokens, more than the "
+                    f"{self.width} cache columns its observer reserved (max_control_slots: for the latent "
+                    "controller, max_injections_per_band x control_tokens); an observer must not inject more")
+            columns[image] = self.first + taken + torch.arange(k)
+            self.taken[image] = taken + k
+        return columns
+
+
+def _inject(bundle, cache, slots: ControlSlots, next_position, injection):
+    """Write the injected images' control tokens into their own slots (both CFG rows) and return the
+    next positions. The rows not injected write nothing valid: their tokens all go to the column the
+    next decode step overwrites (`cache.used`). The cache's write column does not move."""
+    device = next_position.device
     k = injection.embeds.shape[1]
+    injected = injection.rows.tolist()
+    columns = slots.columns(injected, k, scratch=cache.used).to(device).repeat_interleave(2, dim=0)
+    rows = injection.rows.to(device).repeat_interleave(2)
     control = injection.embeds.to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
-    positions = next_position + torch.arange(k, device=next_position.device)
-    forward_static(bundle.language_model, cache, control, positions, rows.unsqueeze(1).expand(-1, k))
+    positions = next_position + torch.arange(k, device=device)
+    forward_static(bundle.language_model, cache, control, positions, rows.unsqueeze(1).expand(-1, k),
+                   columns=columns)
     return next_position + rows.long().unsqueeze(1) * k

@@ -8,6 +8,10 @@ images' caches and logits are untouched.
 An observer may also offer `observe_deferred(...)`, returning None or an object whose `resolve()`
 gives the `Injection` (or None) later: the fast engine then queues the next decode step before
 reading the verdict, so the device does not wait on the host every step (`engine/fast.py`).
+
+An observer names, as `max_control_slots`, the most control tokens it may give one image in one
+drawing call: the fast engine reserves that many cache columns per image (64 when it names none)
+and refuses an injection past them.
 """
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
 """The language model's forward pass over a preallocated, fixed-shape KV cache.
 
 Reads the weights of transformers' Llama modules but owns the cache and the attention mask, so
-every row keeps its own positions and validity (left padding, masked control-token slots) while all
+every row keeps its own positions and validity (left padding, unused control-token slots) while all
 rows write the same cache column. Shapes stay fixed from step to step, which lets the decode step
 be captured once as a CUDA graph.
+
+A pass may instead write each row at columns of its own (`columns`), already reserved below the
+shared write column: the image engine puts an image's control tokens there (`fast.py`). Positions
+travel with the keys (RoPE), so where a key sits in the cache changes nothing but the mask.
 """
 from __future__ import annotations
 
@@ -145,15 +149,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-                   valid: torch.Tensor, first_rows: bool = False) -> torch.Tensor:
+                   valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None) -> torch.Tensor:
     """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
 
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
     tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
     With `first_rows`, `embeds` are for the cache's first R rows only (the others are left alone).
+
+    With `columns` [R, T] (device tensor) each row writes its own columns instead, and `used` stays
+    where it is. A new token sees the valid columns below `used` that this pass does not write, the
+    valid ones it writes for earlier tokens of its row, and its own. Invalid tokens may share a column
+    (a scratch column, e.g. `used`, that a later pass overwrites); valid ones must not.
     """
     rows, length = embeds.shape[:2]
-    end = cache.used + length
+    end = cache.used + length if columns is None else max(cache.used, int(columns.max()) + 1)
     if end > cache.max_len:
         raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
     if rows != cache.k.shape[1] and not first_rows:
@@ -163,12 +172,14 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     tensors = cache.tensors()
     chunk = max(1, PREFILL_CHUNK_TOKENS // length)
     if rows <= chunk:  # every decode step, and small prefills: one pass, no copy of the output
-        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend)
+        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend, columns)
     else:  # rows never see each other: a prefill in slices of rows bounds its activations
         hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
-                                       positions[a:a + chunk], valid[a:a + chunk], start, attend)
+                                       positions[a:a + chunk], valid[a:a + chunk], start, attend,
+                                       None if columns is None else columns[a:a + chunk])
                             for a in range(0, rows, chunk)])
-    cache.used = end
+    if columns is None:
+        cache.used = end
     return hidden
 
 
@@ -177,27 +188,28 @@ def attend_width(cache: StaticKVCache, end: int) -> int:
 
 
 def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               start: torch.Tensor, attend: int) -> torch.Tensor:
+               start: torch.Tensor, attend: int, columns: torch.Tensor | None = None) -> torch.Tensor:
     """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
-    int, so one captured CUDA graph serves every step whose columns fall in the same bucket."""
+    int, so one captured CUDA graph serves every step whose columns fall in the same bucket.
+    `columns` [R, T], when given, are per-row write columns (see `forward_static`)."""
     rows, length, _ = embeds.shape
     device = embeds.device
-    write = start + torch.arange(length, device=device)  # [T]
-    cache.valid.index_copy_(1, write, valid)
-    columns = torch.arange(attend, device=device)
-    causal = columns.unsqueeze(0) <= write.unsqueeze(1)  # [T, A]
-    # A query always sees its own column, so padded queries never produce NaNs that could reach
-    # the cache; nobody else attends to an invalid column.
-    own = columns.unsqueeze(0) == write.unsqueeze(1)
-    mask = ((cache.valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
+    if columns is None:
+        write = start + torch.arange(length, device=device)  # [T]
+        cache.valid.index_copy_(1, write, valid)
+        mask = _shared_column_mask(cache.valid, write, attend)
+    else:
+        write = columns  # [R, T]
+        cache.valid.scatter_(1, write, valid)
+        mask = _own_column_mask(cache.valid, write, start, attend)
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if cache.k_scale is not None:
             return _attend_fp8(cache, i, q, k, v, write, start, attend, mask)
-        cache.k[i].index_copy_(2, write, k)
-        cache.v[i].index_copy_(2, write, v)
+        _write_columns(cache.k[i], write, k)
+        _write_columns(cache.v[i], write, v)
         return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
@@ -223,6 +235,36 @@ def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.
     return lm.norm(x)
 
 
+def _shared_column_mask(valid: torch.Tensor, write: torch.Tensor, attend: int) -> torch.Tensor:
+    """[R, 1, T, A]: new token t (column write[t]) sees the valid columns up to its own."""
+    columns = torch.arange(attend, device=write.device)
+    causal = columns.unsqueeze(0) <= write.unsqueeze(1)  # [T, A]
+    # A query always sees its own column, so padded queries never produce NaNs that could reach
+    # the cache; nobody else attends to an invalid column.
+    own = columns.unsqueeze(0) == write.unsqueeze(1)
+    return ((valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
+
+
+def _own_column_mask(valid: torch.Tensor, write: torch.Tensor, start: torch.Tensor, attend: int) -> torch.Tensor:
+    """[R, 1, T, A] for per-row write columns write [R, T]: new token t of row r sees what row r
+    held below `start` (the shared write column) before this pass, the columns this pass wrote for
+    its tokens 0..t, each where valid, and its own column."""
+    columns = torch.arange(attend, device=write.device)
+    own = columns == write.unsqueeze(-1)  # [R, T, A]
+    written_so_far = own.cumsum(1) > 0  # columns of tokens 0..t of the row
+    held = (columns < start) & ~own.any(1, keepdim=True)  # [R, 1, A]
+    return ((valid[:, None, :attend] & (held | written_so_far)) | own).unsqueeze(1)
+
+
+def _write_columns(values: torch.Tensor, write: torch.Tensor, new: torch.Tensor) -> None:
+    """values [R, H, L, ...] <- new [R, H, T, ...] at columns `write`: [T] shared or [R, T] per row."""
+    if write.dim() == 1:
+        values.index_copy_(2, write, new)
+        return
+    index = write.view(write.shape[0], 1, write.shape[1], *([1] * (new.dim() - 3))).expand(new.shape)
+    values.scatter_(2, index, new)
+
+
 def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask):
     """attend_kv over an fp8 cache: quantize the new columns, then read fp8 (a kernel for one query)."""
     if cache.kv_heads != cache.heads:
@@ -230,10 +272,10 @@ def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask):
     quant = KERNELS.get("quantize_kv", quantize, q.device)
     for values, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
         new8, new_scale = quant(new)
-        values[i].view(torch.uint8).index_copy_(2, write, new8.view(torch.uint8))  # byte copies: any fp8 build
-        scales[i].index_copy_(2, write, new_scale)
+        _write_columns(values[i].view(torch.uint8), write, new8.view(torch.uint8))  # byte copies: any fp8 build
+        _write_columns(scales[i], write, new_scale)
     parts = (cache.k[i, :, :, :attend], cache.k_scale[i, :, :, :attend], cache.v[i, :, :, :attend],
              cache.v_scale[i, :, :, :attend])
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 and write.dim() == 1:  # the kernel knows one shared write column only
         return decode_attention(q, *parts, cache.valid[:, :attend], start, mask)
     return reference_attention(q, *parts, mask)
