@@ -112,3 +112,68 @@ def strict_s3_server():
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def ray_head(*, auth_mode: str | None, home: Path, num_cpus: int = 3):
+    """A `ray start --head` of our own, as the docs start one: private ports, temp dir and home (where
+    Ray keeps `~/.ray/auth_token`), so it neither joins nor disturbs other clusters. `auth_mode`
+    None leaves RAY_AUTH_MODE unset, Ray's default. Yields (dashboard URL, GCS address, env): env
+    is this process's environment with the head's home and temp dir, and RAY_ADDRESS, RAY_AUTH_MODE
+    removed. The temp dir is `$RAY_TMPDIR/ray`, so a driver with that env finds the head by itself."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    base = tempfile.mkdtemp(prefix="twig-ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    env = dict(os.environ, HOME=str(home), RAY_TMPDIR=base)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    head_env = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no drain: nothing to hand over
+    if auth_mode is not None:
+        head_env["RAY_AUTH_MODE"] = auth_mode
+    dashboard, gcs_port = free_port(), free_port()
+    ports = {"--port": gcs_port, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+               "--include-dashboard", "true", "--num-cpus", str(num_cpus), "--temp-dir", f"{base}/ray",
+               "--disable-usage-stats"]
+    for flag, port in ports.items():
+        command += [flag, str(port)]
+    log_path = Path(base) / "head.log"
+    log = open(log_path, "w")
+    head = subprocess.Popen(command, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/authentication_mode", timeout=2).read()
+                break
+            except OSError:
+                assert head.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the Ray head did not come up"
+                time.sleep(0.5)
+        yield address, f"127.0.0.1:{gcs_port}", env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def cluster_auth_mode(dashboard: str) -> str:
+    """What a head says of its token authentication: "token" or "disabled"."""
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{dashboard}/api/authentication_mode", timeout=5).read())[
+        "authentication_mode"]

@@ -329,6 +329,6 @@ def _with_restart_limits(error: BaseException, config: RunConfig) -> BaseExcepti
 
 
 def _disconnect() -> None:
-    import ray
+    from twig_batch.distributed.cluster import disconnect
 
-    ray.shutdown()
+    disconnect()

@@ -3,13 +3,15 @@
 Like `ray.init()`: join the cluster named by `RAY_ADDRESS` or the one `ray start` left running on
 this machine, and otherwise start a local one (`RAY_ADDRESS=local` forces that). A local cluster
 gets enough logical CPUs for the actors plus Ray Data's read tasks: with too few, the readers
-starve behind the actors and the run stalls.
+starve behind the actors and the run stalls. A cluster is joined in its own token-authentication
+mode (ray_auth.py).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+from twig_batch.distributed import ray_auth
 from twig_batch.errors import InputError
 
 
@@ -28,18 +30,61 @@ def connect(min_local_cpus: int = 3) -> bool:
 
     if ray.is_initialized():
         return False
+    _AUTH_MODE_BEFORE[:] = [os.environ.get(ray_auth.MODE_VAR)]
     address = os.environ.get("RAY_ADDRESS", "")
-    if address and address != "local":
+    try:
+        if address != "local" and _join(address):
+            return True
+        # RAY_ADDRESS=local, or no cluster to join: a private one on this machine, with token
+        # authentication as Ray 2.60 starts a new local cluster (said here, so Ray need not warn of it).
+        if ray_auth.MODE_VAR not in os.environ:
+            os.environ[ray_auth.MODE_VAR] = "token"
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False)
+    except BaseException:
+        _restore_auth_mode()
+        raise
+    return True
+
+
+def disconnect() -> None:
+    """Leave the cluster `connect` joined or started, and put RAY_AUTH_MODE back as it was."""
+    import ray
+
+    ray.shutdown()
+    _restore_auth_mode()
+
+
+_AUTH_MODE_BEFORE: list = []  # RAY_AUTH_MODE as it was before `connect`, while connected
+
+
+def _restore_auth_mode() -> None:
+    if _AUTH_MODE_BEFORE:
+        ray_auth.use_mode(_AUTH_MODE_BEFORE.pop())
+
+
+def _join(address: str) -> bool:
+    """Join the cluster at `address` ("" for the one `ray start` left on this machine) in its
+    authentication mode; False when there is no cluster to join."""
+    import ray
+
+    if address.startswith("ray://"):  # Ray Client: the server side authenticates
         ray.init(address=address)
         return True
-    if not address:
-        try:
-            ray.init(address="auto")
-            return True
-        except ConnectionError:
-            pass
-    # RAY_ADDRESS=local, or no cluster to join: a private one on this machine.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False)
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        gcs_address = canonicalize_bootstrap_address(address or "auto")
+    except ConnectionError:  # nothing `ray start` left running here
+        return False
+    if gcs_address is None:
+        return False
+    ray_auth.match_cluster_auth(gcs_address)
+    try:
+        ray.init(address=gcs_address)  # the cluster just asked, even where "auto" could pick another
+    except ConnectionError:
+        if address:
+            raise
+        return False  # a stale record of a cluster that is gone
     return True
 
 
