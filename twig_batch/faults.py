@@ -21,6 +21,7 @@ arguments and is recorded in run.json, so a run that was made to fail says so.
   start, when that is set): a straggler.
 - `oom_above_images=n`: a model call of more than n images raises an out-of-memory error before
   drawing, as a GPU would with too large a part.
+- `part_delay_s`: each model call sleeps this long first: slow parts, to watch rows arrive part by part.
 - `fail_prompts_containing=text`: a model call that holds a prompt containing `text` raises an
   error, as a row that breaks the generation would.
 
@@ -59,6 +60,7 @@ class FaultPlan:
     actor_delay_s: float = 0.0
     delayed_actors: int | None = None  # None: every actor is delayed
     oom_above_images: int | None = None
+    part_delay_s: float = 0.0
     fail_prompts_containing: str | None = None
     seed: int = 0
     state_dir: str | None = None
@@ -80,6 +82,8 @@ class FaultPlan:
             raise InputError(f"faults: actor_delay_s must be a number >= 0, got {self.actor_delay_s!r}")
         if self.delayed_actors is not None and not _whole(self.delayed_actors, 1):
             raise InputError(f"faults: delayed_actors must be a whole number >= 1, got {self.delayed_actors!r}")
+        if not _number(self.part_delay_s) or self.part_delay_s < 0:
+            raise InputError(f"faults: part_delay_s must be a number >= 0, got {self.part_delay_s!r}")
         if self.oom_above_images is not None and not _whole(self.oom_above_images, 1):
             raise InputError(f"faults: oom_above_images must be a whole number >= 1, got {self.oom_above_images!r}")
         if self.fail_prompts_containing is not None and (not isinstance(self.fail_prompts_containing, str)
@@ -98,7 +102,7 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         return (self.kill_worker_after_rows is not None and self.max_kills > 0) or self.storage_failure_rate > 0 \
-            or self.actor_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None
+            or self.actor_delay_s > 0 or self.part_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,6 +219,7 @@ class ActorFaults:
     def before_part(self, requests: list) -> None:
         """Called before each model call with its requests: maybe fail it as the plan says."""
         plan = self.plan
+        time.sleep(plan.part_delay_s)
         if plan.oom_above_images is not None and len(requests) > plan.oom_above_images:
             import torch
 

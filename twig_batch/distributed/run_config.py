@@ -26,6 +26,7 @@ class RunConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     batch_size: int | None = None  # images per model call; default: what fits the GPU (16 on a CPU)
+    work_batch_size: int | None = None  # work items per actor call; default: batch_size, else 256 (16 on a CPU)
     samples_per_prompt: int = 1
     seed: int = 0
     resume: bool = False
@@ -44,7 +45,7 @@ class RunConfig:
     faults: FaultPlan | dict | str | None = None  # testing only (see faults.py); default: $TWIG_BATCH_FAULTS
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "samples_per_prompt", "journal_every_rows"):
+        for name in ("batch_size", "work_batch_size", "samples_per_prompt", "journal_every_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_actor_restarts", "max_task_retries"):
@@ -75,6 +76,8 @@ class RunConfig:
     def work_batch(self, gpus_per_actor: float) -> int:
         """Work items per actor call. Left to the GPU, a call brings enough work for the largest batch
         that fits (the actor draws it in memory-sized parts); on a CPU a call is one small batch."""
+        if self.work_batch_size is not None:
+            return self.work_batch_size
         if self.batch_size is not None:
             return self.batch_size
         return GPU_WORK_BATCH if gpus_per_actor > 0 else CPU_BATCH
