@@ -3,13 +3,15 @@
 # --input`: every run must finish with all images ok and no part failure or split in run.json.
 # Run it on a GPU machine before resolving any change to the engine, the pipeline or the actor.
 #
-# Usage: bash benchmarks/gpu_checks.sh OUTDIR [MODEL] [IMAGES]   (default random-7b, 64 images)
+# Usage: bash benchmarks/gpu_checks.sh OUTDIR [MODEL] [IMAGES] [MODES]
+#   (default random-7b, 64 images, modes "plain twig seed", each without and with the controller)
 # Writes OUTDIR/gpu_checks.txt (the log) and OUTDIR/gpu_checks.json (one record per run).
 # Joins the Ray cluster `ray start` left on this machine, if any (as a workstation user would).
 set -uo pipefail
 out="${1:?usage: gpu_checks.sh OUTDIR [MODEL] [IMAGES]}"
 model="${2:-random-7b}"
 images="${3:-64}"
+modes="${4:-plain twig seed}"
 here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -19,7 +21,7 @@ echo "gpu_checks $(date -u +%Y-%m-%dT%H:%M:%SZ) model=$model images=$images" | t
 python3 -c "import torch, transformers, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" | tee -a "$log"
 failed=0
 records=()
-for mode in plain twig seed; do
+for mode in $modes; do
   for controller in --no-controller --controller; do
     dest="$work/$mode$controller"
     echo "== $mode $controller" | tee -a "$log"

@@ -13,7 +13,9 @@ the run recorded (`_COMPLETE.json`, `run.json`) and reports:
   calls after each one's first part (`generate_images` alone; no writing, no Ray);
   with --engine-process, also engine_process_img_s: `generate_images` timed in a process of its own
   (no Ray, no writers) on two parts of the size the actor chose, the second timed;
-- ratio: steady / engine; startup_s: the slowest actor's start (model build included);
+- ratio: steady / engine; startup_s: the slowest actor's `__init__` (model build and kernel compilation);
+  first_call_after_s: from the run's start to the slowest actor's first model call (Ray, the read,
+  the actor's process start and `__init__`);
 - busy_share: the share of the run's wall time the GPU spent in model calls.
 `lengths=limit` lets every text run to its token limit (what random weights do);
 `lengths=realistic` stops texts at lengths drawn per row (TWIG_BATCH_EMULATE_TEXT_LENGTHS=realistic,
@@ -65,6 +67,9 @@ def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, l
         driver_img_s=summary["images_per_s"], steady_img_s=summary.get("steady_images_per_s"),
         engine_img_s=round(sum(engine), 3) if engine else None,
         startup_s=max((a.get("startup_s", 0) for a in stats), default=None),
+        # From the run's start to the first model call: Ray, reading, the actor's process and __init__.
+        first_call_after_s=max((round(a["first_part_at"] - a["first_part_s"], 2) for a in stats
+                                if "first_part_at" in a), default=None),
         model_load_s=max((a.get("model_load_s") or 0 for a in stats), default=None),
         part_images=sorted({a.get("part_images") for a in stats if a.get("part_images")}),
         busy_share=round(sum(a.get("busy_s", 0) for a in stats) / wall / max(len(stats), 1), 3),
