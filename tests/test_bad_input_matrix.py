@@ -28,8 +28,8 @@ NaN or negative cfg weight            FILE_LEVEL: cfg-*
 unwritable destination                test_run_errors.py::test_unwritable_destination; FILE_LEVEL: dest-*
 missing bucket                        test_run_errors.py::test_missing_output_bucket, ..._input_bucket_and_key
 bad credentials                       test_run_errors.py::test_missing_credentials, ::test_refused_credentials
-model folder missing files            FILE_LEVEL: model-* (an absent folder may exist on the workers only:
-                                      test_run_modes.py checks their one-line error)
+model folder missing files            FILE_LEVEL: model-*; an absent folder: test_run_failures.py (local
+                                      cluster, before Ray) and test_run_modes.py (a joined cluster's worker)
 controller weights of the wrong shape FILE_LEVEL: controller-*
 """
 import json

@@ -42,15 +42,17 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
     assert info["settings"]["deterministic"] is True
 
 
-def test_a_model_that_fails_on_the_workers_is_one_clear_error(ray_cluster, tmp_path):
+def test_a_model_folder_missing_on_the_workers_is_one_line_before_any_actor(ray_cluster, tmp_path):
+    """The driver lacks the folder and joins a cluster (whose GPU nodes might have it): one small task
+    looks for it on a worker, before anything is written or any model loads."""
     prompts = write_prompts(tmp_path / "p.parquet", 2)
     result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--model",
                                       "/no/such/checkpoint/on/the/workers"])
     assert result.exit_code == 2, result.output
-    assert "error: on a Ray worker: model folder /no/such/checkpoint/on/the/workers does not exist" in result.output
-    # Ray logs its own account of the dead actor; ours is the one `error:` line the CLI ends with.
-    assert [line for line in result.output.splitlines() if line.startswith("error:")][-1].endswith("does not exist")
-    assert not (tmp_path / "out" / "_COMPLETE.json").exists()
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: on the Ray worker "), result.output
+    assert lines[0].endswith("model folder /no/such/checkpoint/on/the/workers does not exist")
+    assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_image_generator_in_your_own_ray_data_pipeline(ray_cluster):

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    if getattr(exc, "log", None):  # a worker's failure: its full traceback is in the Ray session's logs
+        typer.echo(f"full log: {exc.log} (the actors' worker-*.err; Ray Data's ray-data/ray-data.log)", err=True)
     raise typer.Exit(code=2)
 
 

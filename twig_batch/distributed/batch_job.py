@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twig_batch.distributed.actor_report import detach_events
-from twig_batch.distributed.cluster import connect, plan_actors
+from twig_batch.distributed.cluster import address_to_join, connect, logs_dir, plan_actors
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.distributed.run_events import RunEvents
 from twig_batch.distributed.work_items import expand_to_work_items
+from twig_batch.distributed.worker_checks import check_model_before_ray, check_model_on_a_worker
 from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, OutputError, TwigBatchError
 from twig_batch.io import layout
@@ -66,6 +67,7 @@ def preflight(config: RunConfig) -> _Preflight:
     seed_column = seed_column if source.has_seed_column else None
     if source.has_id_column:
         check_unique_ids(files, id_column)
+    check_model_before_ray(config.model, starts_private_cluster=address_to_join() is None)
     _check_model_reference(config.model, settings)  # before the destination is touched
     storage = open_storage(config.output)
     storage.check_writable()
@@ -103,6 +105,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
     progress = events = None
     try:
         plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
+        check_model_on_a_worker(config.model, plan)  # before anything is written or any model loads
         attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         info = _start_attempt(config, checked, plan, attempt)
         total = checked.source.rows * config.samples_per_prompt
@@ -267,13 +270,19 @@ def hand_back_rows_per_part() -> None:
 
 
 def quiet_ray_data() -> None:
-    """Our progress line replaces Ray Data's per-operator bars and start-up banner."""
+    """Our progress line replaces Ray Data's per-operator bars and start-up banner, and our one line
+    per failure its console log; its log file (ray-data.log, in the session's logs) keeps everything."""
+    import logging
+
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.CRITICAL + 1)
 
 
 def _check_mode_available(mode: str) -> None:
@@ -328,19 +337,27 @@ def _user_facing(exc: BaseException) -> BaseException:
     ours = _OUR_ERROR_LINE.findall(str(current or exc) + "\n" + str(exc))
     if ours:
         kind, message = ours[-1]
-        return getattr(errors_module, kind)(f"on a Ray worker: {message}")
+        return _with_log(getattr(errors_module, kind)(f"on a Ray worker: {message}"))
     first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "no detail")
-    return RunFailedError(f"the Ray job failed: {type(exc).__name__}: {first_line} (rows finished before this are "
-                          "recorded; rerun with --resume to continue)")
+    return _with_log(RunFailedError(f"the Ray job failed: {type(exc).__name__}: {first_line} (rows finished before "
+                                    "this are recorded; rerun with --resume to continue)"))
+
+
+def _with_log(error: TwigBatchError) -> TwigBatchError:
+    """A worker's failure is one line; its traceback stays in the Ray session's logs, named here."""
+    error.log = logs_dir()
+    return error
 
 
 def _with_restart_limits(error: BaseException, config: RunConfig) -> BaseException:
     """An actor that died past its restarts, or a batch past its retries: say which limits ran out."""
     if not isinstance(error, RunFailedError) or "ActorDiedError" not in str(error):
         return error
-    return RunFailedError(f"{error}; model actors kept dying: each is restarted at most {config.max_actor_restarts} "
-                          f"time(s) and each batch retried at most {config.max_task_retries} time(s) "
-                          "(--max-actor-restarts, --max-task-retries)")
+    limited = RunFailedError(f"{error}; model actors kept dying: each is restarted at most "
+                             f"{config.max_actor_restarts} time(s) and each batch retried at most "
+                             f"{config.max_task_retries} time(s) (--max-actor-restarts, --max-task-retries)")
+    limited.log = getattr(error, "log", None)
+    return limited
 
 
 def _disconnect() -> None:

@@ -8,6 +8,7 @@ mode (ray_auth.py).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ def connect(min_local_cpus: int = 3) -> bool:
     if ray.is_initialized():
         return False
     _AUTH_MODE_BEFORE[:] = [os.environ.get(ray_auth.MODE_VAR)]
+    # A task that Ray retries (an actor's location query while it dies) is not news: the run says
+    # what failed once it has failed.
+    os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     address = os.environ.get("RAY_ADDRESS", "")
     try:
         if address != "local" and _join(address):
@@ -38,8 +42,9 @@ def connect(min_local_cpus: int = 3) -> bool:
         # RAY_ADDRESS=local, or no cluster to join: a private one on this machine, with token
         # authentication as Ray 2.60 starts a new local cluster (said here, so Ray need not warn of it).
         if ray_auth.MODE_VAR not in os.environ:
-            os.environ[ray_auth.MODE_VAR] = "token"
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False)
+            ray_auth.use_mode("token")
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False,
+                 **_QUIET)
     except BaseException:
         _restore_auth_mode()
         raise
@@ -62,30 +67,60 @@ def _restore_auth_mode() -> None:
         ray_auth.use_mode(_AUTH_MODE_BEFORE.pop())
 
 
+def address_to_join() -> str | None:
+    """The cluster `connect` would join (its GCS address, or a ray:// address), or None when it
+    would start a private one on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address == "local":
+        return None
+    if address.startswith("ray://"):
+        return address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address or "auto")
+    except ConnectionError:  # nothing `ray start` left running here
+        return None
+
+
 def _join(address: str) -> bool:
     """Join the cluster at `address` ("" for the one `ray start` left on this machine) in its
     authentication mode; False when there is no cluster to join."""
     import ray
 
-    if address.startswith("ray://"):  # Ray Client: the server side authenticates
-        ray.init(address=address)
-        return True
-    from ray._private.services import canonicalize_bootstrap_address
-
-    try:
-        gcs_address = canonicalize_bootstrap_address(address or "auto")
-    except ConnectionError:  # nothing `ray start` left running here
-        return False
+    gcs_address = address_to_join()
     if gcs_address is None:
         return False
+    if gcs_address.startswith("ray://"):  # Ray Client: the server side authenticates
+        ray.init(address=gcs_address, **_QUIET)
+        return True
     ray_auth.match_cluster_auth(gcs_address)
     try:
-        ray.init(address=gcs_address)  # the cluster just asked, even where "auto" could pick another
+        ray.init(address=gcs_address, **_QUIET)  # the cluster just asked, even where "auto" could pick another
     except ConnectionError:
         if address:
             raise
         return False  # a stale record of a cluster that is gone
     return True
+
+
+# Our lines say what happens; the actors' own output and Ray's start-up notes stay in the session's
+# logs (`logs_dir`), where a failure's one line points.
+_QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
+def logs_dir() -> str | None:
+    """Where this machine keeps the Ray session's logs (the actors' output on a local cluster)."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_logs_dir_path()
+    except Exception:  # a Ray Client connection, or no session here
+        return None
 
 
 def plan_actors(actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float, device: str) -> ActorPlan:
