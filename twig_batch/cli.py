@@ -149,7 +149,10 @@ def run_cmd(
                    "16 on CPU]."),
     samples_per_prompt: int = typer.Option(1, help="Images per prompt."),
     seed: int = typer.Option(0, help="Base seed; each (id, sample) gets a seed derived from it."),
-    resume: bool = typer.Option(False, help="Continue the run in OUTPUT: skip every image recorded ok."),
+    resume: bool = typer.Option(False, help="Continue the run in OUTPUT: skip every image recorded ok (model, mode, "
+                                            "settings, seed, columns and templates must match)."),
+    overwrite: bool = typer.Option(False, help="Replace the run in OUTPUT: its records and images are removed "
+                                               "first."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompts."),
     id_column: Optional[str] = typer.Option(None, help="Column holding the ids [default: 'id' when present, "
                                                         "else ids derived from the prompts]."),
@@ -193,7 +196,7 @@ def run_cmd(
             extra["controller"] = controller_config.to_dict()
         config = RunConfig(input=input, output=output, model=model, mode=mode, settings=extra,
                            actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
-                           samples_per_prompt=samples_per_prompt, seed=seed, resume=resume,
+                           samples_per_prompt=samples_per_prompt, seed=seed, resume=resume, overwrite=overwrite,
                            prompt_column=prompt_column, id_column=id_column, seed_column=seed_column,
                            device=device, dtype=dtype,
                            templates=str(templates) if templates is not None else None,

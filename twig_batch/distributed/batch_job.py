@@ -28,12 +28,12 @@ from twig_batch.distributed.run_events import RunEvents
 from twig_batch.distributed.work_items import expand_to_work_items
 from twig_batch.distributed.worker_checks import check_model_before_ray, check_model_on_a_worker
 from twig_batch import errors as errors_module
-from twig_batch.errors import InputError, OutputError, TwigBatchError
+from twig_batch.errors import InputError, TwigBatchError
 from twig_batch.io import layout
 from twig_batch.io.dataset import InputFiles, InputSummary, check_input, check_unique_ids, resolve_input
-from twig_batch.io.manifest import ManifestJournal, consolidate, ok_keys
-from twig_batch.io.run_info import (check_resume_matches, read_run_info, software_versions, utc_now,
-                                    write_complete_marker, write_run_info)
+from twig_batch.io.earlier_run import clear_run, earlier_run
+from twig_batch.io.manifest import ManifestJournal, consolidate
+from twig_batch.io.run_info import software_versions, utc_now, write_complete_marker, write_run_info
 from twig_batch.io.storage import LocalStorage, S3Storage, open_storage
 from twig_batch.settings import GenerationSettings
 
@@ -53,6 +53,7 @@ class _Preflight:
     skip: frozenset
     seed_column: str | None = None
     text_lengths: object = None  # pipeline.text_lengths.TextLengths: benchmark-only emulation, or None
+    replaced: str | None = None  # an earlier run in the destination is cleared first: why
 
 
 def preflight(config: RunConfig) -> _Preflight:
@@ -76,15 +77,10 @@ def preflight(config: RunConfig) -> _Preflight:
         "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None,
         "seed_column": seed_column,
         "templates": dataclasses.asdict(templates) if templates is not None else None}, default=str))
-    previous = read_run_info(storage)
-    if previous is not None and not config.resume:
-        raise OutputError(f"{storage.root_uri} already holds a twig-batch run; pass --resume to continue it "
-                          "or choose a new output destination")
-    if previous is not None:
-        check_resume_matches(previous, identity, storage.root_uri)
-    skip = frozenset(ok_keys(storage)) if config.resume else frozenset()
+    earlier = earlier_run(storage, identity, config.resume, config.overwrite)
     return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
-                      identity, previous, skip, seed_column=seed_column, text_lengths=_text_lengths())
+                      identity, earlier.info, earlier.skip, seed_column=seed_column, text_lengths=_text_lengths(),
+                      replaced=earlier.describe(storage.root_uri))
 
 
 def _text_lengths():
@@ -114,6 +110,8 @@ def run_batch(config: RunConfig, echo=print) -> dict:
         echo(f"twig-batch run: {checked.source.rows} prompts x {config.samples_per_prompt} samples from "
              f"{checked.files.uri} -> {storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
              f"{len(checked.skip)} image(s) already done")
+        if checked.replaced:
+            echo(checked.replaced)
         if config.faults is not None and config.faults.active:
             echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
         if checked.text_lengths is not None:
@@ -130,6 +128,8 @@ def run_batch(config: RunConfig, echo=print) -> dict:
 
 
 def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -> dict:
+    if checked.replaced:  # only now: every check has passed, and the run is about to start
+        clear_run(checked.storage)
     checked.storage.delete(layout.COMPLETE_MARKER)  # a resumed run is unfinished until it says otherwise
     info = checked.previous or {**checked.identity, "created_at": utc_now(), "output": checked.storage.root_uri,
                                 "attempts": []}
@@ -138,6 +138,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
     info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": checked.previous is not None,
                              "actors": plan.actors, "gpus_per_actor": plan.gpus_per_actor,
                              "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
+    if checked.replaced:
+        info["attempts"][-1]["replaced"] = checked.replaced.split(": ", 1)[1]
     if config.faults is not None:  # a run that was made to fail says so in its record
         info["attempts"][-1]["faults"] = config.faults.to_dict()
     if checked.text_lengths is not None:  # so does a run whose texts were cut to emulated lengths

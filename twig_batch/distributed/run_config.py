@@ -30,6 +30,7 @@ class RunConfig:
     samples_per_prompt: int = 1
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace whatever run the output holds (its records and images)
     prompt_column: str = "prompt"
     id_column: str | None = None  # default: `id` when the input has it, else ids derived from prompts
     seed_column: str | None = None  # default: `seed` when the input has it; "" ignores any seed column
@@ -60,6 +61,8 @@ class RunConfig:
             raise InputError(f"gpus per actor must be >= 0, got {self.gpus_per_actor}")
         if self.cpus_per_actor <= 0:
             raise InputError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in the output and --overwrite replaces it: pass one")
         if not self.prompt_column:
             raise InputError("the prompt column name is empty")
         if self.seed_column and self.seed_column in (self.prompt_column, self.id_column or "id"):

@@ -56,7 +56,7 @@ def check_resume_matches(previous: dict, current: dict, where: str) -> None:
     if differing:
         detail = "; ".join(f"{name}: was {previous.get(name)!r}, now {current.get(name)!r}" for name in differing)
         raise InputError(f"cannot resume the run in {where} with different {', '.join(differing)} ({detail}); "
-                         "use the original options or a new output destination")
+                         "use the original options, --overwrite to replace the run, or a new output destination")
 
 
 def with_settings_added_since(previous: dict) -> dict:
