@@ -103,6 +103,9 @@ def test_config_overrides_from_name_value_strings():
                                                 "force_images=1,3"])
     assert (config.min_gap, config.tau_drop, config.weights, config.force_images) == (16, 0.1, "w.safetensors", (1, 3))
     with pytest.raises(InputError, match="not name=value"):
-        ControllerConfig().with_overrides(["nonsense=1"])
+        ControllerConfig().with_overrides(["min_gap"])
+    with pytest.raises(InputError, match=r"unknown controller setting 'tau_dorp' \(did you mean tau_drop\?\); "
+                                         r"the controller settings are: .*min_gap"):
+        ControllerConfig().with_overrides(["tau_dorp=0.1"])
     with pytest.raises(InputError, match="min_gap cannot be"):
         ControllerConfig().with_overrides(["min_gap=soon"])

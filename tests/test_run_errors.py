@@ -69,7 +69,9 @@ def test_bad_settings(tmp_path, prompts):
     fails_cleanly([prompts, "--output", tmp_path / "out", "--set", "cfg_weight=-1"], "cfg weight")
     fails_cleanly([prompts, "--output", tmp_path / "out", "--set", "no_such_knob=1"], "unknown generation setting")
     fails_cleanly([prompts, "--output", tmp_path / "out", "--batch-size", 0], "batch size")
-    fails_cleanly([prompts, "--output", tmp_path / "out", "--mode", "dream"], "mode must be one of")
+    result = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--mode", "dream"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "'dream' is not one of 'plain', 'twig', 'seed'" in result.output
 
 
 def test_model_folder_that_is_not_a_checkpoint(tmp_path, prompts):

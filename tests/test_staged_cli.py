@@ -16,14 +16,15 @@ def test_twig_mode_writes_band_images_and_a_full_record(tmp_path):
                                  "--bands", "2", "--think-max-tokens", "3", "--templates", str(templates)])
     assert result.exit_code == 0, result.output
     heights = {}
-    for label in ("band-1-of-2", "band-2-of-2"):
-        with Image.open(out / f"image-0000.{label}.png") as im:
+    for position, label in enumerate(("band-1-of-2", "band-2-of-2")):  # named as in a batch run's item folder
+        with Image.open(out / f"sample-0000.stage-{position:02d}-{label}.png") as im:
             heights[label] = im.size
     assert heights == {"band-1-of-2": (96, 48), "band-2-of-2": (96, 96)}
-    record = json.loads((out / "image-0000.json").read_text())
+    record = json.loads((out / "sample-0000.json").read_text())
     assert record["mode"] == "twig" and record["settings"]["bands"] == 2 and len(record["thoughts"]) == 2
     assert [r["band"] for r in record["reflections"]] == [0, 1] and record["redrawn_bands"] == []
     assert record["bands"] == 2 and record["band_images"] == ["band-1-of-2", "band-2-of-2"]
+    assert record["stage_images"] == ["sample-0000.stage-00-band-1-of-2.png", "sample-0000.stage-01-band-2-of-2.png"]
     assert record["timings"]["thinking_s"] > 0 and record["timings"]["reflection_s"] > 0
 
 

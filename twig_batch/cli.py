@@ -4,15 +4,72 @@ from __future__ import annotations
 import json
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from twig_batch.errors import TwigBatchError
+from twig_batch.errors import InputError, TwigBatchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class Mode(str, Enum):
+    plain = "plain"
+    twig = "twig"
+    seed = "seed"
+
+
+_VALUE_NAMES = {"int": "N", "float": "NUMBER", "str": "TEXT", "Path": "PATH", "list[str]": "TEXT"}
+
+
+class _Command(TyperCommand):
+    """Help that names a value (N, TEXT, PATH) rather than its Python type (<int>, <list[str]>), and
+    shows a flag without one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _name_the_value(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _name_the_value(option)
+        return option
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _name_the_value(option)
+        return option
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
                   help="Batch text-to-image with Janus-Pro and Thinking-while-Generating.")
+
+
+def _name_the_value(param) -> None:
+    if isinstance(param, TyperArgument):
+        param.display_type_rich = lambda ctx: None  # the argument's name says it
+    elif param.metavar is None and not param.type_descriptor.is_choice:  # a choice lists its values
+        param.metavar = "" if getattr(param, "is_flag", False) else _VALUE_NAMES.get(param.bare_type(), "VALUE")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from twig_batch import __version__
+
+        typer.echo(f"twig-batch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                       help="Print the version and exit.")) -> None:
+    """Batch text-to-image with Janus-Pro and Thinking-while-Generating."""
 
 
 def _fail(exc: Exception) -> None:
@@ -27,9 +84,9 @@ DETERMINISTIC_HELP = ("The same bits on every GPU run for the same seeds (attent
                       "themselves; bf16 decode steps ~35% slower). CPU runs always repeat.")
 
 
-@app.command("make-tiny-model")
+@app.command("make-tiny-model", cls=_Command)
 def make_tiny_model_cmd(
-    folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="Where to write the checkpoint."),
     layout: str = typer.Option("hf", help="hf (transformers layout) or deepseek (DeepSeek's original layout)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     vq_downsample: int = typer.Option(4, help="4 (96-px images) or 16 (Janus-Pro's 384-px geometry)."),
@@ -57,14 +114,14 @@ def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: 
     return ControllerConfig.from_dict(config.to_dict() | given)
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
-    prompt: str = typer.Argument(..., help="The text prompt."),
+    prompt: str = typer.Argument(..., metavar="PROMPT", help="The text prompt."),
     model: str = typer.Option("tiny", help=MODEL_HELP),
     out: Path = typer.Option(Path("twig-output/generate"), help="Output folder."),
     seed: int = typer.Option(0, help="Base seed; image i uses a seed derived from (seed, prompt, i)."),
     num_images: int = typer.Option(1, min=1, help="How many images."),
-    mode: str = typer.Option("plain", help="plain, twig or seed."),
+    mode: Mode = typer.Option(Mode.plain, help="What happens per image (README.md, Modes)."),
     bands: int = typer.Option(3, help="Horizontal bands (must divide the 24 token rows)."),
     reflect: bool = typer.Option(True, help="Reflect on each band and redraw it once when it scores low."),
     theta: float = typer.Option(90.0, help="Reflection score (0-100) at or above which a band is accepted."),
@@ -99,7 +156,7 @@ def generate(
     from twig_batch.settings import GenerationSettings
 
     try:
-        settings = GenerationSettings(mode=mode, bands=bands, reflect=reflect, theta=theta,
+        settings = GenerationSettings(mode=mode.value, bands=bands, reflect=reflect, theta=theta,
                                       think_max_tokens=think_max_tokens, cfg_weight=cfg_weight,
                                       temperature=temperature, top_k=top_k, top_p=top_p, deterministic=deterministic)
         settings.controller = _controller_config(
@@ -119,69 +176,105 @@ def generate(
         results = generate_images(bundle, requests, settings, templates=prompt_templates)
     except TwigBatchError as exc:
         _fail(exc)
+    from twig_batch.io import layout
+
     out.mkdir(parents=True, exist_ok=True)
-    for result in results:
-        stem = f"image-{result.request.sample_index:04d}"
+    for result in results:  # named as in a batch run's item folder: sample-0000.png, .stage-00-<label>.png, ...
+        stem = layout.sample_name(result.request.sample_index)
         result.image.save(out / f"{stem}.png")
-        for label, band_image in result.band_images:
-            band_image.save(out / f"{stem}.{label}.png")
+        bands = [stem + layout.stage_suffix(position, label) for position, (label, _) in enumerate(result.band_images)]
+        for name, (_, band_image) in zip(bands, result.band_images):
+            band_image.save(out / name)
         record = result.record() | {"model": model, "base_seed": seed, "settings": settings.to_dict(),
-                                    "image": f"{stem}.png", "load_s": load_s}
+                                    "image": f"{stem}.png", "stage_images": bands, "load_s": load_s}
         if settings.controller is not None:
             from twig_batch.controller import write_trigger_log
 
-            write_trigger_log(result.trigger_log, out / f"{stem}.triggers.parquet")
-            record["trigger_log"] = f"{stem}.triggers.parquet"
+            write_trigger_log(result.trigger_log, out / (stem + layout.TRIGGER_LOG_SUFFIX))
+            record["trigger_log"] = stem + layout.TRIGGER_LOG_SUFFIX
         (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     typer.echo(f"{len(results)} image(s) written to {out}")
 
 
-@app.command("run")
+GENERATION, CONTROLLER, RAY = "Generation (any other setting: --set)", "Latent controller", "Ray and recovery"
+
+
+@app.command("run", cls=_Command)
 def run_cmd(
-    input: str = typer.Argument(..., help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
+    input: str = typer.Argument(..., metavar="INPUT",
+                                help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
     output: str = typer.Option(..., "--output", "-o", help="A local folder or s3://bucket/prefix."),
     model: str = typer.Option("tiny", help=MODEL_HELP),
-    mode: str = typer.Option("plain", help="plain, twig or seed."),
-    actors: Optional[int] = typer.Option(None, help="Model actors [default: one per GPU in the cluster, 1 on CPU]."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves [default: 1, 0 on CPU]."),
-    batch_size: Optional[int] = typer.Option(
-        None, help="Images per model call on each actor [default: as many as fit in each GPU's free memory, "
-                   "16 on CPU]."),
+    mode: Mode = typer.Option(Mode.plain, help="What happens per image (README.md, Modes)."),
     samples_per_prompt: int = typer.Option(1, help="Images per prompt."),
     seed: int = typer.Option(0, help="Base seed; each (id, sample) gets a seed derived from it."),
-    resume: bool = typer.Option(False, help="Continue the run in OUTPUT: skip every image recorded ok (model, mode, "
-                                            "settings, seed, columns and templates must match)."),
-    overwrite: bool = typer.Option(False, help="Replace the run in OUTPUT: its records and images are removed "
-                                               "first."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT: skip every image recorded ok "
+                                                        "(model, mode, settings, seed, columns and templates must "
+                                                        "match)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in OUTPUT: its records and images are "
+                                                              "removed first."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and say what the run would do: input "
+                                                          "rows, images to draw, output, model, an estimate of the "
+                                                          "time. Loads no model, writes nothing."),
     prompt_column: str = typer.Option("prompt", help="Column holding the prompts."),
-    id_column: Optional[str] = typer.Option(None, help="Column holding the ids [default: 'id' when present, "
-                                                        "else ids derived from the prompts]."),
-    seed_column: Optional[str] = typer.Option(None, help="Integer column of per-row seeds [default: 'seed' when "
-                                                          "present; '' ignores it]. Sample 0 uses the row's seed, "
-                                                          "later samples seeds derived from it."),
-    setting: list[str] = typer.Option([], "--set", help="A generation setting as KEY=VALUE, e.g. --set bands=3 "
-                                                        "--set cfg_weight=4.5 (repeatable)."),
-    templates: Optional[Path] = typer.Option(None, help="JSON file of prompt templates replacing the defaults."),
-    deterministic: bool = typer.Option(False, help=DETERMINISTIC_HELP),
+    id_column: Optional[str] = typer.Option(None, help="Column holding the ids.",
+                                            show_default="'id' when present, else ids derived from the prompts"),
+    seed_column: Optional[str] = typer.Option(None, help="Integer column of per-row seeds ('' ignores it). Sample 0 "
+                                                          "uses the row's seed, later samples seeds derived from it.",
+                                              show_default="'seed' when present"),
+    bands: Optional[int] = typer.Option(None, help="Horizontal bands (must divide the model's token rows).",
+                                        show_default="3", rich_help_panel=GENERATION),
+    reflect: Optional[bool] = typer.Option(None, "--reflect/--no-reflect", show_default="reflect",
+                                           help="Twig mode: reflect on each band and redraw it once when it scores "
+                                                "low.", rich_help_panel=GENERATION),
+    theta: Optional[float] = typer.Option(None, help="Reflection score (0-100) at or above which a band is accepted.",
+                                          show_default="90", rich_help_panel=GENERATION),
+    think_max_tokens: Optional[int] = typer.Option(None, help="Most new tokens per thought.", show_default="512",
+                                                   rich_help_panel=GENERATION),
+    cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight.", show_default="5",
+                                               rich_help_panel=GENERATION),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy).", show_default="1",
+                                                rich_help_panel=GENERATION),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely image tokens.", show_default="all",
+                                        rich_help_panel=GENERATION),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass.", show_default="1",
+                                          rich_help_panel=GENERATION),
+    deterministic: bool = typer.Option(False, "--deterministic", help=DETERMINISTIC_HELP, rich_help_panel=GENERATION),
+    setting: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", rich_help_panel=GENERATION,
+                                      help="Any generation setting, e.g. --set kv_cache=fp8 (repeatable; a wrong key "
+                                           "lists them all)."),
+    templates: Optional[Path] = typer.Option(None, help="JSON file of prompt templates replacing the defaults.",
+                                             rich_help_panel=GENERATION),
     controller: Optional[bool] = typer.Option(
-        None, "--controller/--no-controller",
-        help="Run the latent controller (on by default when --controller-weights is given)."),
+        None, "--controller/--no-controller", show_default="on with --controller-weights",
+        help="Run the latent controller.", rich_help_panel=CONTROLLER),
     controller_weights: Optional[Path] = typer.Option(
-        None, "--controller-weights", help="Controller weights (safetensors), at a path every worker can read."),
+        None, "--controller-weights", help="Controller weights (safetensors), at a path every worker can read.",
+        rich_help_panel=CONTROLLER),
     controller_set: list[str] = typer.Option(
-        [], "--controller-set", help="A controller number as NAME=VALUE, e.g. --controller-set tau_drop=0.1 "
-                                     "(repeatable; see ControllerConfig)."),
-    device: str = typer.Option("auto", help="Device on each actor: auto, cpu, cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16."),
-    progress_every: float = typer.Option(10.0, help="Seconds between progress lines."),
+        [], "--controller-set", metavar="NAME=VALUE", rich_help_panel=CONTROLLER,
+        help="A controller number, e.g. --controller-set tau_drop=0.1 (repeatable; a wrong name lists them all)."),
+    actors: Optional[int] = typer.Option(None, help="Model actors.", show_default="one per GPU in the cluster, 1 on CPU",
+                                         rich_help_panel=RAY),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves.", show_default="1, 0 on CPU",
+                                                   rich_help_panel=RAY),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model call on each actor.", rich_help_panel=RAY,
+                                             show_default="as many as fit in each GPU's free memory, 16 on CPU"),
+    device: str = typer.Option("auto", help="Device on each actor: auto, cpu, cuda.", rich_help_panel=RAY),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16.",
+                              rich_help_panel=RAY),
+    progress_every: float = typer.Option(10.0, metavar="SECONDS", rich_help_panel=RAY,
+                                         help="Seconds between progress lines when the output is not a terminal "
+                                              "(a terminal gets a live bar)."),
     journal_every: int = typer.Option(2000, help="Manifest rows per journal flush (at most this many are redrawn "
-                                                 "after a crash)."),
+                                                 "after a crash).", rich_help_panel=RAY),
     max_actor_restarts: int = typer.Option(4, help="Times Ray restarts each model actor that dies (lost node, "
-                                                   "out of memory) before the run stops."),
-    max_task_retries: int = typer.Option(3, help="Times a batch is retried after its actor died."),
-    faults: Optional[str] = typer.Option(None, "--faults", help="Testing only: inject faults, as JSON text or a "
-                                                                "JSON file (see docs/batch-job.md, Fault "
-                                                                "injection) [default: $TWIG_BATCH_FAULTS]."),
+                                                   "out of memory) before the run stops.", rich_help_panel=RAY),
+    max_task_retries: int = typer.Option(3, help="Times a batch is retried after its actor died.", rich_help_panel=RAY),
+    faults: Optional[str] = typer.Option(None, "--faults", metavar="JSON", show_default="$TWIG_BATCH_FAULTS",
+                                         rich_help_panel=RAY,
+                                         help="Testing only: inject faults, as JSON text or a JSON file (see "
+                                              "docs/batch-job.md, Fault injection)."),
 ) -> None:
     """Batch job on Ray: every prompt x sample -> images, band images, trigger logs and a Parquet manifest."""
     from twig_batch.distributed import RunConfig, run_batch
@@ -189,19 +282,32 @@ def run_cmd(
 
     try:
         extra = parse_settings(setting)
-        if deterministic:
-            extra["deterministic"] = True
+        flags = {"bands": bands, "reflect": reflect, "theta": theta, "think_max_tokens": think_max_tokens,
+                 "cfg_weight": cfg_weight, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "deterministic": deterministic or None}
+        for name, value in flags.items():
+            if value is None:
+                continue
+            if name in extra:
+                raise InputError(f"--{name.replace('_', '-')} and --set {name}=... both set {name}: give one")
+            extra[name] = value
         controller_config = _controller_config(controller, controller_weights, controller_set, {})
         if controller_config is not None:
             extra["controller"] = controller_config.to_dict()
-        config = RunConfig(input=input, output=output, model=model, mode=mode, settings=extra,
+        config = RunConfig(input=input, output=output, model=model, mode=mode.value, settings=extra,
                            actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
                            samples_per_prompt=samples_per_prompt, seed=seed, resume=resume, overwrite=overwrite,
                            prompt_column=prompt_column, id_column=id_column, seed_column=seed_column,
                            device=device, dtype=dtype,
                            templates=str(templates) if templates is not None else None,
                            progress_interval_s=progress_every, journal_every_rows=journal_every,
-                           max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries, faults=faults)
+                           max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries, faults=faults,
+                           progress_bar=sys.stdout.isatty())
+        if dry_run:
+            from twig_batch.distributed.dry_run import dry_run as check_only
+
+            check_only(config, echo=typer.echo)
+            return
         summary = run_batch(config, echo=typer.echo)
     except TwigBatchError as exc:
         _fail(exc)
@@ -209,25 +315,29 @@ def run_cmd(
     typer.echo(f"manifest: {summary['manifest']} ({summary['manifest_ok']} ok, {summary['manifest_errors']} error rows)")
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_cmd(
-    dest: str = typer.Argument(..., help="A run's output: a local folder or s3://bucket/prefix."),
-    out: Path = typer.Option(Path("report.html"), help="The HTML file to write."),
+    dest: str = typer.Argument(..., metavar="DEST", help="A run's output: a local folder or s3://bucket/prefix."),
+    out: Optional[Path] = typer.Option(None, help="The HTML file to write.",
+                                       show_default="DEST/report.html; for s3:// runs, report.html here"),
     limit: int = typer.Option(1000, min=0, help="Show at most this many images (errors are always all listed)."),
 ) -> None:
     """One self-contained HTML page of a run: summary, throughput, image grid, bands, thoughts, triggers."""
     from twig_batch.report import write_report
 
+    if out is None:
+        out = Path("report.html") if dest.startswith("s3://") else Path(dest) / "report.html"
     try:
         written = write_report(dest, out, limit)
     except TwigBatchError as exc:
         _fail(exc)
-    typer.echo(f"report: {written['path']} ({written['images']} images, {written['bytes'] / 1e6:.1f} MB)")
+    typer.echo(f"report: {Path(written['path']).resolve()} ({written['images']} images, "
+               f"{written['bytes'] / 1e6:.1f} MB); open it in a browser")
 
 
-@app.command("verify")
+@app.command("verify", cls=_Command)
 def verify_cmd(
-    dest: str = typer.Argument(..., help="A run's output: a local folder or s3://bucket/prefix."),
+    dest: str = typer.Argument(..., metavar="DEST", help="A run's output: a local folder or s3://bucket/prefix."),
     input: Optional[str] = typer.Option(None, "--input", help="The run's input, to check that every prompt x "
                                                                "sample was drawn and nothing else."),
 ) -> None:

@@ -15,3 +15,13 @@ class InputError(TwigBatchError):
 
 class OutputError(TwigBatchError):
     """The output destination cannot be written."""
+
+
+def unknown_name(kind: str, name: str, known) -> InputError:
+    """`kind` NAME is not one of `known`: the error names the nearest and lists them all."""
+    import difflib
+
+    known = sorted(known)
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return InputError(f"unknown {kind} {name!r}{hint}; the {kind}s are: {', '.join(known)}")

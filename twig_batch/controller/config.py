@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from twig_batch.errors import InputError
+from twig_batch.errors import InputError, unknown_name
 
 
 @dataclass(slots=True)
@@ -79,8 +79,10 @@ class ControllerConfig:
         for pair in pairs:
             name, sep, text = pair.partition("=")
             name = name.strip().replace("-", "_")
-            if not sep or name not in values:
-                raise InputError(f"controller setting {pair!r} is not name=value with a known name")
+            if not sep:
+                raise InputError(f"controller setting {pair!r} is not name=value")
+            if name not in values:
+                raise unknown_name("controller setting", name, values)
             values[name] = _parse_like(values[name], text.strip(), name)
         return ControllerConfig.from_dict(values)
 

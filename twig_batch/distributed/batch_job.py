@@ -106,7 +106,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
         info = _start_attempt(config, checked, plan, attempt)
         total = checked.source.rows * config.samples_per_prompt
         progress = Progress(total=total, already_done=min(len(checked.skip), total), echo=echo,
-                            interval_s=config.progress_interval_s)
+                            interval_s=config.progress_interval_s, live=config.progress_bar)
         echo(f"twig-batch run: {checked.source.rows} prompts x {config.samples_per_prompt} samples from "
              f"{checked.files.uri} -> {storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
              f"{len(checked.skip)} image(s) already done")
@@ -116,7 +116,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
         if checked.text_lengths is not None:
             echo(checked.text_lengths.describe())
-        events = RunEvents(storage, info, echo)
+        events = RunEvents(storage, info, progress.say)
         progress.start_heartbeat()
         _stream_results(config, checked, plan, attempt, progress, total, events)
     finally:

@@ -2,10 +2,12 @@
 
 A line is printed when the first rows arrive and then at most every `interval_s` as rows come in.
 While nothing arrives (actors starting, a long part) a heartbeat says so every `interval_s`, so a
-run is never silent for long.
+run is never silent for long. On a terminal (`live`) a bar redrawn in place every second takes the
+place of those lines; the run's other lines (`say`) are printed above it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ class Progress:
     already_done: int = 0
     echo: callable = print
     interval_s: float = 10.0
+    live: bool = False
     ok: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -35,6 +38,7 @@ class Progress:
     _first_rows: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _bar_shown: bool = False
 
     @property
     def done(self) -> int:
@@ -56,7 +60,7 @@ class Progress:
             if first:
                 self._first_rows = time.monotonic()
             due = time.monotonic() - self._last_report >= self.interval_s
-        if first or due:
+        if first or due or self.live:
             self.report()
 
     def line(self) -> str:
@@ -68,23 +72,54 @@ class Progress:
         return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | {self.rate():.2f} images/s | "
                 f"ETA {format_duration(self.eta_s())} | errors {self.errors}")
 
+    def bar(self, width: int = 24) -> str:
+        filled = int(width * self.done / self.total) if self.total else width
+        if self._first_rows is None:
+            line = (f"{self.done}/{self.total} images | waiting for the first part (actors start) | "
+                    f"{format_duration(time.monotonic() - self.started)}")
+        else:
+            line = self.line().removeprefix("progress: ")
+        return f"[{'#' * filled}{'.' * (width - filled)}] {line}"
+
     def report(self) -> None:
         with self._lock:
             self._last_report = time.monotonic()
+            if self.live:
+                self._bar_shown = True
+                sys.stdout.write("\r\x1b[K" + self.bar())
+                sys.stdout.flush()
+                return
             text = self.line()
         self.echo(text)
 
+    def say(self, text: str) -> None:
+        """A line of the run's own (an actor's start, a split part), above the live bar."""
+        if not self.live:
+            self.echo(text)
+            return
+        with self._lock:
+            sys.stdout.write("\r\x1b[K" + text + "\n" + (self.bar() if self._bar_shown else ""))
+            sys.stdout.flush()
+
     def start_heartbeat(self) -> None:
-        """Say where the run stands whenever `interval_s` passes with nothing printed."""
+        """Say where the run stands whenever `interval_s` passes with nothing printed (on a
+        terminal: redraw the bar every second)."""
+        every = 1.0 if self.live else self.interval_s
+
         def beat():
-            while not self._stop.wait(min(self.interval_s, 5.0)):
-                if time.monotonic() - self._last_report >= self.interval_s:
+            while not self._stop.wait(min(every, 5.0)):
+                if time.monotonic() - self._last_report >= every:
                     self.report()
 
         threading.Thread(target=beat, name="twig-progress", daemon=True).start()
 
     def stop_heartbeat(self) -> None:
         self._stop.set()
+        if self.live and self._bar_shown:  # the bar's last state stays on screen, the next line below it
+            self.report()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self._bar_shown = False
 
     def summary(self) -> dict:
         elapsed = time.monotonic() - self.started

@@ -1,11 +1,12 @@
 """`RunConfig`: everything one batch run needs, validated before anything is read or started."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from twig_batch.errors import InputError
+from twig_batch.errors import InputError, unknown_name
 from twig_batch.settings import GenerationSettings
 
 GPU_WORK_BATCH = 256
@@ -38,6 +39,7 @@ class RunConfig:
     dtype: str = "auto"
     templates: str | None = None  # JSON file of prompt templates (see `prompts.load_templates`)
     progress_interval_s: float = 10.0
+    progress_bar: bool = False  # a live bar on a terminal; else a progress line every progress_interval_s
     journal_every_rows: int = 2000  # manifest rows buffered before a journal flush: what a crash can lose
     # An actor that dies (lost node, OOM, crash) is restarted and its batch retried, within these bounds;
     # past them the run stops with an error rather than looping forever on a batch that kills its actor.
@@ -88,10 +90,11 @@ class RunConfig:
     def generation_settings(self) -> GenerationSettings:
         if "mode" in self.settings:
             raise InputError("set the mode with --mode, not as an extra setting")
-        try:
-            return GenerationSettings(mode=self.mode, **self.settings)
-        except TypeError as exc:
-            raise InputError(f"unknown generation setting: {exc}") from None
+        known = {f.name for f in dataclasses.fields(GenerationSettings)} - {"mode"}
+        for name in self.settings:
+            if name not in known:
+                raise unknown_name("generation setting", name, known)
+        return GenerationSettings(mode=self.mode, **self.settings)
 
     def prompt_templates(self):
         if self.templates is None:

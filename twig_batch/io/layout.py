@@ -47,10 +47,23 @@ def item_folder(prompt_id: str) -> str:
     return f"{IMAGES_DIR}/{digest[:2]}/{id_slug(prompt_id)}-{digest}"
 
 
-def sample_stem(prompt_id: str, sample_index: int) -> str:
+def sample_name(sample_index: int) -> str:
+    """`sample-0003`: the stem of a sample's files, in a run's item folder and in `twig-batch generate`'s."""
     if sample_index < 0:
         raise ValueError(f"sample index must be >= 0, got {sample_index}")
-    return f"{item_folder(prompt_id)}/sample-{sample_index:04d}"
+    return f"sample-{sample_index:04d}"
+
+
+def stage_suffix(position: int, label: str) -> str:
+    # Labels come from the generation modes; they are sanitised too so that no mode can escape.
+    return f".stage-{position:02d}-{id_slug(str(label))}.png"
+
+
+TRIGGER_LOG_SUFFIX = ".triggers.parquet"
+
+
+def sample_stem(prompt_id: str, sample_index: int) -> str:
+    return f"{item_folder(prompt_id)}/{sample_name(sample_index)}"
 
 
 def image_key(prompt_id: str, sample_index: int) -> str:
@@ -58,12 +71,11 @@ def image_key(prompt_id: str, sample_index: int) -> str:
 
 
 def stage_image_key(prompt_id: str, sample_index: int, position: int, label: str) -> str:
-    # Labels come from the generation modes; they are sanitised too so that no mode can escape.
-    return f"{sample_stem(prompt_id, sample_index)}.stage-{position:02d}-{id_slug(str(label))}.png"
+    return sample_stem(prompt_id, sample_index) + stage_suffix(position, label)
 
 
 def trigger_log_key(prompt_id: str, sample_index: int) -> str:
-    return f"{sample_stem(prompt_id, sample_index)}.triggers.parquet"
+    return sample_stem(prompt_id, sample_index) + TRIGGER_LOG_SUFFIX
 
 
 def journal_key(attempt: str, sequence: int) -> str:
