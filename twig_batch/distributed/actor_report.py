@@ -42,7 +42,8 @@ def describe_event(event: dict) -> str:
                 f"(model loaded in {event.get('model_load_s', 0):.1f}s, kernels compiled in "
                 f"{event.get('warm_up_s', 0):.1f}s)")
     if kind == "part_size":
-        origin = "from free memory" if event.get("from_free_memory") else "as set"
+        origin = (f"at most {event.get('most', event['images'])} fit its free memory" if event.get("from_free_memory")
+                  else f"at most {event.get('most', event['images'])} as set")
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"
     if kind == "out_of_memory":
         into = " + ".join(str(n) for n in event.get("into", []))

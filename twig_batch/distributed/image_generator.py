@@ -159,7 +159,12 @@ class ImageGenerator:
     def _next_part(self, waiting: list[ImageRequest], first: bool = False) -> list[Drawn]:
         """Draws the next part of `waiting` (and takes it off); the first part of a batch sizes them."""
         if first:
-            self._size = even_parts(len(waiting), self._part_size(waiting))
+            most = self._part_size(waiting)
+            self._size = even_parts(len(waiting), most)
+            if getattr(self, "_reported", None) != (self._size, most):
+                self._reported = (self._size, most)
+                self._event({"kind": "part_size", "actor": self.name, "images": self._size, "most": most,
+                             "from_free_memory": self.images_per_call is None and self.bundle.device.type == "cuda"})
         size = min(self._size, self._parts.cap or self._size)
         part = waiting[:size]
         del waiting[:size]
@@ -208,10 +213,6 @@ class ImageGenerator:
             from twig_batch.engine.memory import reserve_kv_arena
 
             reserve_kv_arena(self.bundle, self.settings, size)  # once: later parts reuse it, graphs and all
-        if getattr(self, "_reported_size", None) != size:
-            self._reported_size = size
-            self._event({"kind": "part_size", "actor": self.name, "images": size,
-                         "from_free_memory": self.images_per_call is None and free is not None})
         return size
 
     def _event(self, event: dict) -> None:
