@@ -78,7 +78,7 @@ def _gcs_refuses(gcs_address: str) -> bool:
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
-    with _stderr_silenced():
+    with stderr_silenced():
         try:
             GcsClient(address=gcs_address).internal_kv_get(b"twig-batch-auth-probe", b"twig-batch", timeout=10)
         except AuthenticationError:
@@ -114,7 +114,7 @@ def _listening(gcs_address: str) -> bool:
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def stderr_silenced():
     import sys
 
     sys.stderr.flush()
