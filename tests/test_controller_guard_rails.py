@@ -103,9 +103,9 @@ def test_cli_saves_each_images_trigger_log_next_to_it(tiny_hf_dir, tmp_path):
                                       "--bands", "1", "--controller", "--tau-sim", "0.5",
                                       "--max-injections", "2", "--controller-set", "min_gap=100"])
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "image-0000.json").read_text())
+    record = json.loads((out / "sample-0000.json").read_text())
     log = read_trigger_log(out / record["trigger_log"])
-    assert record["trigger_log"] == "image-0000.triggers.parquet"
+    assert record["trigger_log"] == "sample-0000.triggers.parquet"
     assert record["settings"]["controller"]["tau_sim"] == 0.5
     assert record["settings"]["controller"]["min_gap"] == 100
     assert record["n_evaluations"] == len(log) == 576 - 7
