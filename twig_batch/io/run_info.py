@@ -54,9 +54,16 @@ def check_resume_matches(previous: dict, current: dict, where: str) -> None:
     previous = with_settings_added_since(previous)
     differing = [name for name in IDENTITY_FIELDS if previous.get(name) != current.get(name)]
     if differing:
-        detail = "; ".join(f"{name}: was {previous.get(name)!r}, now {current.get(name)!r}" for name in differing)
+        detail = "; ".join(_difference(name, previous.get(name), current.get(name)) for name in differing)
         raise InputError(f"cannot resume the run in {where} with different {', '.join(differing)} ({detail}); "
                          "use the original options, --overwrite to replace the run, or a new output destination")
+
+
+def _difference(name: str, was, now) -> str:
+    if isinstance(was, dict) and isinstance(now, dict):  # the settings: only the keys that differ
+        return "; ".join(_difference(f"{name}.{key}", was.get(key), now.get(key))
+                         for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key))
+    return f"{name}: was {was!r}, now {now!r}"
 
 
 def with_settings_added_since(previous: dict) -> dict:
