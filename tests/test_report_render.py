@@ -119,3 +119,39 @@ def test_finished_moved_run_limit_and_a_missing_object(written_run, tmp_path):
     html, count = build_report(str(moved))
     assert count == 11 and "Named in the manifest but not found" in html and band.name in html
     assert '<div class="missing">missing</div>' in html
+
+
+def settings_table(html: str) -> str:
+    return html.split("<caption>Generation settings</caption>")[1].split("</table>")[0]
+
+
+def test_throughput_and_model_time_are_labelled_and_a_twig_run_shows_its_texts(written_run):
+    html, _ = build_report(str(written_run[0]))
+    assert "images/s, wall clock</span>" in html and "s of model time per image</span>" in html
+    assert "the two are not reciprocals" in html
+    table = settings_table(html)
+    assert "<th>think_max_tokens</th>" in table and "<th>theta</th>" in table and "guidance" not in table
+    assert "<th>thought</th>" in html and "<th>reflection</th>" in html
+    assert "redrawn bands</span>" in html and "trigger fires</span>" in html
+
+
+def test_a_plain_run_hides_what_plain_mode_does_not_have(tmp_path):
+    from twig_batch.pipeline import generate_images
+
+    bundle = load_janus("tiny-micro", "cpu", torch.float32)
+    settings = GenerationSettings(mode="plain", bands=2)
+    [result] = generate_images(bundle, [ImageRequest("cube", "a red cube", 0, 11)], settings)
+    storage = LocalStorage(tmp_path / "plain")
+    write_run_info(storage, {"model": "tiny-micro", "mode": "plain", "settings": settings.to_dict(), "base_seed": 0,
+                             "status": "running", "attempts": []})
+    journal = ManifestJournal(storage, "a1")
+    journal.add(rows_to_table([write_result(storage, result, "tiny-micro", 0.5, controller_ran=False)]))
+    journal.flush()
+    html, _ = build_report(str(tmp_path / "plain"))
+    table = settings_table(html)
+    assert "<th>bands</th>" in table and "<th>cfg_weight</th>" in table
+    for unused in ("think_max_tokens", "theta", "reflect", "guidance_max_tokens", "controller"):
+        assert f"<th>{unused}" not in table
+    assert "<th>thought</th>" not in html and "<th>reflection</th>" not in html and 'class="thought"' not in html
+    assert "redrawn bands" not in html and "trigger fires" not in html and "injections</span>" not in html
+    assert html.count('alt="band') == 2  # the band images are still shown

@@ -105,15 +105,33 @@ def _flatten(values: dict, prefix: str = "") -> list[tuple[str, object]]:
     return flat
 
 
+# Settings a mode never reads, left out of its report: plain draws in one pass, twig thinks and
+# reflects (think_max_tokens, reflect, theta), seed writes stage guidance (guidance_*).
+_UNUSED_SETTINGS = {"plain": {"reflect", "theta", "think_max_tokens", "guidance_max_tokens", "guidance_temperature"},
+                    "twig": {"guidance_max_tokens", "guidance_temperature"},
+                    "seed": {"reflect", "theta", "think_max_tokens"}}
+
+
+def _columns(mode: str | None, settings: dict) -> dict:
+    """Which per-band texts and counts the mode has: the report shows only those."""
+    reflects = mode == "twig" and settings.get("reflect", True)
+    return {"text": {"twig": "thought", "seed": "stage guidance"}.get(mode), "reflection": bool(reflects),
+            "controller": bool(settings.get("controller"))}
+
+
 def summary(run: Run, images: list[ImageView]) -> dict:
     ok, errors = run.ok_rows, run.error_rows
     series = plots.throughput(finish_times(ok), (attempt_starts(run.info) or [None])[0])
     durations = [r["duration_s"] for r in ok if r.get("duration_s") is not None]
     info = run.info
+    mode = info.get("mode") or next((r["mode"] for r in run.rows if r.get("mode")), None)
+    settings = info.get("settings") or {}
+    unused = _UNUSED_SETTINGS.get(mode, set()) | {"controller", "mode"}
     return {
         "status": "complete" if run.complete else (info.get("status") or "unfinished"),
         "model": info.get("model") or next((r["model"] for r in run.rows if r.get("model")), None),
-        "mode": info.get("mode") or next((r["mode"] for r in run.rows if r.get("mode")), None),
+        "mode": mode,
+        "columns": _columns(mode, settings),
         "counts": {"rows": len(run.rows), "ok": len(ok), "error": len(errors),
                    "redrawn_bands": sum(len(r.get("redrawn_bands") or []) for r in ok),
                    "triggers": sum(r.get("n_triggers") or 0 for r in ok),
@@ -121,8 +139,8 @@ def summary(run: Run, images: list[ImageView]) -> dict:
         "elapsed_s": (run.complete or {}).get("elapsed_s"),
         "images_per_s": (run.complete or {}).get("images_per_s"),
         "mean_duration_s": sum(durations) / len(durations) if durations else None,
-        "settings": _flatten({k: v for k, v in (info.get("settings") or {}).items() if k != "controller"}),
-        "controller": _flatten((info.get("settings") or {}).get("controller") or {}),
+        "settings": _flatten({k: v for k, v in settings.items() if k not in unused}),
+        "controller": _flatten(settings.get("controller") or {}),
         "run_fields": [(k, info.get(k)) for k in ("base_seed", "samples_per_prompt", "prompt_column", "id_column",
                                                   "created_at", "updated_at") if k in info],
         "input": info.get("input") or {},
