@@ -132,7 +132,10 @@ def ray_head(*, auth_mode: str | None, home: Path, num_cpus: int = 3):
     env = dict(os.environ, HOME=str(home), RAY_TMPDIR=base)
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
         env.pop(name, None)
-    head_env = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no drain: nothing to hand over
+    # No drain: nothing to hand over. The workers get no AWS settings of this shell's: a workstation
+    # cluster started in another shell has none.
+    head_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    head_env.update(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", AWS_EC2_METADATA_DISABLED="true")
     if auth_mode is not None:
         head_env["RAY_AUTH_MODE"] = auth_mode
     dashboard, gcs_port = free_port(), free_port()

@@ -26,7 +26,8 @@ from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.distributed.run_events import RunEvents
 from twig_batch.distributed.work_items import expand_to_work_items
-from twig_batch.distributed.worker_checks import check_model_before_ray, check_model_on_a_worker
+from twig_batch.distributed.worker_checks import (check_model_before_ray, check_model_on_a_worker,
+                                                  check_storage_on_a_worker)
 from twig_batch import errors as errors_module
 from twig_batch.errors import InputError, TwigBatchError
 from twig_batch.io import layout
@@ -102,6 +103,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
     try:
         plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
         check_model_on_a_worker(config.model, plan)  # before anything is written or any model loads
+        check_storage_on_a_worker(checked.files, storage, plan)
         attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         info = _start_attempt(config, checked, plan, attempt)
         total = checked.source.rows * config.samples_per_prompt

@@ -45,6 +45,7 @@ def connect(min_local_cpus: int = 3) -> bool:
             ray_auth.use_mode("token")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False,
                  **_QUIET)
+        _PRIVATE[:] = [True]
     except BaseException:
         _restore_auth_mode()
         raise
@@ -76,6 +77,26 @@ def disconnect() -> None:
 
     ray.shutdown()
     _restore_auth_mode()
+    _PRIVATE.clear()
+
+
+_PRIVATE: list = []  # [True] while connected to a private local cluster `connect` started
+
+
+def started_private_cluster() -> bool:
+    """The workers are this machine's, started from this process's environment."""
+    return bool(_PRIVATE)
+
+
+# What the workers of a joined cluster may learn from this shell: where S3 is and which profile to
+# use. Never keys or tokens: a runtime environment is kept in the job's metadata.
+FORWARDED_AWS_SETTINGS = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict:
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted job: its workers have the job's own env
+        return {}
+    return {name: os.environ[name] for name in FORWARDED_AWS_SETTINGS if os.environ.get(name)}
 
 
 _AUTH_MODE_BEFORE: list = []  # RAY_AUTH_MODE as it was before `connect`, while connected
@@ -114,12 +135,14 @@ def _join(address: str) -> bool:
     gcs_address = address_to_join()
     if gcs_address is None:
         return False
+    forwarded = forwarded_env()
+    extra = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
     if gcs_address.startswith("ray://"):  # Ray Client: the server side authenticates
-        ray.init(address=gcs_address, **_QUIET)
+        ray.init(address=gcs_address, **_QUIET, **extra)
         return True
     ray_auth.match_cluster_auth(gcs_address)
     try:
-        ray.init(address=gcs_address, **_QUIET)  # the cluster just asked, even where "auto" could pick another
+        ray.init(address=gcs_address, **_QUIET, **extra)  # the cluster just asked, even where "auto" could pick another
     except ConnectionError:
         if address:
             raise
