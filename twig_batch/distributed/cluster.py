@@ -66,9 +66,12 @@ def _spend_the_restart_warning() -> None:
         def __init__(self, _):
             pass
 
-    with ray_auth.stderr_silenced():
-        actor = Spent.remote(ray.put(None))
-    ray.kill(actor, no_restart=True)
+    try:
+        with ray_auth.stderr_silenced():
+            actor = Spent.remote(ray.put(None))
+        ray.kill(actor, no_restart=True)
+    except Exception:  # a quieter log is not worth a failed run
+        pass
 
 
 def disconnect() -> None:
