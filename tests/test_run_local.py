@@ -64,7 +64,10 @@ def test_progress_and_summary_are_printed(big_run):
     _, dest, result = big_run
     assert "200 prompts x 2 samples" in result.output
     progress = [line for line in result.output.splitlines() if line.startswith("progress:")]
-    assert progress and all("images/s" in line and "ETA" in line and "errors 0" in line for line in progress)
+    waiting = [line for line in progress if "waiting for the first part" in line]
+    drawing = progress[len(waiting):]  # the actors' start is said until the first rows arrive, then the rate
+    assert all(line.startswith("progress: 0/400 images") for line in waiting)
+    assert drawing and all("images/s" in line and "ETA" in line and "errors 0" in line for line in drawing)
     assert "/400 images" in progress[-1]
     assert "done: 400 image(s) drawn, 0 error(s)" in result.output
     assert f"images:   {dest / 'images'}" in result.output

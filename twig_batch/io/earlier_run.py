@@ -3,13 +3,14 @@
 A run that recorded images is never written over by accident: only `--resume` (same model, mode,
 settings, seed, columns and templates) continues it, only `--overwrite` replaces it. A run that
 recorded no image (its first attempt failed: a wrong `--model`, a dead cluster) holds nothing to
-keep, so a new run restarts it with whatever options it is given, with or without `--resume`.
+keep, so a new run restarts it with whatever options it is given; `--resume` with the same options
+continues it instead, keeping its earlier attempts on record.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twig_batch.errors import OutputError
+from twig_batch.errors import OutputError, TwigBatchError
 from twig_batch.io import layout
 from twig_batch.io.manifest import ok_keys
 from twig_batch.io.run_info import check_resume_matches, read_run_info
@@ -34,6 +35,8 @@ def earlier_run(storage, identity: dict, resume: bool, overwrite: bool) -> Earli
     if overwrite:
         return EarlierRun(None, frozenset(), f"--overwrite ({len(drawn)} image(s) recorded; all removed)")
     if not drawn:
+        if resume and _same_run(previous, identity, storage.root_uri):  # its attempts stay on record
+            return EarlierRun(previous, drawn)
         return EarlierRun(None, frozenset(), "it recorded no image, so it starts afresh with these options")
     if not resume:
         raise OutputError(f"{storage.root_uri} already holds a twig-batch run; pass --resume to continue it "
@@ -50,3 +53,11 @@ def clear_run(storage) -> int:
     for key in keys:
         storage.delete(key)
     return len(keys)
+
+
+def _same_run(previous: dict, identity: dict, where: str) -> bool:
+    try:
+        check_resume_matches(previous, identity, where)
+    except TwigBatchError:
+        return False
+    return True
