@@ -84,8 +84,9 @@ def test_image_generator_called_directly_keeps_bad_rows_apart(tmp_path, one_torc
     generate = ImageGenerator(model="tiny", output=str(tmp_path))
     batch = pa.table({"id": ["good", "bad"], "prompt": ["a red cube", None], "sample_index": [0, 0],
                       "seed": [11, 12]})
-    rows = generate.draw_all(batch).to_pylist()
-    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["error"] == "prompt is missing (null)"
-    assert rows[0]["seed"] == 11 and Image.open(rows[0]["image_uri"]).size == (96, 96)
+    rows = {r["id"]: r for r in generate.draw_all(batch).to_pylist()}  # refused rows come first, then each part's
+    assert rows["good"]["status"] == "ok" and rows["bad"]["status"] == "error"
+    assert rows["bad"]["error"] == "prompt is missing (null)"
+    assert rows["good"]["seed"] == 11 and Image.open(rows["good"]["image_uri"]).size == (96, 96)
     same = generate.draw_all({"id": ["good"], "prompt": ["a red cube"], "sample_index": [0], "seed": [11]}).to_pylist()
-    assert same[0]["image_uri"] == rows[0]["image_uri"]  # any batch format; deterministic keys
+    assert same[0]["image_uri"] == rows["good"]["image_uri"]  # any batch format; deterministic keys
