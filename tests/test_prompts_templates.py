@@ -64,3 +64,21 @@ def test_chat_ids_lay_out_the_image_block_like_janus(tiny64):
     tail = with_image[start + 2 + tiny64.understanding_tokens:]
     assert tiny64.tokenizer.decode(tail, skip_special_tokens=False) == "\nwhat is here?\n\n<|Assistant|>:"
     assert tiny64.tokenizer.decode(text_only[1:], skip_special_tokens=False) == "SYS <|User|>: what is here?\n\n<|Assistant|>:"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{band:{prompt.__class__.__mro__}} {prompt}", "a field inside a format spec"),  # attribute access in a spec
+    ("{prompt:{prompt}}", "a field inside a format spec"),  # each prompt would become a format spec
+    ("{prompt:d} {part}", "cannot be filled in"),  # a spec that does not fit a text
+])
+def test_fields_and_bad_specs_inside_format_specs_are_refused(tmp_path, template, message):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"think_first": template}))
+    with pytest.raises(InputError, match=f"'think_first'.*{message}"):
+        load_templates(path)
+
+
+def test_a_plain_format_spec_is_allowed(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"think_first": "{prompt!r:>20} band {band:02d} of {bands}"}))
+    assert load_templates(path).think_first.startswith("{prompt!r")

@@ -108,3 +108,11 @@ def test_refused_credentials(tmp_path, prompts, monkeypatch):
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         message = fails_cleanly([prompts, "--output", "s3://errors-out/run"], "credentials were refused")
         assert "not-the-secret" not in message
+
+
+def test_template_with_a_field_in_a_format_spec(tmp_path, prompts):
+    templates = tmp_path / "templates.json"
+    templates.write_text('{"think_first": "{band:{prompt.__class__.__mro__}} {prompt}"}')
+    fails_cleanly([prompts, "--output", tmp_path / "out", "--mode", "twig", "--templates", templates],
+                  "'think_first'", "a field inside a format spec")
+    assert not (tmp_path / "out").exists()

@@ -92,15 +92,32 @@ def _check_template(name: str, text: object) -> None:
     if not isinstance(text, str):
         raise InputError(f"template {name!r} must be a string, got {type(text).__name__}")
     try:
-        used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(text) if field is not None]
     except ValueError as exc:
         raise InputError(f"template {name!r} is not a valid format string: {exc}") from None
     # Only plain named fields: positional ({}) or attribute/index access ({a.b}, {a[0]}) are refused.
-    unknown = sorted(used - TEMPLATE_FIELDS[name])
+    unknown = sorted({field for field, _ in parsed} - TEMPLATE_FIELDS[name])
     if unknown:
         allowed = ", ".join("{" + f + "}" for f in sorted(TEMPLATE_FIELDS[name])) or "none"
         shown = ", ".join("{" + f + "}" for f in unknown)
         raise InputError(f"template {name!r} uses {shown}; allowed fields: {allowed}")
+    # A format spec is formatted too, so a field inside one ({band:{prompt.__class__}}) would reach
+    # attributes of the values, or hand each prompt over as a format spec ({prompt:{prompt}}).
+    nested = [f"{{{field}:{spec}}}" for field, spec in parsed if spec and ("{" in spec or "}" in spec)]
+    if nested:
+        raise InputError(f"template {name!r} holds a field inside a format spec ({nested[0]}); a format spec "
+                         "may not hold fields")
+    # A spec that does not fit its value ({prompt:d}) would fail on every actor: try it here, on values of
+    # the types the pipeline passes.
+    try:
+        text.format(**{field: _SAMPLE_VALUES[field] for field in TEMPLATE_FIELDS[name]})
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"template {name!r} cannot be filled in: {exc}") from None
+
+
+# One value of the type each field has when the pipeline fills a template in (band numbers count from 1).
+_SAMPLE_VALUES = {"prompt": "a red cube", "part": "top part", "band": 1, "bands": 3, "thought": "a red cube",
+                  "thoughts": "a red cube", "guidance": "a red cube"}
 
 
 def load_templates(path: str | Path, base: Templates = DEFAULT_TEMPLATES) -> Templates:
