@@ -21,8 +21,18 @@ from twig_batch.pipeline.bands import band_part
 from twig_batch.pipeline.understanding import CanvasQuestions
 from twig_batch.settings import GenerationSettings
 
-_SCORE = re.compile(r"\bscore\b\s*[:=\-]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-_BETTER = re.compile(r"\b(?:better|improved|description)\b[^:=\n]{0,20}[:=]\s*(.*\S)", re.IGNORECASE)
+# Labels are found anywhere in the answer, in any case, and may carry a note in brackets
+# ("Score (0-100): 87"). The score may sit in square brackets and end in "/100"; the description's
+# label is "Better", "Improved description" or "IMPROVED_DESCRIPTION" (as upstream's template asks).
+_GAP = r"[^\S\n]*"  # spaces and tabs, never a line break
+_NOTE = rf"(?:\([^)\n]*\){_GAP})?"
+_SCORE = re.compile(rf"(?<![a-z])score\b{_GAP}{_NOTE}(?:(?P<sep>[:=])\s*|-?{_GAP})\[?{_GAP}(?P<value>-?\d+(?:\.\d+)?)"
+                    rf"(?:{_GAP}/{_GAP}(?P<scale>\d+(?:\.\d+)?))?", re.IGNORECASE)
+_DESCRIPTION = re.compile(rf"(?<![a-z])(?:improved[ _]description|better[ _]description|improved|better|description)"
+                          rf"\b{_GAP}{_NOTE}[:=]", re.IGNORECASE)
+# Markdown emphasis around labels or values ("**Score:** 87", "__IMPROVED_DESCRIPTION__:").
+_EMPHASIS = re.compile(r"\*\*|__(?=[A-Za-z:])|(?<=[A-Za-z:])__|`")
+_PAIRS = {'"': '"', "'": "'", "[": "]", "(": ")", "\u201c": "\u201d"}
 
 
 @dataclass(frozen=True)
@@ -40,15 +50,19 @@ class Reflection:
 
 
 def read_reflection(answer: str, band: int, theta: float) -> Reflection:
-    """Read 'Score: N' and 'Better: sentence' from an answer and decide whether the band stands."""
-    score_match, better_match = _SCORE.search(answer), _BETTER.search(answer)
-    score = float(score_match.group(1)) if score_match else None
-    improved = better_match.group(1).strip() if better_match else None
+    """Read the score and the improved description from an answer and decide whether the band stands.
+
+    Either order, either wording ("Score: 87" / "Better: ..." or "SCORE: 87" / "IMPROVED_DESCRIPTION:
+    ..."); the description runs over as many lines as it takes, up to a score that follows it.
+    """
+    score, scale, improved = _read_answer(answer)
     problem = None
     if score is None and not improved:
         problem = "unparseable"
     elif score is None:
         problem = "missing score"
+    elif scale is not None and scale != 100:
+        problem = "score not out of 100"
     elif not math.isfinite(score) or not 0 <= score <= 100:
         problem = "score out of range"
     elif not improved:
@@ -56,6 +70,35 @@ def read_reflection(answer: str, band: int, theta: float) -> Reflection:
     if problem is not None:
         return Reflection(band, score, improved or None, True, True, problem, answer)
     return Reflection(band, score, improved, score >= theta, False, None, answer)
+
+
+def _read_answer(answer: str) -> tuple[float | None, float | None, str | None]:
+    """(score, the scale it was given out of or None, improved description) of an answer; None where absent."""
+    text = _EMPHASIS.sub("", answer)
+    label = _DESCRIPTION.search(text)
+    scores = list(_SCORE.finditer(text))
+    # "Score: 87" outranks a bare "score 87", which may be words of the description itself. The score
+    # is the first before the description's label or, failing that, the first after it, where the
+    # description then ends.
+    scores = [m for m in scores if m.group("sep")] or scores
+    before = [m for m in scores if label is None or m.start() < label.start()]
+    after = [m for m in scores if label is not None and m.start() >= label.end()]
+    chosen = (before or after or [None])[0]
+    improved = None
+    if label is not None:
+        end = chosen.start() if chosen is not None and chosen.start() >= label.end() else len(text)
+        improved = _unwrap(" ".join(text[label.end():end].split()))
+    if chosen is None:
+        return None, None, improved
+    scale = chosen.group("scale")
+    return float(chosen.group("value")), float(scale) if scale else None, improved
+
+
+def _unwrap(text: str) -> str:
+    """A description without the quotes or brackets a model may put around the whole of it."""
+    while len(text) >= 2 and _PAIRS.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return text
 
 
 @dataclass(frozen=True)
