@@ -65,6 +65,30 @@ def test_injection_changes_only_the_injected_image(tiny64):
         assert torch.equal(injected[b], ref)
 
 
+def test_an_injection_runs_over_the_injected_images_rows_only(tiny64, monkeypatch):
+    """The cost of a fire is the fired images' tokens: with one image of three injected at a step, the
+    step's redo (control tokens + the step's token) is one pass over that image's two CFG rows, and
+    every other pass of the call is a whole-batch prefill or decode step."""
+    from twig_batch.engine import fast
+
+    passes = []
+    forward_static = fast.forward_static
+
+    def spy(lm, cache, embeds, *args, rows=None, **kwargs):
+        passes.append((None if rows is None else rows.tolist(), embeds.shape[1]))
+        return forward_static(lm, cache, embeds, *args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(fast, "forward_static", spy)
+    hidden = tiny64.model.config.text_config.hidden_size
+    rows = [t2i_prompt_ids(tiny64, p) for p in PROMPTS]
+    draw_image_tokens_fast(tiny64, rows, [1, 2, 3], GenerationSettings(), 30,
+                           observer=ScriptedInjector(hidden, {10: {"b"}, 20: {"a", "c"}}, ["a", "b", "c"]))
+    subset = [(r, length) for r, length in passes if r is not None]
+    k = ScriptedInjector(hidden, {}, ["a"]).embeds.shape[1]
+    assert subset == [([2, 3], k + 1), ([0, 1, 4, 5], k + 1)]
+    assert all(length == 1 for r, length in passes[1:] if r is None)  # the rest: one decode step each
+
+
 def test_cache_holds_every_injection_the_controller_may_make(tiny64):
     from twig_batch.controller import LatentController
     from twig_batch.controller.config import ControllerConfig

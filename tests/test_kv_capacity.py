@@ -162,9 +162,9 @@ def positions(monkeypatch):
     seen = [0]
     forward_at = static_decoder.forward_at
 
-    def spy(lm, tensors, embeds, at, *args):
+    def spy(lm, tensors, embeds, at, *args, **kwargs):
         seen[0] = max(seen[0], int(at.max()))
-        return forward_at(lm, tensors, embeds, at, *args)
+        return forward_at(lm, tensors, embeds, at, *args, **kwargs)
 
     monkeypatch.setattr(static_decoder, "forward_at", spy)
     return seen

@@ -81,13 +81,19 @@ class ThinkContext:
         self.width = width
 
     def latents(self, rows: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """z_vec [len(rows), D] for the images at `rows` of this context, memory [len(rows), M, D]."""
-        n, m = self.lengths.shape[0], self.memory_tokens
-        inputs = memory.new_zeros(n, m, memory.shape[-1], dtype=self.bundle.dtype)
-        inputs[rows] = memory.to(inputs.dtype)  # other rows think about nothing, and are not read
-        self.cache.used = self.width  # the last think's memory columns are overwritten
-        positions = self.lengths.unsqueeze(1) + torch.arange(m, device=self.lengths.device)
-        valid = torch.ones((n, m), dtype=torch.bool, device=self.lengths.device)
-        hidden = forward_static(self.bundle.language_model, self.cache, inputs, positions, valid)
-        z = (self.text_sum + hidden.to(self.sum_dtype).sum(1)) / (self.lengths + m).unsqueeze(1)
-        return z[rows].to(hidden.dtype)
+        """z_vec [len(rows), D] for the images at `rows` of this context, memory [len(rows), M, D].
+
+        Only those images' rows run: each writes its memory after its own text (the columns a later
+        think of the same image overwrites)."""
+        m = self.memory_tokens
+        rows = rows.to(self.lengths.device)
+        lengths = self.lengths[rows]
+        inputs = memory.to(self.bundle.dtype)
+        columns = (self.width + torch.arange(m, device=rows.device)).expand(len(rows), m)
+        positions = lengths.unsqueeze(1) + torch.arange(m, device=rows.device)
+        valid = torch.ones((len(rows), m), dtype=torch.bool, device=rows.device)
+        self.cache.used = self.width
+        hidden = forward_static(self.bundle.language_model, self.cache, inputs, positions, valid, columns=columns,
+                                rows=rows)
+        z = (self.text_sum[rows] + hidden.to(self.sum_dtype).sum(1)) / (lengths + m).unsqueeze(1)
+        return z.to(hidden.dtype)

@@ -8,6 +8,10 @@ Cache columns of a call: the prefill, then each image's control-token slots (the
 `max_control_slots`), then one column per decode step. An injection writes an image's control
 tokens into its own next free slots (both CFG rows), so however many images fire, and at however
 many different steps, the cache never needs more than those slots: its size is fixed by construction.
+
+An injection is a pass over the injected images' rows only: a trigger that fires for a few images at
+a time (the usual case: each image drifts on its own) costs those images' tokens, not a pass of the
+whole batch.
 """
 from __future__ import annotations
 
@@ -75,9 +79,8 @@ def draw_image_tokens_fast(
             hidden = step_forward(tokens, next_position)
             injection = decision.resolve() if decision is not None else None
             if injection is not None and bool(injection.rows.any()):
-                cache.used = column
-                next_position = _inject(bundle, cache, slots, next_position, injection)
-                hidden = step_forward(tokens, next_position)
+                hidden, next_position = _redo_behind_control(bundle, cache, slots, column, tokens, next_position,
+                                                             hidden, injection)
             next_position = next_position + 1
         return torch.stack(codes, dim=1).cpu()
 
@@ -113,35 +116,53 @@ class ControlSlots:
         self.first, self.width = first, width
         self.taken = [0] * images
 
-    def columns(self, injected: list[bool], k: int, scratch: int) -> torch.Tensor:
-        """[images, k] cache columns for an injection of k tokens: the next free slots of the injected
-        images (which are then taken); `scratch` for the others, whose tokens are invalid."""
-        columns = torch.full((len(injected), k), scratch, dtype=torch.long)
-        for image, fired in enumerate(injected):
-            if not fired:
-                continue
+    def take(self, images: list[int], k: int) -> torch.Tensor:
+        """[len(images), k] cache columns for an injection of k tokens into `images`: each one's next
+        free slots, which are then taken."""
+        columns = torch.empty((len(images), k), dtype=torch.long)
+        for row, image in enumerate(images):
             taken = self.taken[image]
             if taken + k > self.width:
                 raise RuntimeError(
                     f"image {image} of this drawing call was given {taken + k} control tokens, more than the "
                     f"{self.width} cache columns its observer reserved (max_control_slots: for the latent "
                     "controller, max_injections_per_band x control_tokens); an observer must not inject more")
-            columns[image] = self.first + taken + torch.arange(k)
+            columns[row] = self.first + taken + torch.arange(k)
             self.taken[image] = taken + k
         return columns
 
 
-def _inject(bundle, cache, slots: ControlSlots, next_position, injection):
-    """Write the injected images' control tokens into their own slots (both CFG rows) and return the
-    next positions. The rows not injected write nothing valid: their tokens all go to the column the
-    next decode step overwrites (`cache.used`). The cache's write column does not move."""
+# Cache rows one injection pass takes at most: each layer reads a copy of its rows' keys and values.
+INJECTION_ROWS = 64
+
+
+def _redo_behind_control(bundle, cache, slots: ControlSlots, column: int, tokens, next_position, hidden, injection):
+    """The step just taken, taken again for the injected images behind their control tokens.
+
+    One pass over both CFG rows of each injected image: its K control tokens into its own slots, then
+    the step's image token back into `column` (where the step just wrote it without them). The other
+    rows keep the step as it was. Returns (hidden, next positions)."""
     device = next_position.device
     k = injection.embeds.shape[1]
-    injected = injection.rows.tolist()
-    columns = slots.columns(injected, k, scratch=cache.used).to(device).repeat_interleave(2, dim=0)
-    rows = injection.rows.to(device).repeat_interleave(2)
-    control = injection.embeds.to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
-    positions = next_position + torch.arange(k, device=device)
-    forward_static(bundle.language_model, cache, control, positions, rows.unsqueeze(1).expand(-1, k),
-                   columns=columns)
-    return next_position + rows.long().unsqueeze(1) * k
+    images = injection.rows.nonzero().flatten().tolist()
+    slot_columns = slots.take(images, k).to(device)
+    hidden = hidden.clone()  # the captured step's output buffer is the graph's own
+    for first in range(0, len(images), INJECTION_ROWS // 2):
+        chosen = images[first:first + INJECTION_ROWS // 2]
+        image_index = torch.tensor(chosen, device=device)
+        rows = cfg_rows(image_index)
+        control = injection.embeds[image_index].to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
+        token = bundle.embed_image_codes(tokens[image_index].repeat_interleave(2)).unsqueeze(1)
+        embeds = torch.cat([control, token.to(control.dtype)], dim=1)
+        columns = torch.cat([slot_columns[first:first + len(chosen)].repeat_interleave(2, dim=0),
+                             torch.full((len(rows), 1), column, dtype=torch.long, device=device)], dim=1)
+        positions = next_position[rows] + torch.arange(k + 1, device=device)
+        valid = torch.ones(columns.shape, dtype=torch.bool, device=device)
+        hidden[rows] = forward_static(bundle.language_model, cache, embeds, positions, valid, columns=columns,
+                                      rows=rows)[:, -1]
+    return hidden, next_position + injection.rows.to(device).repeat_interleave(2).long().unsqueeze(1) * k
+
+
+def cfg_rows(images: torch.Tensor) -> torch.Tensor:
+    """The cache rows of `images`: image i holds rows 2i (conditional) and 2i + 1 (unconditional)."""
+    return (images.unsqueeze(1) * 2 + torch.arange(2, device=images.device)).flatten()

@@ -7,7 +7,9 @@ be captured once as a CUDA graph.
 
 A pass may instead write each row at columns of its own (`columns`), already reserved below the
 shared write column: the image engine puts an image's control tokens there (`fast.py`). Positions
-travel with the keys (RoPE), so where a key sits in the cache changes nothing but the mask.
+travel with the keys (RoPE), so where a key sits in the cache changes nothing but the mask. Such a
+pass may also run over some rows of the cache only (`rows`): what the controller injects into a few
+images costs those images' tokens, not the whole batch's.
 """
 from __future__ import annotations
 
@@ -149,7 +151,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-                   valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
 
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
@@ -160,16 +163,24 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     where it is. A new token sees the valid columns below `used` that this pass does not write, the
     valid ones it writes for earlier tokens of its row, and its own. Invalid tokens may share a column
     (a scratch column, e.g. `used`, that a later pass overwrites); valid ones must not.
+
+    With `rows` (a device tensor of cache row indices, one per input row; needs `columns`) the pass
+    reads and writes those rows of the cache only; the others are left alone.
     """
-    rows, length = embeds.shape[:2]
+    length = embeds.shape[1]
     end = cache.used + length if columns is None else max(cache.used, int(columns.max()) + 1)
     if end > cache.max_len:
         raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
-    if rows != cache.k.shape[1] and not first_rows:
-        raise ValueError(f"{rows} rows of input for a cache of {cache.k.shape[1]}")
     start = torch.tensor(cache.used, device=embeds.device)
     attend = attend_width(cache, end)
     tensors = cache.tensors()
+    if rows is not None:
+        if columns is None:
+            raise ValueError("a pass over some rows of the cache writes columns of its own (`columns`)")
+        return forward_at(lm, tensors, embeds, positions, valid, start, attend, columns, row_index=rows)
+    rows = embeds.shape[0]
+    if rows != cache.k.shape[1] and not first_rows:
+        raise ValueError(f"{rows} rows of input for a cache of {cache.k.shape[1]}")
     chunk = max(1, PREFILL_CHUNK_TOKENS // length)
     if rows <= chunk:  # every decode step, and small prefills: one pass, no copy of the output
         hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend, columns)
@@ -188,29 +199,37 @@ def attend_width(cache: StaticKVCache, end: int) -> int:
 
 
 def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               start: torch.Tensor, attend: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+               start: torch.Tensor, attend: int, columns: torch.Tensor | None = None,
+               row_index: torch.Tensor | None = None) -> torch.Tensor:
     """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
     int, so one captured CUDA graph serves every step whose columns fall in the same bucket.
-    `columns` [R, T], when given, are per-row write columns (see `forward_static`)."""
+    `columns` [R, T], when given, are per-row write columns, and `row_index` [R] the cache rows the
+    input rows are (see `forward_static`)."""
     rows, length, _ = embeds.shape
     device = embeds.device
     if columns is None:
         write = start + torch.arange(length, device=device)  # [T]
         cache.valid.index_copy_(1, write, valid)
         mask = _shared_column_mask(cache.valid, write, attend)
-    else:
+    elif row_index is None:
         write = columns  # [R, T]
         cache.valid.scatter_(1, write, valid)
         mask = _own_column_mask(cache.valid, write, start, attend)
+    else:
+        write = columns
+        row_valid = cache.valid[row_index].scatter_(1, write, valid)  # a copy: written back below
+        cache.valid[row_index] = row_valid
+        mask = _own_column_mask(row_valid, write, start, attend)
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if cache.k_scale is not None:
-            return _attend_fp8(cache, i, q, k, v, write, start, attend, mask)
-        _write_columns(cache.k[i], write, k)
-        _write_columns(cache.v[i], write, v)
-        return F.scaled_dot_product_attention(q, cache.k[i, :, :, :attend], cache.v[i, :, :, :attend], attn_mask=mask,
+            return _attend_fp8(cache, i, q, k, v, write, start, attend, mask, row_index)
+        _write_columns(cache.k[i], write, k, row_index)
+        _write_columns(cache.v[i], write, v, row_index)
+        return F.scaled_dot_product_attention(q, _read(cache.k[i], attend, row_index),
+                                              _read(cache.v[i], attend, row_index), attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
     joined = getattr(lm, FUSED_ATTR, None)
@@ -256,8 +275,14 @@ def _own_column_mask(valid: torch.Tensor, write: torch.Tensor, start: torch.Tens
     return ((valid[:, None, :attend] & (held | written_so_far)) | own).unsqueeze(1)
 
 
-def _write_columns(values: torch.Tensor, write: torch.Tensor, new: torch.Tensor) -> None:
-    """values [R, H, L, ...] <- new [R, H, T, ...] at columns `write`: [T] shared or [R, T] per row."""
+def _write_columns(values: torch.Tensor, write: torch.Tensor, new: torch.Tensor,
+                   row_index: torch.Tensor | None = None) -> None:
+    """values [R, H, L, ...] <- new [R', H, T, ...] at columns `write`: [T] shared or [R', T] per row;
+    with `row_index` [R'], into those rows of `values` only."""
+    if row_index is not None:
+        heads = torch.arange(values.shape[1], device=values.device)
+        values[row_index.view(-1, 1, 1), heads.view(1, -1, 1), write.unsqueeze(1)] = new
+        return
     if write.dim() == 1:
         values.index_copy_(2, write, new)
         return
@@ -265,17 +290,22 @@ def _write_columns(values: torch.Tensor, write: torch.Tensor, new: torch.Tensor)
     values.scatter_(2, index, new)
 
 
-def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask):
+def _read(values: torch.Tensor, attend: int, row_index: torch.Tensor | None) -> torch.Tensor:
+    """values [R, H, L, ...] up to column `attend`: every row (a view), or a copy of `row_index`'s."""
+    return values[:, :, :attend] if row_index is None else values[row_index, :, :attend]
+
+
+def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask, row_index=None):
     """attend_kv over an fp8 cache: quantize the new columns, then read fp8 (a kernel for one query)."""
     if cache.kv_heads != cache.heads:
         raise ValueError("the fp8 KV cache does not support grouped-query attention")
     quant = KERNELS.get("quantize_kv", quantize, q.device)
     for values, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
         new8, new_scale = quant(new)
-        _write_columns(values[i].view(torch.uint8), write, new8.view(torch.uint8))  # byte copies: any fp8 build
-        _write_columns(scales[i], write, new_scale)
-    parts = (cache.k[i, :, :, :attend], cache.k_scale[i, :, :, :attend], cache.v[i, :, :, :attend],
-             cache.v_scale[i, :, :, :attend])
+        # byte copies: any fp8 build
+        _write_columns(values[i].view(torch.uint8), write, new8.view(torch.uint8), row_index)
+        _write_columns(scales[i], write, new_scale, row_index)
+    parts = [_read(t[i], attend, row_index) for t in (cache.k, cache.k_scale, cache.v, cache.v_scale)]
     if q.shape[2] == 1 and write.dim() == 1:  # the kernel knows one shared write column only
         return decode_attention(q, *parts, cache.valid[:, :attend], start, mask)
     return reference_attention(q, *parts, mask)
