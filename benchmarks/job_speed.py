@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/job_speed.py --out DIR [--model random-7b] [--images 512] [--modes plain,twig,seed]
                                       [--controller off,on] [--lengths limit,realistic] [--engine-process]
+                                      [--native-images 128] [--actors N]
 
 For each mode x controller x text lengths, one `twig-batch run` over a fresh output folder (it joins
 the cluster `ray start` left on this machine, if any, like a workstation user's run), then reads what
@@ -17,6 +18,10 @@ the run recorded (`_COMPLETE.json`, `run.json`) and reports:
   first_call_after_s: from the run's start to the slowest actor's first model call (Ray, the read,
   the actor's process start and `__init__`);
 - busy_share: the share of the run's wall time the GPU spent in model calls.
+With --native-images N (128 by default; 0 skips it), the same run ends with the anchor: transformers'
+own Janus image `generate` over N images in a process of its own (`plain_speed.py`), a record of
+mode "native". With --actors N each run passes `--actors N` (e.g. two runs side by side on a
+two-GPU machine, one actor each); otherwise the CLI's default.
 `lengths=limit` lets every text run to its token limit (what random weights do);
 `lengths=realistic` stops texts at lengths drawn per row (TWIG_BATCH_EMULATE_TEXT_LENGTHS=realistic,
 twig_batch/pipeline/text_lengths.py says where the numbers come from).
@@ -40,13 +45,16 @@ from bench_prompts import write as write_prompts  # noqa: E402
 LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
 
 
-def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, lengths: str, log) -> dict:
+def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, lengths: str, log,
+            actors: int | None = None) -> dict:
     env = dict(os.environ)
     env.pop(LENGTHS_VAR, None)
     if lengths == "realistic":
         env[LENGTHS_VAR] = "realistic"
     command = [sys.executable, "-m", "twig_batch.cli", "run", prompts, "--output", str(dest), "--model", model,
                "--mode", mode, "--controller" if controller else "--no-controller"]
+    if actors:
+        command += ["--actors", str(actors)]
     start = time.monotonic()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.monotonic() - start
@@ -112,6 +120,24 @@ print(json.dumps({{"img_s": n / (time.perf_counter() - start)}}))
     return round(json.loads(done.stdout.strip().splitlines()[-1])["img_s"], 3)
 
 
+def native_anchor(model: str, images: int) -> dict:
+    """transformers' own Janus `generate` over `images` images, in a process of its own."""
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {str(HERE)!r})
+from plain_speed import native_generate_anchor
+from twig_batch.model import load_janus
+bundle = load_janus({model!r}, "cuda", torch.bfloat16)
+native_generate_anchor(bundle, 4)  # warm-up: the libraries' lazy set-up is not the anchor's time
+print(json.dumps(native_generate_anchor(bundle, {images})))
+"""
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        return {"native_error": done.stderr[-500:]}
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"images": images, "total_img_s": round(found["native_img_s"], 3)} if "native_img_s" in found else found
+
+
 def table(records: list[dict]) -> str:
     lines = ["| mode | controller | text lengths | images | ok | total img/s | steady img/s | engine img/s | "
              "steady / engine | startup s | part | GPU busy |",
@@ -136,6 +162,8 @@ def main() -> None:
     parser.add_argument("--controller", default="off,on")
     parser.add_argument("--lengths", default="limit,realistic")
     parser.add_argument("--engine-process", action="store_true")
+    parser.add_argument("--native-images", type=int, default=128)
+    parser.add_argument("--actors", type=int, default=None)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "job_speed.json"
@@ -151,7 +179,7 @@ def main() -> None:
                     dest = work / f"{mode}-{controller}-{lengths}"
                     record = {"mode": mode, "controller": controller, "lengths": lengths, "images": args.images,
                               "model": args.model, "date": time.strftime("%Y-%m-%d")}
-                    record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log))
+                    record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log, args.actors))
                     if args.engine_process and record.get("part_images"):
                         record["engine_process_img_s"] = engine_process(args.model, mode, controller, lengths,
                                                                         record["part_images"][0])
@@ -159,6 +187,13 @@ def main() -> None:
                     results.write_text(json.dumps(records, indent=1))
                     (args.out / "job_speed.md").write_text(table(records) + "\n")
                     print(json.dumps(record), flush=True)
+    if args.native_images:
+        record = {"mode": "native", "controller": False, "lengths": "-", "model": args.model,
+                  "date": time.strftime("%Y-%m-%d")} | native_anchor(args.model, args.native_images)
+        records.append(record)
+        results.write_text(json.dumps(records, indent=1))
+        (args.out / "job_speed.md").write_text(table(records) + "\n")
+        print(json.dumps(record), flush=True)
     print(table(records))
 
 

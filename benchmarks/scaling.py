@@ -1,0 +1,77 @@
+"""The batch job over 1, 2, ... GPUs of one host: `twig-batch run` itself, one actor per GPU.
+
+Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,twig+controller:1024]
+                                    [--model random-7b]
+
+Each run is `job_speed.py`'s CLI run (default settings but the mode, `--controller` and `--actors N`)
+on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
+steady images/s, the slowest actor's start, each actor's busy share (its own timing of model calls
+over the run's wall time), and the efficiency against one GPU in the same invocation:
+images/s on N GPUs / (N x images/s on 1). Writes DIR/scaling.json (a list of records) and
+DIR/scaling.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from job_speed import run_cli, write_prompts
+
+
+def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:
+    if not one_gpu or not record.get(key) or not one_gpu.get(key):
+        return None
+    return round(record[key] / (record["gpus"] * one_gpu[key]), 3)
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| GPUs | run | images | ok | wall s | total img/s | steady img/s | efficiency total | "
+             "efficiency steady | actor start s | GPU busy |", "| --- " * 11 + "|"]
+    for r in records:
+        def f(key, digits=2):
+            value = r.get(key)
+            return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+        lines.append(f"| {r['gpus']} | {r['run']} | {r['images']} | {r.get('ok', 'failed')} | {f('wall_s', 1)} | "
+                     f"{f('total_img_s')} | {f('steady_img_s')} | {f('efficiency_total')} | "
+                     f"{f('efficiency_steady')} | {f('startup_s', 1)} | {f('busy_share')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gpus", default="1,2")
+    parser.add_argument("--runs", default="plain:4096,twig+controller:1024")
+    parser.add_argument("--model", default="random-7b")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "scaling.json"
+    records = json.loads(results.read_text()) if results.exists() else []
+    work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    with open(args.out / "scaling.log", "a") as log:
+        for run in args.runs.split(","):
+            name, images = run.split(":")
+            mode, controller = name.split("+")[0], name.endswith("+controller")
+            prompts = write_prompts(str(work / f"prompts-{images}.parquet"), int(images))
+            one_gpu = None
+            for gpus in [int(g) for g in args.gpus.split(",")]:
+                record = {"gpus": gpus, "run": name, "mode": mode, "controller": controller, "images": int(images),
+                          "model": args.model, "date": time.strftime("%Y-%m-%d")}
+                record.update(run_cli(prompts, work / f"{name}-{gpus}", args.model, mode, controller, "limit", log,
+                                      actors=gpus))
+                if gpus == 1:
+                    one_gpu = record
+                record["efficiency_total"] = efficiency(record, one_gpu, "total_img_s")
+                record["efficiency_steady"] = efficiency(record, one_gpu, "steady_img_s")
+                records.append(record)
+                results.write_text(json.dumps(records, indent=1))
+                (args.out / "scaling.md").write_text(table(records) + "\n")
+                print(json.dumps(record), flush=True)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
