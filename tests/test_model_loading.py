@@ -142,3 +142,51 @@ def test_tiny_reference_builds_and_caches():
     second = load_janus("tiny")
     assert first.grid == 24 and first.image_px == 96
     assert torch.equal(first.model.lm_head.weight, second.model.lm_head.weight)
+
+
+def _without_tie_setting(tiny_hf_dir, folder):
+    """A copy of the tiny checkpoint whose config leaves tie_word_embeddings out (JanusConfig then says True)."""
+    shutil.copytree(tiny_hf_dir, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)
+    raw["text_config"].pop("tie_word_embeddings", None)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+@pytest.mark.parametrize("tied_when_built", [False, True])
+def test_a_checkpoint_with_its_own_lm_head_loads_untied(tiny_hf_dir, tmp_path, monkeypatch, tied_when_built):
+    """Whichever the release does with a config that leaves the tie out, both tensors arrive intact."""
+    from safetensors.torch import load_file
+    from transformers import JanusForConditionalGeneration
+
+    folder = _without_tie_setting(tiny_hf_dir, tmp_path / "untied")
+    if tied_when_built:  # a release that ties lm_head to embed_tokens when the model is built
+        post_init = JanusForConditionalGeneration.post_init
+
+        def post_init_and_tie(self):
+            post_init(self)
+            self.tie_weights()
+
+        monkeypatch.setattr(JanusForConditionalGeneration, "post_init", post_init_and_tie)
+    saved = load_file(str(folder / "model.safetensors"))
+    head, embed = saved["lm_head.weight"], saved["model.language_model.embed_tokens.weight"]
+    assert not torch.equal(head, embed)
+    model = load_janus(str(folder)).model
+    assert torch.equal(model.lm_head.weight, head)
+    assert torch.equal(model.model.language_model.embed_tokens.weight, embed)
+
+
+def test_a_checkpoint_without_lm_head_uses_its_input_embedding_when_the_config_ties_them(tiny_hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _without_tie_setting(tiny_hf_dir, tmp_path / "tied")
+    saved = load_file(str(folder / "model.safetensors"))
+    embed = saved["model.language_model.embed_tokens.weight"]
+    save_file({k: v for k, v in saved.items() if k != "lm_head.weight"}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert torch.equal(load_janus(str(folder)).model.lm_head.weight, embed)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": False}))
+    with pytest.raises(ModelLoadError, match="missing weights, e.g. lm_head.weight"):
+        load_janus(str(folder))

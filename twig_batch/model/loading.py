@@ -7,6 +7,7 @@ local Hugging Face cache / hub). Every failure becomes one `ModelLoadError` with
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -242,10 +243,18 @@ def build_model(config, tokens: SpecialTokens, device, dtype, init_weights: bool
 
 
 def _build_and_fill(config, tokens: SpecialTokens, state, folder: Path, device, dtype) -> torch.nn.Module:
+    # A checkpoint with its own lm_head (Janus-Pro's) is loaded untied. JanusConfig defaults
+    # tie_word_embeddings to True, and whether a model built from a config that leaves it out shares
+    # lm_head's storage with embed_tokens depends on the transformers release: shared, the second
+    # tensor copied in would silently overwrite the first.
+    own_head = "lm_head.weight" in state
+    if own_head:
+        config = _untied(config)
     model = build_model(config, tokens, device, dtype)
+    if own_head:
+        _untie(model)
     expected = model.state_dict()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and _ties(config))]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -261,10 +270,30 @@ def _build_and_fill(config, tokens: SpecialTokens, state, folder: Path, device, 
     with torch.no_grad():
         for key, target in expected.items():
             source = state.get(key)
-            if source is None:  # tied lm_head
+            if source is None:  # a tied checkpoint's lm_head is its input embedding
                 source = state["model.language_model.embed_tokens.weight"]
             target.copy_(source.to(dtype))
     return model
+
+
+def _ties(config) -> bool:
+    """Whether `config` asks for lm_head to be the input embedding (JanusConfig's default, when unset)."""
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _untied(config):
+    """A copy of `config` that asks for an lm_head of its own, at the top and in the text config."""
+    config = copy.deepcopy(config)
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    return config
+
+
+def _untie(model) -> None:
+    """Give lm_head storage of its own, should this transformers release have tied it at construction anyway."""
+    head, embed = model.lm_head.weight, model.model.language_model.embed_tokens.weight
+    if head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr():
+        model.lm_head.weight = torch.nn.Parameter(head.detach().clone(), requires_grad=False)
 
 
 def _image_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
