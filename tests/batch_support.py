@@ -52,14 +52,53 @@ def local_ray(num_cpus: int = 4):
 @contextlib.contextmanager
 def s3_server():
     """moto's S3 server on 127.0.0.1 with the standard AWS variables pointing at it."""
-    from moto.server import ThreadedMotoServer
+    with restartable_s3_server() as server:
+        yield server.url
 
+
+class RestartableS3:
+    """A moto S3 server that can refuse connections for a while: stopped, then started again on the
+    same port (moto keeps its buckets and objects in this process, so nothing is lost)."""
+
+    def __init__(self, port: int):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def refuse_connections_for(self, seconds: float):
+        """Stop now and start again after `seconds`, in the background; returns the restarting thread."""
+        import threading
+        import time
+
+        self.stop()
+
+        def restart():
+            time.sleep(seconds)
+            self.start()
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        return thread
+
+
+@contextlib.contextmanager
+def restartable_s3_server():
+    """`s3_server`, yielding the server itself (a `RestartableS3`)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = RestartableS3(free_port())
     server.start()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        patch.setenv("AWS_ENDPOINT_URL", server.url)
         patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -69,7 +108,7 @@ def s3_server():
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             patch.delenv(name, raising=False)
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield server
         finally:
             server.stop()
 

@@ -109,7 +109,7 @@ def test_a_run_says_each_split_and_failure_once_and_records_it(cluster, tmp_path
     plan = json.dumps({"oom_above_images": 2, "fail_prompts_containing": "poisoned"})
     result = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--model", "tiny-micro",
                                  "--actors", 1, "--batch-size", 6, "--faults", plan])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # finished, with one error row
     lines = result.output.splitlines()
     oom = [line for line in lines if "out of memory drawing a part" in line]
     # The first batch: 6 -> 3 + 3, then each 3 -> 2 + 1 (said once); the second batch comes in parts of 2.

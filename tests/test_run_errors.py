@@ -116,3 +116,27 @@ def test_template_with_a_field_in_a_format_spec(tmp_path, prompts):
     fails_cleanly([prompts, "--output", tmp_path / "out", "--mode", "twig", "--templates", templates],
                   "'think_first'", "a field inside a format spec")
     assert not (tmp_path / "out").exists()
+
+
+def corrupt_a_data_page(path, row_group: int, column: int) -> None:
+    """Overwrite 400 bytes inside one data page (its header and the footer stay intact), as a bad disk
+    or a broken copy would."""
+    meta = pq.ParquetFile(path).metadata.row_group(row_group).column(column)
+    data = bytearray(path.read_bytes())
+    start = meta.data_page_offset + 400  # past the page header, among the values
+    data[start:start + 400] = b"\xff" * 400
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_data_page_is_named_before_anything_runs(tmp_path):
+    folder = tmp_path / "input"
+    write_prompts(folder / "a-good.parquet", 50)
+    bad = folder / "b-bad.parquet"
+    prompts = [f"a cube number {i} " * 3 for i in range(300)]
+    pq.write_table(pa.table({"id": [f"c{i}" for i in range(300)], "prompt": prompts}), bad, row_group_size=100,
+                   compression="none", use_dictionary=False)
+    corrupt_a_data_page(bad, row_group=1, column=1)
+    assert pq.ParquetFile(bad).metadata.num_rows == 300  # the footer still reads
+    fails_cleanly([folder, "--output", tmp_path / "out"], f"{bad}: row group 1 of 3 (rows 100..199) cannot be read",
+                  "BYTE_ARRAY", "Nothing was drawn")
+    assert not (tmp_path / "out").exists()

@@ -131,7 +131,7 @@ def mixed_run(ray_cluster, tmp_path_factory):
 
 def test_bad_prompts_become_error_rows_and_the_rest_succeeds(mixed_run):
     _, dest, result = mixed_run
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # finished, with row errors
     rows = {r["id"]: r for r in read_manifest(dest).to_pylist()}
     assert rows["null-prompt"]["status"] == "error" and "null" in rows["null-prompt"]["error"]
     assert rows["empty-prompt"]["status"] == "error" and "empty" in rows["empty-prompt"]["error"]
@@ -161,7 +161,7 @@ def test_resume_redoes_error_rows_only(mixed_run):
     root, dest, _ = mixed_run
     ok_images = {r["image_uri"]: r["finished_at"] for r in read_manifest(dest).to_pylist() if r["status"] == "ok"}
     result = run(root / "mixed.parquet", "--output", dest, "--actors", 1, "--batch-size", 8, "--resume")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "done: 0 image(s) drawn, 3 error(s)" in result.output
     rows = read_manifest(dest).to_pylist()
     assert len(rows) == len(HOSTILE_IDS) + 4 and sum(r["status"] == "error" for r in rows) == 3

@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from twig_batch.errors import InputError, TwigBatchError
+from twig_batch.io.row_errors import ErrorAllowance
 
 
 class Mode(str, Enum):
@@ -196,6 +197,9 @@ def generate(
     typer.echo(f"{len(results)} image(s) written to {out}")
 
 
+MAX_ERRORS_HELP = ("Error rows allowed before the exit status is 3: a number (25) or a percentage of the rows "
+                   "(1%).")
+ALLOW_ERRORS_HELP = "Exit 0 whatever number of error rows the manifest holds."
 GENERATION, CONTROLLER, RAY = "Generation (any other setting: --set)", "Latent controller", "Ray and recovery"
 
 
@@ -271,6 +275,13 @@ def run_cmd(
     max_actor_restarts: int = typer.Option(4, help="Times Ray restarts each model actor that dies (lost node, "
                                                    "out of memory) before the run stops.", rich_help_panel=RAY),
     max_task_retries: int = typer.Option(3, help="Times a batch is retried after its actor died.", rich_help_panel=RAY),
+    storage_retry_s: float = typer.Option(300.0, "--storage-retry-s", metavar="SECONDS", rich_help_panel=RAY,
+                                          help="How long a write that fails for a passing reason (S3 refusing "
+                                               "connections, throttling) is retried, with backoff, before its "
+                                               "image becomes an error row."),
+    max_errors: Optional[str] = typer.Option(None, "--max-errors", metavar="N|P%", show_default="0",
+                                             help=MAX_ERRORS_HELP),
+    allow_errors: bool = typer.Option(False, "--allow-errors", help=ALLOW_ERRORS_HELP),
     faults: Optional[str] = typer.Option(None, "--faults", metavar="JSON", show_default="$TWIG_BATCH_FAULTS",
                                          rich_help_panel=RAY,
                                          help="Testing only: inject faults, as JSON text or a JSON file (see "
@@ -281,6 +292,7 @@ def run_cmd(
     from twig_batch.distributed.run_config import parse_settings
 
     try:
+        allowance = ErrorAllowance.parse(max_errors, allow_errors)
         extra = parse_settings(setting)
         flags = {"bands": bands, "reflect": reflect, "theta": theta, "think_max_tokens": think_max_tokens,
                  "cfg_weight": cfg_weight, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -301,7 +313,8 @@ def run_cmd(
                            device=device, dtype=dtype,
                            templates=str(templates) if templates is not None else None,
                            progress_interval_s=progress_every, journal_every_rows=journal_every,
-                           max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries, faults=faults,
+                           max_actor_restarts=max_actor_restarts, max_task_retries=max_task_retries,
+                           storage_retry_s=storage_retry_s, faults=faults,
                            progress_bar=sys.stdout.isatty())
         if dry_run:
             from twig_batch.distributed.dry_run import dry_run as check_only
@@ -313,6 +326,24 @@ def run_cmd(
         _fail(exc)
     typer.echo(f"images:   {summary['images']}")
     typer.echo(f"manifest: {summary['manifest']} ({summary['manifest_ok']} ok, {summary['manifest_errors']} error rows)")
+    _end_with_row_errors(summary["manifest_errors"], summary["manifest_rows"], summary["error_causes"], allowance,
+                         "rerun with --resume to retry them")
+
+
+def _end_with_row_errors(errors: int, rows: int, causes: list, allowance, retry: str) -> None:
+    """Name the error rows' most common causes; exit ROW_ERRORS_EXIT_CODE when there are more than allowed."""
+    from twig_batch.io.row_errors import ROW_ERRORS_EXIT_CODE, describe_causes
+
+    if not errors:
+        return
+    typer.echo(f"error rows: {errors} of {rows}: {describe_causes(causes, errors)}")
+    if allowance.allows(errors, rows):
+        typer.echo(f"accepted: {errors} error row(s), within {allowance.describe()}")
+        return
+    typer.secho(f"finished with {errors} error row(s), more than allowed ({allowance.describe()}; --max-errors N "
+                f"or P%, or --allow-errors, accepts them); {retry}; exit status {ROW_ERRORS_EXIT_CODE}",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=ROW_ERRORS_EXIT_CODE)
 
 
 @app.command("report", cls=_Command)
@@ -340,14 +371,19 @@ def verify_cmd(
     dest: str = typer.Argument(..., metavar="DEST", help="A run's output: a local folder or s3://bucket/prefix."),
     input: Optional[str] = typer.Option(None, "--input", help="The run's input, to check that every prompt x "
                                                                "sample was drawn and nothing else."),
+    max_errors: Optional[str] = typer.Option(None, "--max-errors", metavar="N|P%", show_default="0",
+                                             help=MAX_ERRORS_HELP),
+    allow_errors: bool = typer.Option(False, "--allow-errors", help=ALLOW_ERRORS_HELP),
 ) -> None:
     """Check a run's output: objects exist and decode, no duplicate rows, counts, the completion marker.
 
-    Exits 0 when clean, 1 when it found problems (each listed), 2 when DEST or the input cannot be read.
+    Exits 0 when clean, 1 when it found problems (each listed), 2 when DEST or the input cannot be read,
+    3 when it holds more error rows than allowed.
     """
     from twig_batch.io.verify import verify_output
 
     try:
+        allowance = ErrorAllowance.parse(max_errors, allow_errors)
         report = verify_output(dest, input)
     except TwigBatchError as exc:
         _fail(exc)
@@ -362,6 +398,8 @@ def verify_cmd(
                    f"{report.unexpected_items} unexpected")
     if report.ok:
         typer.echo("ok: no problems found")
+        _end_with_row_errors(report.error_rows, report.items, report.error_causes, allowance,
+                             "twig-batch run --resume retries them")
         return
     typer.echo(f"{report.problem_count} problem(s):")
     for problem in report.problems:

@@ -17,6 +17,10 @@ class OutputError(TwigBatchError):
     """The output destination cannot be written."""
 
 
+class DestinationFullError(OutputError):
+    """The output's disk is full (or its quota spent): no further image can be written, so the run stops."""
+
+
 def unknown_name(kind: str, name: str, known) -> InputError:
     """`kind` NAME is not one of `known`: the error names the nearest and lists them all."""
     import difflib

@@ -25,15 +25,18 @@ from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.distributed.run_events import RunEvents
-from twig_batch.distributed.work_items import expand_to_work_items
+from twig_batch.distributed.input_scan import NO_REPEATS, RepeatedPrompts, scan_input
+from twig_batch.distributed.work_items import expand_to_work_items, read_schema
+from twig_batch.distributed.write_retries import RetryWatch, WriteWatcher, new_board
 from twig_batch.distributed.worker_checks import (check_model_before_ray, check_model_on_a_worker,
                                                   check_storage_on_a_worker)
 from twig_batch import errors as errors_module
-from twig_batch.errors import InputError, TwigBatchError
+from twig_batch.errors import DestinationFullError, InputError, TwigBatchError
 from twig_batch.io import layout
-from twig_batch.io.dataset import InputFiles, InputSummary, check_input, check_unique_ids, resolve_input
+from twig_batch.io.dataset import InputFiles, InputSummary, check_input, resolve_input
 from twig_batch.io.earlier_run import clear_run, earlier_run
 from twig_batch.io.manifest import ManifestJournal, consolidate
+from twig_batch.io.row_errors import common_causes
 from twig_batch.io.run_info import software_versions, utc_now, write_complete_marker, write_run_info
 from twig_batch.io.storage import LocalStorage, S3Storage, open_storage
 from twig_batch.settings import GenerationSettings
@@ -55,6 +58,11 @@ class _Preflight:
     seed_column: str | None = None
     text_lengths: object = None  # pipeline.text_lengths.TextLengths: benchmark-only emulation, or None
     replaced: str | None = None  # an earlier run in the destination is cleared first: why
+    repeats: RepeatedPrompts = NO_REPEATS  # prompts without ids that repeat: each drawn once
+
+    def total(self, samples: int) -> int:
+        """(id, sample) items the input holds: every row, less the repeats of a prompt without an id."""
+        return (self.source.rows - self.repeats.copies) * samples
 
 
 def preflight(config: RunConfig) -> _Preflight:
@@ -67,8 +75,7 @@ def preflight(config: RunConfig) -> _Preflight:
     source = check_input(files, config.prompt_column, id_column, id_column_required=config.id_column is not None,
                          seed_column=seed_column, seed_column_required=bool(config.seed_column))
     seed_column = seed_column if source.has_seed_column else None
-    if source.has_id_column:
-        check_unique_ids(files, id_column)
+    repeats = scan_input(files, config.prompt_column, id_column if source.has_id_column else None, seed_column)
     check_model_before_ray(config.model, starts_private_cluster=address_to_join() is None)
     _check_model_reference(config.model, settings)  # before the destination is touched
     storage = open_storage(config.output)
@@ -81,7 +88,7 @@ def preflight(config: RunConfig) -> _Preflight:
     earlier = earlier_run(storage, identity, config.resume, config.overwrite)
     return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
                       identity, earlier.info, earlier.skip, seed_column=seed_column, text_lengths=_text_lengths(),
-                      replaced=earlier.describe(storage.root_uri))
+                      replaced=earlier.describe(storage.root_uri), repeats=repeats)
 
 
 def _text_lengths():
@@ -98,35 +105,85 @@ def run_batch(config: RunConfig, echo=print) -> dict:
     """Run (or resume) one batch job and return its summary; raises TwigBatchError on file-level problems."""
     checked = preflight(config)
     storage = checked.storage
+    storage.retry_policy = config.retry_policy()
     owns_ray = connect(min_local_cpus=math.ceil((config.actors or 1) * config.cpus_per_actor) + 2)
-    progress = events = None
+    progress = events = info = journal = retries = None
     try:
-        plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
-        check_model_on_a_worker(config.model, plan)  # before anything is written or any model loads
-        check_storage_on_a_worker(checked.files, storage, plan)
-        attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-        info = _start_attempt(config, checked, plan, attempt)
-        total = checked.source.rows * config.samples_per_prompt
-        progress = Progress(total=total, already_done=min(len(checked.skip), total), echo=echo,
-                            interval_s=config.progress_interval_s, live=config.progress_bar)
-        echo(f"twig-batch run: {checked.source.rows} prompts x {config.samples_per_prompt} samples from "
-             f"{checked.files.uri} -> {storage.root_uri}; {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; "
-             f"{len(checked.skip)} image(s) already done")
-        if checked.replaced:
-            echo(checked.replaced)
-        if config.faults is not None and config.faults.active:
-            echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
-        if checked.text_lengths is not None:
-            echo(checked.text_lengths.describe())
-        events = RunEvents(storage, info, progress.say)
-        progress.start_heartbeat()
-        _stream_results(config, checked, plan, attempt, progress, total, events)
-    finally:
-        if progress is not None:
-            progress.stop_heartbeat()
-        if owns_ray:
-            _disconnect()
+        try:
+            plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
+            check_model_on_a_worker(config.model, plan)  # before anything is written or any model loads
+            check_storage_on_a_worker(checked.files, storage, plan)
+            attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+            info = _start_attempt(config, checked, plan, attempt)
+            total = checked.total(config.samples_per_prompt)
+            progress = Progress(total=total, already_done=min(len(checked.skip), total), echo=echo,
+                                interval_s=config.progress_interval_s, live=config.progress_bar)
+            echo(f"twig-batch run: {checked.source.rows - checked.repeats.copies} prompts x "
+                 f"{config.samples_per_prompt} samples from {checked.files.uri} -> {storage.root_uri}; "
+                 f"{plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; {len(checked.skip)} image(s) already done")
+            if checked.replaced:
+                echo(checked.replaced)
+            if checked.repeats.copies:
+                echo(checked.repeats.describe())
+            if config.faults is not None and config.faults.active:
+                echo(f"fault injection is on (testing only): {json.dumps(config.faults.to_dict())}")
+            if checked.text_lengths is not None:
+                echo(checked.text_lengths.describe())
+            events = RunEvents(storage, info, progress.say)
+            board = new_board()
+            storage.retry_watcher = WriteWatcher(board, "driver")
+            retries = RetryWatch(board, config.storage_retry_s, progress.say)
+            progress.status = retries.status
+            journal = ManifestJournal(storage, attempt, flush_rows=config.journal_every_rows,
+                                      flush_seconds=config.journal_every_s)
+            progress.start_heartbeat()
+            _stream_results(config, checked, plan, progress, total, events, journal, board)
+        finally:
+            if progress is not None:
+                progress.stop_heartbeat()
+                progress.status = None
+            if retries is not None:
+                _record_retries(info, retries.record())
+                storage.retry_watcher = None
+            if owns_ray:
+                _disconnect()
+    except BaseException as exc:
+        # Every actor has stopped (or is stopping): what finished is journalled, and the run says it failed.
+        if info is not None:
+            _record_failure(storage, info, journal, exc, echo)
+        raise
+    journal.flush()
     return _finish(config, checked, info, attempt, progress, total, echo, events)
+
+
+def _record_retries(info: dict | None, retries: dict | None) -> None:
+    if info is not None and retries is not None:
+        info["attempts"][-1]["storage_retries"] = retries
+
+
+def _record_failure(storage, info: dict, journal, exc: BaseException, echo) -> None:
+    """Journal the rows that arrived and mark run.json failed with the cause. On a full disk the space
+    kept in reserve is given up first, so that these records fit."""
+    attempt = info["attempts"][-1]
+    if isinstance(exc, DestinationFullError) and storage.release_reserve():
+        echo(f"the disk of {storage.root_uri} is full: the space kept in reserve is given up to record what "
+             "was drawn")
+        attempt["reserve_released"] = True
+    cause = str(exc) or type(exc).__name__
+    if journal is not None:
+        try:
+            journal.flush()  # whatever finished stays recorded; --resume redoes only the rest
+        except Exception as flush_error:  # noqa: BLE001 (the run's own error is the one to raise)
+            attempt["journal_lost_rows"] = journal.pending_rows
+            cause += f"; and {journal.pending_rows} finished row(s) could not be recorded ({flush_error})"
+    attempt.update(finished_at=utc_now(), failed=cause)
+    info["status"] = "failed"
+    try:
+        write_run_info(storage, info)
+    except Exception:  # noqa: BLE001 (the run's own error is the one to raise)
+        pass
+    finally:
+        storage.release_reserve()
 
 
 def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -> dict:
@@ -142,6 +199,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
                              "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
     if checked.replaced:
         info["attempts"][-1]["replaced"] = checked.replaced.split(": ", 1)[1]
+    if checked.repeats.copies:  # rows that are not drawn on their own
+        info["attempts"][-1]["repeated_prompts"] = {"rows": checked.repeats.copies, "prompts": len(checked.repeats.ids)}
     if config.faults is not None:  # a run that was made to fail says so in its record
         info["attempts"][-1]["faults"] = config.faults.to_dict()
     if checked.text_lengths is not None:  # so does a run whose texts were cut to emulated lengths
@@ -150,20 +209,20 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
     return info
 
 
-def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, progress: Progress, total: int,
-                    events: RunEvents):
+def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Progress, total: int,
+                    events: RunEvents, journal: ManifestJournal, retry_board):
     """Pull manifest rows as the actors finish each part; only small rows reach the driver, never
     images. The actors' events (startups, part splits and failures) come with them."""
     quiet_ray_data()
     hand_back_rows_per_part()
     items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column,
-                       rows_per_block=config.work_batch(plan.gpus_per_actor))
+                       rows_per_block=config.work_batch(plan.gpus_per_actor), repeats=checked.repeats)
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
     results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates,
-                       checked.text_lengths)
-    journal = ManifestJournal(checked.storage, attempt, flush_rows=config.journal_every_rows)
+                       checked.text_lengths, retry_board)
+    checked.storage.hold_reserve()  # for the records of a run that fills its disk (`_record_failure`)
     try:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch, actor_events = detach_events(batch)
@@ -172,14 +231,13 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, attempt: str, 
             errors = int(pc.sum(pc.equal(batch.column("status"), "error")).as_py() or 0)
             progress.update(batch.num_rows - errors, errors)
     except BaseException as exc:
-        journal.flush()  # whatever finished stays recorded; --resume redoes only the rest
         raise _with_restart_limits(_user_facing(exc), config) from None
-    journal.flush()
 
 
 def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, progress: Progress, total: int,
             echo, events: RunEvents) -> dict:
     storage = checked.storage
+    storage.release_reserve()  # the manifest may need it more
     if isinstance(storage, LocalStorage):  # every writer has stopped: a killed one's staging files go
         storage.remove_staging_leftovers()
     manifest = consolidate(storage)
@@ -192,9 +250,11 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
     steady = events.steady_images_per_s()
     summary["steady_images_per_s"] = round(steady, 4) if steady is not None else None
     summary["actor_stats"] = events.attempt["actor_stats"]
+    summary["error_causes"] = common_causes(manifest.filter(pc.equal(statuses, "error")).column("error").to_pylist())
     info["attempts"][-1].update(finished_at=utc_now(), ok=progress.ok, errors=progress.errors,
                                 skipped=summary["skipped_already_ok"])
-    info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors")})
+    info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors",
+                                                                     "error_causes")})
     write_run_info(storage, info)
     write_complete_marker(storage, {"attempt": attempt, **summary})  # last: the run is done and final
     echo(f"done: {progress.ok} image(s) drawn, {progress.errors} error(s), {summary['skipped_already_ok']} skipped "
@@ -204,26 +264,27 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, pr
 
 
 def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None,
-               rows_per_block: int):
+               rows_per_block: int, repeats: RepeatedPrompts = NO_REPEATS):
     """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
     import ray
 
-    # One type per column across files, or Ray Data refuses files whose ids are integers in one and
-    # text in another, and fails on an unsigned seed beyond int64. Ids become text anyway; decimal(20, 0)
-    # holds every int64 and uint64 seed, and the work items check each seed's range.
-    schema = pa.schema([(config.prompt_column, pa.string())] + ([(id_column, pa.string())] if id_column else [])
-                       + ([(seed_column, pa.decimal128(20, 0))] if seed_column else []))
+    schema = read_schema(config.prompt_column, id_column, seed_column)
+    expand = {"prompt_column": config.prompt_column, "id_column": id_column, "samples": config.samples_per_prompt,
+              "base_seed": config.seed, "skip_keys": skip, "seed_column": seed_column}
     items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, file_extensions=None, schema=schema)
     items = items.select_columns(schema.names)
     items = items.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
-                              fn_kwargs={"prompt_column": config.prompt_column, "id_column": id_column,
-                                         "samples": config.samples_per_prompt, "base_seed": config.seed,
-                                         "skip_keys": skip, "seed_column": seed_column})
+                              fn_kwargs={**expand, "drawn_elsewhere": repeats.ids})
+    if repeats.first_copies is not None:  # each repeated prompt without an id, once
+        once = ray.data.from_arrow(repeats.first_copies)
+        items = items.union(once.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
+                                             fn_kwargs=expand))
     # Blocks of about one batch let every actor in the pool get work, even from a single small file.
     return items.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None, text_lengths=None):
+def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None, text_lengths=None,
+             retry_board=None):
     """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
     import warnings
 
@@ -231,10 +292,11 @@ def generate(items, config: RunConfig, plan, output_uri: str, settings, template
         # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
         # deprecated without a named replacement yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _actor_pool_stage(items, config, plan, output_uri, settings, templates, text_lengths)
+        return _actor_pool_stage(items, config, plan, output_uri, settings, templates, text_lengths, retry_board)
 
 
-def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates, text_lengths):
+def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates, text_lengths,
+                      retry_board):
     import ray
 
     from twig_batch.pipeline.text_lengths import ENV_VAR
@@ -248,7 +310,8 @@ def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings,
                                "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
                                "templates": templates, "images_per_call": config.batch_size,
                                "faults": config.faults.to_dict() if config.faults is not None else None,
-                               "report_events": True},
+                               "report_events": True, "storage_retry_s": config.storage_retry_s,
+                               "retry_board": retry_board},
         batch_size=config.work_batch(plan.gpus_per_actor), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
@@ -312,7 +375,8 @@ def _check_model_reference(ref: str, settings: GenerationSettings) -> None:
         check_weights_file(settings.controller.weights, model_config.text_config.hidden_size, settings.controller)
 
 
-_OUR_ERROR_LINE = re.compile(r"^twig_batch\.errors\.(ModelLoadError|InputError|OutputError|TwigBatchError): (.+)$",
+_OUR_ERROR_LINE = re.compile(r"^twig_batch\.errors\.(ModelLoadError|InputError|OutputError|DestinationFullError|"
+                             r"TwigBatchError): (.+)$",
                              re.MULTILINE)
 
 

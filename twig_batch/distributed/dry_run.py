@@ -27,7 +27,8 @@ def dry_run(config: RunConfig, echo=print) -> dict:
     finally:
         if created is not None and created.is_dir() and not any(created.iterdir()):
             created.rmdir()
-    total = checked.source.rows * config.samples_per_prompt
+    total = checked.total(config.samples_per_prompt)
+    distinct = checked.source.rows - checked.repeats.copies
     done = min(len(checked.skip), total)
     to_draw = total - done
     cluster = address_to_join()
@@ -39,8 +40,10 @@ def dry_run(config: RunConfig, echo=print) -> dict:
                "estimate": _estimate(config.model, checked.settings, to_draw)}
     echo("dry run: every check passed; no model loaded, nothing drawn or written")
     echo(f"  input:    {checked.source.rows} prompt(s) in {len(checked.files.paths)} file(s) ({checked.files.uri})")
-    echo(f"  images:   {checked.source.rows} x {config.samples_per_prompt} sample(s) = {total}; {done} already "
+    echo(f"  images:   {distinct} x {config.samples_per_prompt} sample(s) = {total}; {done} already "
          f"recorded ok; {to_draw} to draw")
+    if checked.repeats.copies:
+        echo(f"  repeats:  {checked.repeats.describe()}")
     echo(f"  output:   {checked.storage.root_uri} (writable; {summary['earlier_run']})")
     echo(f"  model:    {summary['model']}")
     echo(f"  settings: mode {checked.settings.mode}" + "".join(f", {k} {v}" for k, v in summary["settings"].items()))

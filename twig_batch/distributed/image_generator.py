@@ -41,7 +41,7 @@ class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
                  device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
                  templates=None, faults: dict | None = None, images_per_call: int | None = None,
-                 report_events: bool = False):
+                 report_events: bool = False, storage_retry_s: float | None = None, retry_board=None):
         started = time.perf_counter()
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
@@ -73,6 +73,15 @@ class ImageGenerator:
         self._drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twig-draw")
         self._parts = PartDrawer(self._draw, free_memory=self._free_memory)
         self.name = _actor_name()
+        if self.storage is not None:  # the batch driver's retry time, and its board to say that writes wait
+            from twig_batch.io.retry import RetryPolicy
+
+            if storage_retry_s is not None:
+                self.storage.retry_policy = RetryPolicy(total_s=storage_retry_s)
+            if retry_board is not None:
+                from twig_batch.distributed.write_retries import WriteWatcher
+
+                self.storage.retry_watcher = WriteWatcher(retry_board, self.name)
         self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
                                      "startup_s": round(time.perf_counter() - started, 2),
@@ -229,6 +238,7 @@ class ImageGenerator:
         os._exit(DEVICE_BROKEN_EXIT_CODE)
 
     def _store(self, request: ImageRequest, result, generation_s: float) -> dict:
+        from twig_batch.errors import DestinationFullError
         from twig_batch.io.artifacts import encode_result, write_result
 
         try:
@@ -237,6 +247,8 @@ class ImageGenerator:
             else:
                 row = write_result(self.storage, result, self.model_name, generation_s,
                                    controller_ran=self.settings.controller is not None)
+        except DestinationFullError:
+            raise  # no image fits any more: the run stops and says so, rather than failing every row left
         except Exception as exc:
             return self._error(request, f"writing the outputs failed: {type(exc).__name__}: {exc}")
         return row

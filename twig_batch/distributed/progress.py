@@ -31,6 +31,7 @@ class Progress:
     echo: callable = print
     interval_s: float = 10.0
     live: bool = False
+    status: callable = None  # a note on how the run fares (writes being retried), or ''; appended to the line
     ok: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -63,33 +64,35 @@ class Progress:
         if first or due or self.live:
             self.report()
 
-    def line(self) -> str:
+    def line(self, note: str = "") -> str:
         percent = 100.0 * self.done / self.total if self.total else 100.0
+        note = f" | {note}" if note else ""
         if self._first_rows is None:
             return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | waiting for the first part "
                     f"(actors load the model, compile kernels, capture graphs) | "
-                    f"{format_duration(time.monotonic() - self.started)} elapsed")
+                    f"{format_duration(time.monotonic() - self.started)} elapsed{note}")
         return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | {self.rate():.2f} images/s | "
-                f"ETA {format_duration(self.eta_s())} | errors {self.errors}")
+                f"ETA {format_duration(self.eta_s())} | errors {self.errors}{note}")
 
-    def bar(self, width: int = 24) -> str:
+    def bar(self, width: int = 24, note: str = "") -> str:
         filled = int(width * self.done / self.total) if self.total else width
         if self._first_rows is None:
             line = (f"{self.done}/{self.total} images | waiting for the first part (actors start) | "
                     f"{format_duration(time.monotonic() - self.started)}")
         else:
-            line = self.line().removeprefix("progress: ")
+            line = self.line(note).removeprefix("progress: ")
         return f"[{'#' * filled}{'.' * (width - filled)}] {line}"
 
     def report(self) -> None:
+        note = self.status() if self.status is not None else ""  # outside the lock: it may say a line itself
         with self._lock:
             self._last_report = time.monotonic()
             if self.live:
                 self._bar_shown = True
-                sys.stdout.write("\r\x1b[K" + self.bar())
+                sys.stdout.write("\r\x1b[K" + self.bar(note=note))
                 sys.stdout.flush()
                 return
-            text = self.line()
+            text = self.line(note)
         self.echo(text)
 
     def say(self, text: str) -> None:

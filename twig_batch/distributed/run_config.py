@@ -41,16 +41,22 @@ class RunConfig:
     progress_interval_s: float = 10.0
     progress_bar: bool = False  # a live bar on a terminal; else a progress line every progress_interval_s
     journal_every_rows: int = 2000  # manifest rows buffered before a journal flush: what a crash can lose
+    journal_every_s: float = 10.0  # ... or this many seconds of them, whichever comes first
     # An actor that dies (lost node, OOM, crash) is restarted and its batch retried, within these bounds;
     # past them the run stops with an error rather than looping forever on a batch that kills its actor.
     max_actor_restarts: int = 4  # per actor
     max_task_retries: int = 3  # per batch
+    # A write that fails for a passing reason (S3 refusing connections, throttling) is retried with
+    # backoff for this long before its image becomes an error row.
+    storage_retry_s: float = 300.0
     faults: FaultPlan | dict | str | None = None  # testing only (see faults.py); default: $TWIG_BATCH_FAULTS
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "work_batch_size", "samples_per_prompt", "journal_every_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not self.storage_retry_s >= 0:
+            raise InputError(f"storage retry time must be >= 0 seconds, got {self.storage_retry_s}")
         for name in ("max_actor_restarts", "max_task_retries"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
@@ -86,6 +92,12 @@ class RunConfig:
         if self.batch_size is not None:
             return self.batch_size
         return GPU_WORK_BATCH if gpus_per_actor > 0 else CPU_BATCH
+
+    def retry_policy(self):
+        """How storage calls are retried, on the driver and on every actor."""
+        from twig_batch.io.retry import RetryPolicy
+
+        return RetryPolicy(total_s=self.storage_retry_s)
 
     def generation_settings(self) -> GenerationSettings:
         if "mode" in self.settings:

@@ -29,7 +29,7 @@ def content_id(prompt: str | None) -> str:
     return "p-" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
-def _as_id(value) -> str | None:
+def own_id(value) -> str | None:
     if value is None:
         return None
     text = str(value)
@@ -52,7 +52,7 @@ def sample_seed(row_seed: int, sample: int) -> int:
     return row_seed if sample == 0 else derive_seed(row_seed, "", sample)
 
 
-def _texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | None]]:
+def decoded_texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | None]]:
     """A text column as Python strings, and per value why it is unusable (None when fine).
 
     Parquet writers that skip validation can store bytes that are not UTF-8; such a value would
@@ -73,24 +73,42 @@ def _texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | None]]:
     return texts, problems
 
 
+def read_schema(prompt_column: str, id_column: str | None, seed_column: str | None) -> pa.Schema:
+    """The input columns a run reads, one type per column across files.
+
+    Otherwise Ray Data refuses files whose ids are integers in one and text in another, and fails on
+    an unsigned seed beyond int64. Ids become text anyway; decimal(20, 0) holds every int64 and
+    uint64 seed, and the work items check each seed's range.
+    """
+    return pa.schema([(prompt_column, pa.string())] + ([(id_column, pa.string())] if id_column else [])
+                     + ([(seed_column, pa.decimal128(20, 0))] if seed_column else []))
+
+
+def raw_ids(column: pa.ChunkedArray) -> tuple[list, list[str | None]]:
+    """An id column's values (text or integers), and per value why it is unusable (None when fine)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return decoded_texts(column, "id")
+    return column.to_pylist(), [None] * len(column)
+
+
 def expand_to_work_items(batch: pa.Table, *, prompt_column: str, id_column: str | None, samples: int,
                          base_seed: int, skip_keys: frozenset | set = frozenset(),
-                         seed_column: str | None = None) -> pa.Table:
-    prompts, text_problems = _texts(batch.column(prompt_column), "prompt")
-    raw_ids = None
+                         seed_column: str | None = None, drawn_elsewhere: frozenset = frozenset()) -> pa.Table:
+    """`drawn_elsewhere`: ids made from prompts whose rows are left out here (repeated prompts without
+    ids, drawn once from a table of their own: `input_scan.RepeatedPrompts`)."""
+    prompts, text_problems = decoded_texts(batch.column(prompt_column), "prompt")
+    ids = None
     if id_column and id_column in batch.column_names:
-        kind = batch.column(id_column).type
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            raw_ids, id_problems = _texts(batch.column(id_column), "id")
-            text_problems = [a or b for a, b in zip(id_problems, text_problems)]
-        else:
-            raw_ids = batch.column(id_column).to_pylist()
+        ids, id_problems = raw_ids(batch.column(id_column))
+        text_problems = [a or b for a, b in zip(id_problems, text_problems)]
     row_seeds = None
     if seed_column:  # integers of any width, or decimals when read with one type for every file
         row_seeds = [None if value is None else int(value) for value in batch.column(seed_column).to_pylist()]
     rows: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
     for index, prompt in enumerate(prompts):
-        prompt_id = _as_id(raw_ids[index]) if raw_ids is not None else None
+        prompt_id = own_id(ids[index]) if ids is not None else None
+        if prompt_id is None and drawn_elsewhere and content_id(prompt) in drawn_elsewhere:
+            continue
         prompt_id = prompt_id or content_id(prompt)
         problem = text_problems[index]
         if problem is None and row_seeds is not None:

@@ -26,6 +26,7 @@ JOURNAL_DIR = "manifest-journal"
 COMPLETE_MARKER = "_COMPLETE.json"
 IMAGES_DIR = "images"
 PROBE_PREFIX = ".twig-batch-write-probe-"
+RESERVE_FILE = ".twig-batch-reserve"  # local output only: space kept for the records of a run that fills its disk
 
 _SLUG_LENGTH = 40
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -89,7 +89,7 @@ def parquet_to_table(data: bytes) -> pa.Table:
 class ManifestJournal:
     """Buffers finished rows and flushes them as journal parts, by count or by age."""
 
-    def __init__(self, storage, attempt: str, flush_rows: int = 2000, flush_seconds: float = 30.0):
+    def __init__(self, storage, attempt: str, flush_rows: int = 2000, flush_seconds: float = 10.0):
         self.storage, self.attempt = storage, attempt
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._pending: list[pa.Table] = []
@@ -103,6 +103,11 @@ class ManifestJournal:
             self._pending_rows += table.num_rows
         if self._pending_rows >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows received and not yet flushed: what a crash now would lose."""
+        return self._pending_rows
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()

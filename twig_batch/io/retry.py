@@ -35,10 +35,13 @@ _TRANSIENT_ERRNOS = frozenset({
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    attempts: int = 5  # calls in all, the first included
-    base_delay_s: float = 0.25  # the first backoff is drawn from [0, base]; each later one doubles the bound
-    max_delay_s: float = 8.0  # no single wait is longer than this
-    total_s: float = 60.0  # no retry starts after this much time since the first call
+    # An object store's outage (a restarted endpoint, a network blip, minutes of throttling) is ridden
+    # out, as the S3 clients of Ray Data and img2dataset do: minutes, not seconds. Bounded by time, so
+    # that an endpoint that stays down ends in error rows and an exit status, never a hang.
+    attempts: int = 100  # calls in all, the first included
+    base_delay_s: float = 0.5  # the first backoff is drawn from [0, base]; each later one doubles the bound
+    max_delay_s: float = 15.0  # no single wait is longer than this
+    total_s: float = 300.0  # no retry starts after this much time since the first call (--storage-retry-s)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -79,16 +82,18 @@ def is_transient(exc: BaseException) -> bool:
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy = DEFAULT_POLICY, *,
                       transient: Callable[[BaseException], bool] = is_transient,
                       clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                      jitter: Callable[[], float] = random.random) -> T:
+                      jitter: Callable[[], float] = random.random, watcher=None) -> T:
     """`call()`, called again after a transient failure while the policy allows; the last failure is raised.
 
+    `watcher` (optional) hears of each retry (`retrying(exc, seconds_since_first_call)`) and of a call
+    that went through after retries (`recovered(seconds)`), so a run can say that it is waiting.
     `clock`, `sleep` and `jitter` (a number in [0, 1)) are there so tests can run the policy on a fake clock.
     """
     started = clock()
     retry = 0
     while True:
         try:
-            return call()
+            result = call()
         except Exception as exc:
             retry += 1
             if not transient(exc) or retry >= policy.attempts:
@@ -98,7 +103,13 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy = DEFAULT_POLIC
             if clock() - started + delay > policy.total_s:
                 _note(exc, retry, True)
                 raise
+            if watcher is not None:
+                watcher.retrying(exc, clock() - started)
             sleep(delay)
+            continue
+        if retry and watcher is not None:
+            watcher.recovered(clock() - started)
+        return result
 
 
 def _note(exc: BaseException, calls: int, transient: bool) -> None:

@@ -10,14 +10,19 @@ write replaces the whole object.
 """
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path, PurePosixPath
 
-from twig_batch.errors import OutputError
-from twig_batch.io.layout import PROBE_PREFIX
+from twig_batch.errors import DestinationFullError, OutputError
+from twig_batch.io.layout import PROBE_PREFIX, RESERVE_FILE
 from twig_batch.io.retry import DEFAULT_POLICY, call_with_retries
 from twig_batch.io.s3 import S3Endpoint, explain_s3_error, is_s3_uri, new_client, parse_s3_uri
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # the disk is full, or the user's quota on it is spent
+RESERVE_BYTES = 2 * 1024 * 1024  # a journal part of a few thousand rows, and run.json
 
 
 def check_key(key: str) -> str:
@@ -30,6 +35,7 @@ def check_key(key: str) -> str:
 
 class LocalStorage:
     retry_policy = DEFAULT_POLICY
+    retry_watcher = None  # hears of retries (see `retry.call_with_retries`); the batch job sets one
     inject_write_fault = None  # fault injection (`twig_batch.faults`) sets a callable run before each write
 
     def __init__(self, root: str | os.PathLike):
@@ -44,7 +50,8 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes) -> str:
         target = self.root / check_key(key)
-        return call_with_retries(lambda: self._put_once(key, target, data), self.retry_policy)
+        return call_with_retries(lambda: self._put_once(key, target, data), self.retry_policy,
+                                 watcher=self.retry_watcher)
 
     def _put_once(self, key: str, target: Path, data: bytes) -> str:
         if self.inject_write_fault is not None:
@@ -59,10 +66,31 @@ class LocalStorage:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(staging, target)
-        except BaseException:
+        except BaseException as exc:
             staging.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _FULL:  # not this object's problem: every write fails now
+                raise DestinationFullError(f"cannot write to {self.root}: {exc.strerror} (writing {key})") from None
             raise
         return str(target)
+
+    def hold_reserve(self) -> None:
+        """Keep a little space (`RESERVE_BYTES`, at most 5% of the disk) for the records of a run that
+        fills its disk: once no image fits, the journal and run.json still must (see `release_reserve`)."""
+        stats = os.statvfs(self.root)
+        size = min(RESERVE_BYTES, stats.f_frsize * stats.f_blocks // 20)
+        try:
+            with open(self.root / RESERVE_FILE, "wb") as handle:
+                handle.write(b"\0" * size)  # written, not sparse: the blocks are really taken
+                os.fsync(handle.fileno())
+        except OSError:  # a disk too full for it already: the run finds out on its first write
+            (self.root / RESERVE_FILE).unlink(missing_ok=True)
+
+    def release_reserve(self) -> bool:
+        """Give the reserved space back; True when there was any."""
+        path = self.root / RESERVE_FILE
+        held = path.exists()
+        path.unlink(missing_ok=True)
+        return held
 
     def _check_inside(self, key: str, folder: Path) -> None:
         """Keys are safe by construction, but a symbolic link planted inside DEST could still lead a
@@ -118,6 +146,10 @@ class LocalStorage:
 
 class S3Storage:
     retry_policy = DEFAULT_POLICY
+    # An object store does not fill up: no space to hold in reserve.
+    hold_reserve = staticmethod(lambda: None)
+    release_reserve = staticmethod(lambda: False)
+    retry_watcher = None  # hears of retries (see `retry.call_with_retries`); the batch job sets one
 
     def __init__(self, uri: str, endpoint: S3Endpoint | None = None):
         location = parse_s3_uri(uri, error=OutputError)
@@ -127,7 +159,8 @@ class S3Storage:
         self._client = None
 
     def __getstate__(self):  # boto3 clients do not pickle; each Ray worker makes its own
-        return {"bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint, "_client": None}
+        return {"bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint, "_client": None,
+                "retry_policy": self.retry_policy}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -150,7 +183,7 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
     def _retrying(self, call):
-        return call_with_retries(call, self.retry_policy)
+        return call_with_retries(call, self.retry_policy, watcher=self.retry_watcher)
 
     def put(self, key: str, data: bytes) -> str:
         object_key = self._object_key(key)

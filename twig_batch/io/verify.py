@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 from twig_batch.errors import InputError
 from twig_batch.io import layout
 from twig_batch.io.manifest import item_key
+from twig_batch.io.row_errors import common_causes
 from twig_batch.io.storage import check_key, read_destination
 
-ROW_COLUMNS = ["id", "sample_index", "status", "image_uri", "stage_image_uris", "trigger_log_uri"]
+ROW_COLUMNS = ["id", "sample_index", "status", "error", "image_uri", "stage_image_uris", "trigger_log_uri"]
 PROBLEMS_PER_KIND = 20  # enough to see the pattern; the rest of a kind is counted, not listed
 FETCH_THREADS = 8
 ROWS_PER_CHUNK = 256  # rows whose objects are in flight at once
@@ -49,6 +50,7 @@ class VerifyReport:
     expected_items: int | None = None  # with an input: (id, sample) its expansion yields
     missing_items: int | None = None
     unexpected_items: int | None = None
+    error_causes: list = field(default_factory=list)  # the error rows' most common reasons: (example, rows)
     images_checked: int = 0
     trigger_logs_checked: int = 0
     _listed: dict = field(default_factory=dict, repr=False)  # kind -> problems listed so far
@@ -140,6 +142,7 @@ class _Tally:
         self.recorded: set[str] = set()
         self.ok: set[str] = set()
         self.in_manifest: set[str] = set()
+        self.errors: dict[str, str] = {}  # key -> reason, for keys with no ok row so far
 
     def first_ok(self, source: str, row: dict) -> bool:
         """Count one row; True when it is the first ok row of its key (its objects are checked then)."""
@@ -161,9 +164,12 @@ class _Tally:
         if source == layout.MANIFEST:
             self.in_manifest.add(key)
         self.recorded.add(key)
+        if row["status"] != "ok" and key not in self.ok:
+            self.errors[key] = row["error"]
         if row["status"] != "ok" or repeated_ok:
             return False
         self.ok.add(key)
+        self.errors.pop(key, None)
         return True
 
     def _duplicate(self, row: dict, where: str) -> None:
@@ -188,6 +194,7 @@ def _check_rows(storage, info: dict, has_manifest: bool, journal: list[str], rep
         _check_objects(pool, storage, roots, pending, report)
     report.items, report.ok_rows = len(tally.recorded), len(tally.ok)
     report.error_rows = report.items - report.ok_rows
+    report.error_causes = common_causes(tally.errors.values())
     return tally.recorded
 
 
