@@ -21,7 +21,8 @@ class Mode(str, Enum):
     seed = "seed"
 
 
-_VALUE_NAMES = {"int": "N", "float": "NUMBER", "str": "TEXT", "Path": "PATH", "list[str]": "TEXT"}
+_VALUE_NAMES = {"int": "N", "integer": "N", "float": "NUMBER", "str": "TEXT", "text": "TEXT", "Path": "PATH",
+                "path": "PATH", "list[str]": "TEXT"}
 
 
 class _Command(TyperCommand):
@@ -55,8 +56,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
 def _name_the_value(param) -> None:
     if isinstance(param, TyperArgument):
         param.display_type_rich = lambda ctx: None  # the argument's name says it
-    elif param.metavar is None and not param.type_descriptor.is_choice:  # a choice lists its values
-        param.metavar = "" if getattr(param, "is_flag", False) else _VALUE_NAMES.get(param.bare_type(), "VALUE")
+        return
+    is_choice, type_name = _value_type(param)
+    if param.metavar is None and not is_choice:  # a choice lists its values
+        param.metavar = "" if getattr(param, "is_flag", False) else _VALUE_NAMES.get(type_name, "VALUE")
+
+
+def _value_type(param) -> tuple[bool, str]:
+    """(is the value a choice, its type's name) through whichever parameter API this typer release
+    has: recent releases describe types themselves, earlier ones hand click's types through."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        return descriptor.is_choice, param.bare_type()
+    name = param.type.name  # click's: "integer", "float", "text", "path", "choice", ...
+    return name == "choice", name
 
 
 def _version(value: bool) -> None:
