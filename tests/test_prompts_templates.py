@@ -3,14 +3,18 @@ import json
 import string
 
 import pytest
+import torch
 
 from twig_batch.errors import InputError
-from twig_batch.prompts import DEFAULT_TEMPLATES, TEMPLATE_FIELDS, Templates, chat_ids, load_templates
+from twig_batch.prompts import (DEFAULT_TEMPLATES, TEMPLATE_FIELDS, Templates, chat_ids, load_templates,
+                                 t2i_prompt_ids)
 
 
 def test_every_default_template_uses_only_its_fields_and_formats():
     for field in dataclasses.fields(Templates):
         text = getattr(DEFAULT_TEMPLATES, field.name)
+        if text is None:  # the system text: the model's own unless a template file sets one
+            continue
         used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
         assert used <= TEMPLATE_FIELDS[field.name], field.name
         text.format(**{name: "x" for name in TEMPLATE_FIELDS[field.name]})
@@ -82,3 +86,42 @@ def test_a_plain_format_spec_is_allowed(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"think_first": "{prompt!r:>20} band {band:02d} of {bands}"}))
     assert load_templates(path).think_first.startswith("{prompt!r")
+
+
+def test_pictures_are_asked_about_with_the_models_own_system_prompt_and_text_only_turns_with_none(tiny64, tmp_path):
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    from twig_batch.pipeline.understanding import featured_prompts
+
+    feature = torch.zeros(tiny64.understanding_tokens, 8)
+    text_only, shown = featured_prompts(tiny64, ["what is here?"] * 2, [None, feature], DEFAULT_TEMPLATES)
+    assert text_only.ids == chat_ids(tiny64, "what is here?", "")
+    assert shown.ids == chat_ids(tiny64, "what is here?", DEFAULT_SYSTEM_PROMPT, image_tokens=tiny64.understanding_tokens)
+    assert tiny64.tokenizer.decode(shown.ids[1:shown.ids.index(tiny64.tokens.boi)]) == DEFAULT_SYSTEM_PROMPT + "<|User|>: "
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"system": "SYS\n\n", "system_text_only": "PLAIN "}))
+    templates = load_templates(path)
+    text_only, shown = featured_prompts(tiny64, ["what is here?"] * 2, [None, feature], templates)
+    assert text_only.ids == chat_ids(tiny64, "what is here?", "PLAIN ")
+    assert shown.ids == chat_ids(tiny64, "what is here?", "SYS\n\n", image_tokens=tiny64.understanding_tokens)
+
+
+def test_turns_are_stripped_and_tokenized_in_one_piece_as_deepseeks_processor_does(tiny64):
+    # Between special tokens the conversation is one string to the tokenizer: the space after
+    # "<|User|>:" belongs to the question's first word, not a token of its own.
+    assert chat_ids(tiny64, "  what is here? \n") == [tiny64.tokens.bos, *tiny64.encode("<|User|>: what is here?\n\n<|Assistant|>:")]
+    shown = chat_ids(tiny64, " what is here?\n", "S ", image_tokens=4)
+    assert shown[shown.index(tiny64.tokens.eoi) + 1:] == tiny64.encode("\nwhat is here?\n\n<|Assistant|>:")
+    assert t2i_prompt_ids(tiny64, "\t a red cube  \n") == t2i_prompt_ids(tiny64, "a red cube")
+
+
+def test_the_reflection_shows_this_bands_description_and_the_earlier_bands_apart():
+    from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest
+
+    templates = dataclasses.replace(DEFAULT_TEMPLATES, reflect="{band}|{thought}|{earlier}|{thoughts}")
+    ask = ReflectionRequest("a cat", 2, 3, "third", ("first", "second", "third"), canvas=None)
+    assert ModelScorer(templates).question(ask) == "3|third|first second|first second third"
+    assert ModelScorer(templates).question(dataclasses.replace(ask, band=0, thought="first", earlier=("first",))) == (
+        "1|first||first")
+    reflect = DEFAULT_TEMPLATES.reflect
+    assert "{thoughts}" in reflect and "{thought}" in reflect and "Score:" in reflect and "Better:" in reflect

@@ -63,3 +63,32 @@ def test_plain_mode_in_bands_draws_the_same_image_as_one_pass(tiny64):
     assert [im.size for _, im in result.band_images] == [(96, 24), (96, 48), (96, 72), (96, 96)]
     assert result.band_images[-1][1].tobytes() == result.image.tobytes()
     assert result.thoughts == [] and result.reflections == [] and result.timings["image_tokens_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["twig", "seed"])
+def test_every_text_sees_the_prompt_stripped_of_surrounding_whitespace(tiny64, mode):
+    """As DeepSeek's chat template and TwiG's code read their prompts: a prompt padded with spaces and
+    newlines is asked about, planned and drawn exactly as the bare one."""
+    seen, drawn = [], []
+
+    class Stand:  # thinker, scorer and guide in one: records the prompt each request names
+        def think(self, bundle, requests, settings):
+            seen.extend(r.prompt for r in requests)
+            return [f"thought {r.band}" for r in requests]
+
+        def reflect(self, bundle, requests, settings):
+            seen.extend(r.prompt for r in requests)
+            return ["Score: 99\nBetter: same"] * len(requests)
+
+        guide = think
+
+    def draw(bundle, conditions, seeds, settings, n_tokens, **_):
+        drawn.append(conditions)
+        return torch.zeros((len(conditions), n_tokens), dtype=torch.long)
+
+    settings = GenerationSettings(mode=mode, bands=2)
+    for prompt in ("  a red cube\n", "a red cube"):
+        generate_staged(tiny64, [ImageRequest("p", prompt, 0, 1)], settings, thinker=Stand(), scorer=Stand(),
+                        guide=Stand(), draw_tokens=draw)
+    assert seen and set(seen) == {"a red cube"}
+    assert drawn[:len(drawn) // 2] == drawn[len(drawn) // 2:]

@@ -61,8 +61,8 @@ class ScriptedText:
 
     def is_rejected(self, prompt_text):
         opening = DEFAULT_TEMPLATES.reflect.split('"{thought}"')[0]  # names the prompt and the band
-        return any(opening.format(prompt=prompt, part=band_part(DEFAULT_TEMPLATES, band, 3)) in prompt_text
-                   for prompt, band in self.rejected)
+        return any(opening.format(prompt=prompt, part=band_part(DEFAULT_TEMPLATES, band, 3), band=band + 1, bands=3)
+                   in prompt_text for prompt, band in self.rejected)
 
 
 def fingerprint(prompt):

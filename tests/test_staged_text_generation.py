@@ -1,9 +1,13 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
 import torch
 
 from twig_batch.imaging import decode_codes
 from twig_batch.pipeline.text_generation import TextPrompt, generate_text_batch, reference_text
 from twig_batch.pipeline.understanding import image_features, understanding_prompts, vision_input
-from twig_batch.prompts import chat_ids
+from twig_batch.prompts import DEFAULT_TEMPLATES, chat_ids
 
 QUESTIONS = ["describe the top part", "a small cat on a large table next to a lamp, what is in the sky?",
              "tree", "what would a painter draw in the bottom part of a night sky with a moon?"]
@@ -43,12 +47,12 @@ def test_the_picture_reaches_the_model_through_the_understanding_path(tiny64):
     assert torch.allclose(image_features(tiny64, pixels[1:]), features[1:])
     small = image_features(tiny64, pixels[:, ::2, ::2].contiguous())  # other sizes are resized to the vision input
     assert small.shape == features.shape
-    text_only, shown = understanding_prompts(tiny64, ["what is here?"] * 2, [None, pixels[0]], "")
+    text_only, shown = understanding_prompts(tiny64, ["what is here?"] * 2, [None, pixels[0]], DEFAULT_TEMPLATES)
     assert text_only.image_features is None and tiny64.tokens.image not in text_only.ids
     assert shown.ids.count(tiny64.tokens.image) == tiny64.understanding_tokens
     assert torch.allclose(shown.image_features, features[0])
     # Different pictures, different next-token distributions for the same question.
-    other = understanding_prompts(tiny64, ["what is here?"], [pixels[1]], "")[0]
+    other = understanding_prompts(tiny64, ["what is here?"], [pixels[1]], DEFAULT_TEMPLATES)[0]
     lm = tiny64.language_model
 
     def next_logits(prompt):
@@ -59,3 +63,29 @@ def test_the_picture_reaches_the_model_through_the_understanding_path(tiny64):
 
     with torch.no_grad():
         assert not torch.allclose(next_logits(shown), next_logits(other))
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,) * 3, (0.5,) * 3), ((0.48145466, 0.4578275, 0.40821073),
+                                                                  (0.26862954, 0.26130258, 0.27577711))])
+def test_pixels_are_prepared_as_deepseeks_image_processor_prepares_them(mean, std):
+    """Rescaled and normalised in float32 by transformers' own functions (the ones DeepSeek's image
+    processor calls), then cast to bf16 once: every grey level and some colours, bit for bit."""
+    from PIL import Image
+    from transformers.image_transforms import normalize, rescale
+
+    bundle = SimpleNamespace(vision_px=16, device=torch.device("cpu"), dtype=torch.bfloat16, image_mean=mean,
+                             image_std=std)
+    grey = torch.arange(256, dtype=torch.uint8).view(16, 16, 1).expand(16, 16, 3)
+    colours = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    large = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def deepseek(image):
+        if image.shape[0] != 16:  # other sizes: PIL's bicubic resize of the 8-bit picture
+            image = torch.from_numpy(np.asarray(Image.fromarray(image.numpy()).resize((16, 16), Image.BICUBIC)))
+        x = rescale(image.numpy(), 1 / 255, data_format="channels_first", input_data_format="channels_last")
+        x = normalize(x, mean, std, input_data_format="channels_first")
+        return torch.from_numpy(x).to(torch.bfloat16)
+
+    got = vision_input(bundle, torch.stack([grey, colours]))
+    assert torch.equal(got, torch.stack([deepseek(grey), deepseek(colours)]))
+    assert torch.equal(vision_input(bundle, large[None])[0], deepseek(large))

@@ -7,6 +7,7 @@ them from a JSON file (see `load_templates`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import string
 from pathlib import Path
@@ -17,8 +18,11 @@ USER_TURN = "<|User|>: {text}\n\n<|Assistant|>:"
 
 
 def t2i_prompt_ids(bundle, prompt: str) -> list[int]:
-    """Token ids of the conditional row: BOS, the chat-formatted prompt, begin-of-image."""
-    return [bundle.tokens.bos, *bundle.encode(USER_TURN.format(text=prompt)), bundle.tokens.boi]
+    """Token ids of the conditional row: BOS, the chat-formatted prompt, begin-of-image.
+
+    The prompt is stripped of surrounding whitespace, as DeepSeek's chat template strips every turn.
+    """
+    return [bundle.tokens.bos, *bundle.encode(USER_TURN.format(text=prompt.strip())), bundle.tokens.boi]
 
 
 def unconditional_ids(ids: list[int], pad_id: int) -> list[int]:
@@ -34,8 +38,13 @@ def unconditional_ids(ids: list[int], pad_id: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Templates:
-    # Put before the user turn of every understanding prompt (thoughts, reflections, guidance).
-    system: str = "You look at pictures and talk about them plainly and briefly.\n\n"
+    # Put before the user turn of the prompts that show the picture (later thoughts, reflections).
+    # None: the model's own, the system prompt DeepSeek's chat processor adds by default, which
+    # Janus-Pro was trained with (`model_system_prompt`).
+    system: str | None = None
+    # Put before the user turn of the text-only prompts (the first thought, seed's stage plans): none,
+    # as DeepSeek's chat template has by default and TwiG's first thought is asked.
+    system_text_only: str = ""
     # Band names: a picture in 2 or 3 bands uses top / middle / bottom, in 1 band the whole, else numbers.
     part_top: str = "top part"
     part_middle: str = "middle part"
@@ -44,22 +53,38 @@ class Templates:
     part_numbered: str = "band {band} of {bands}"
     # twig: the thought before the first band (text only) and before later bands (with the picture).
     think_first: str = (
-        'We are drawing a picture of "{prompt}" from the top down, in {bands} horizontal bands. '
-        "In one plain, literal sentence, say what the {part} should show. Name only things that would be "
-        "visible there, add nothing the prompt does not call for, and use no headings or labels."
+        'A picture of "{prompt}" will be drawn from the top down in {bands} horizontal bands. Write one short, '
+        "literal sentence saying what the {part} should show. Use only what the prompt states or clearly implies: "
+        "no new objects, details or backgrounds, and no labels such as band numbers or position names. Reply "
+        "with that sentence alone."
     )
     think_next: str = (
-        'We are drawing a picture of "{prompt}" from the top down, in {bands} horizontal bands. The picture '
-        "above shows the bands finished so far; the rest is still blank. What we planned so far: {thoughts}\n"
-        "In one plain, literal sentence, say only what the {part} should add. Carry on from what is already "
-        "drawn; where the picture and the plan disagree, go by the picture. No headings, no labels, no new objects."
+        'A picture of "{prompt}" is being drawn from the top down in {bands} horizontal bands. The picture above '
+        "shows the bands drawn so far; the rest is filler, not drawn yet. The bands so far were described as: "
+        '"{thoughts}"\nWrite the next sentence only: one short, literal sentence about the new content the {part} '
+        "should add, carrying on from what is already drawn. Repeat nothing that was said before. Use only what "
+        "the picture shows or the prompt clearly implies; invent no new objects or textures. Where the picture "
+        "and the earlier sentences disagree, follow the picture. No labels such as band numbers or position "
+        "names. Reply with that sentence alone."
     )
-    # twig: the check after each band. The answer is parsed for "Score:" and "Better:" lines.
+    # twig: the check after each band: a calibrated score (the pass mark, theta, sets how often bands
+    # are redrawn) and a better description. The answer is read for "Score:" and "Better:" (or
+    # upstream's SCORE / IMPROVED_DESCRIPTION) by `reflection.read_reflection`.
     reflect: str = (
-        'The picture above is being drawn from the top down for the prompt "{prompt}". Its {part} was just '
-        'drawn from this description: "{thought}". How well does the {part} fit the prompt, from 0 to 100? '
-        "Also write a better one-sentence description of the {part}. Answer in exactly two lines:\n"
-        "Score: <number>\nBetter: <sentence>"
+        'The picture above is being drawn from the top down in {bands} horizontal bands for the prompt "{prompt}". '
+        'Band {band}, the {part}, was just drawn from the description "{thought}"; the descriptions of the bands '
+        'so far, in order, read: "{thoughts}". Only the bands drawn so far are real: anything below them is '
+        "filler standing for area not drawn yet, so leave it out of your judgement.\n"
+        "First, score how well the {part} shows what the prompt and its description ask for: colours, whole "
+        "objects, detail, placement, and how it joins the bands above. The band may hold only part of the "
+        "prompt; judge it on what belongs in it. Give a whole number from 0 to 100 and use the whole range: exact "
+        "values such as 67, 82 or 91, not round multiples of 5 or 10. Be strict; keep 95 and above for a band "
+        "with no flaw at all.\n"
+        "Second, write one improved sentence that describes only the {part}: mend the flaws you found, give "
+        "concrete colours, textures, sizes and positions in plain literal words, add nothing the prompt does "
+        "not call for, and do not name the band or use words such as top, middle, bottom, band, layer or "
+        "section. Keep it consistent with the bands above, so that every object of the prompt is drawn in "
+        "some band.\nAnswer in exactly two lines:\nScore: <number>\nBetter: <sentence>"
     )
     # twig: the text condition of band k's image tokens, from the thoughts of bands 1..k.
     twig_condition: str = "{thoughts}"
@@ -70,14 +95,20 @@ class Templates:
     )
     seed_stage: str = "{prompt}, {part}"
 
+    def system_for(self, picture: bool) -> str:
+        """The system text of an understanding prompt that shows the picture, or of a text-only one."""
+        if not picture:
+            return self.system_text_only
+        return model_system_prompt() if self.system is None else self.system
+
 
 TEMPLATE_FIELDS: dict[str, frozenset[str]] = {
-    "system": frozenset(),
+    "system": frozenset(), "system_text_only": frozenset(),
     "part_top": frozenset(), "part_middle": frozenset(), "part_bottom": frozenset(), "part_whole": frozenset(),
     "part_numbered": frozenset({"band", "bands"}),
     "think_first": frozenset({"prompt", "part", "band", "bands"}),
     "think_next": frozenset({"prompt", "part", "band", "bands", "thoughts"}),
-    "reflect": frozenset({"prompt", "part", "band", "bands", "thought", "thoughts"}),
+    "reflect": frozenset({"prompt", "part", "band", "bands", "thought", "thoughts", "earlier"}),
     "twig_condition": frozenset({"prompt", "thoughts"}),
     "seed_guidance": frozenset({"prompt", "part", "band", "bands"}),
     "seed_stage": frozenset({"prompt", "part", "guidance"}),
@@ -117,7 +148,7 @@ def _check_template(name: str, text: object) -> None:
 
 # One value of the type each field has when the pipeline fills a template in (band numbers count from 1).
 _SAMPLE_VALUES = {"prompt": "a red cube", "part": "top part", "band": 1, "bands": 3, "thought": "a red cube",
-                  "thoughts": "a red cube", "guidance": "a red cube"}
+                  "thoughts": "a red cube", "earlier": "a red cube", "guidance": "a red cube"}
 
 
 def load_templates(path: str | Path, base: Templates = DEFAULT_TEMPLATES) -> Templates:
@@ -137,14 +168,28 @@ def load_templates(path: str | Path, base: Templates = DEFAULT_TEMPLATES) -> Tem
 
 
 def chat_ids(bundle, question: str, system: str = "", image_tokens: int = 0) -> list[int]:
-    """An understanding prompt: BOS, the user turn (an image block first, when given), the assistant cue.
+    """An understanding prompt: BOS, the system text, the user turn (an image block first, when given),
+    the assistant cue.
 
     The image block is begin-of-image, `image_tokens` placeholders (the vision features replace their
-    embeddings) and end-of-image, as Janus lays an image out in a conversation.
+    embeddings) and end-of-image, as Janus lays an image out in a conversation. The text between
+    special tokens is tokenized in one piece, as DeepSeek's processor tokenizes the whole
+    conversation: tokenizing "<|User|>: " apart from the question would end it in a lone space token
+    where the model saw " word". The question is stripped, as DeepSeek's chat template strips turns.
     """
     before, after = USER_TURN.split("{text}")
     t = bundle.tokens
-    ids = [t.bos, *bundle.encode(system + before)]
-    if image_tokens:
-        ids += [t.boi, *([t.image] * image_tokens), t.eoi, *bundle.encode("\n")]
-    return ids + bundle.encode(question + after)
+    question = question.strip()
+    if not image_tokens:
+        return [t.bos, *bundle.encode(system + before + question + after)]
+    return [t.bos, *bundle.encode(system + before), t.boi, *([t.image] * image_tokens), t.eoi,
+            *bundle.encode("\n" + question + after)]
+
+
+@functools.cache
+def model_system_prompt() -> str:
+    """Janus-Pro's own system prompt, the one DeepSeek's chat processor puts before a conversation by
+    default and the model was trained with; transformers' Janus processor carries the same text."""
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    return DEFAULT_SYSTEM_PROMPT

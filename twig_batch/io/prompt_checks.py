@@ -97,7 +97,8 @@ def _sequences(bundle, settings, templates: Templates) -> list[tuple[int, int]]:
         """An understanding prompt (with the picture so far, when shown) and the answer's token budget."""
         question = template.format(**fields, **{name: "" for name in texts})
         shown = bundle.understanding_tokens if picture else 0
-        fixed = len(chat_ids(bundle, question, templates.system, image_tokens=shown)) + sum(texts.values()) + written
+        system = templates.system_for(picture=picture)
+        fixed = len(chat_ids(bundle, question, system, image_tokens=shown)) + sum(texts.values()) + written
         return fixed, _prompt_uses(template)
 
     if settings.mode == "plain":
@@ -111,5 +112,6 @@ def _sequences(bundle, settings, templates: Templates) -> list[tuple[int, int]]:
     if bands > 1:
         sequences.append(ask(templates.think_next, thought, True, thoughts=(bands - 1) * thought))
     if settings.reflect:
-        sequences.append(ask(templates.reflect, thought, True, thought=thought, thoughts=bands * thought))
+        sequences.append(ask(templates.reflect, thought, True, thought=thought, thoughts=bands * thought,
+                             earlier=(bands - 1) * thought))
     return sequences

@@ -53,5 +53,5 @@ class ModelGuide:
     def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
         seeds = [guidance_seed(r.seed, r.band) for r in requests]
         prompts = understanding_prompts(bundle, [self.question(r) for r in requests], [None] * len(requests),
-                                        self.templates.system, seeds, stops_for(self.lengths, self.kind, seeds))
+                                        self.templates, seeds, stops_for(self.lengths, self.kind, seeds))
         return self.text(bundle, prompts, settings.guidance_max_tokens, temperature=settings.guidance_temperature)

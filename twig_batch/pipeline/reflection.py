@@ -125,7 +125,8 @@ class ModelScorer(CanvasQuestions):
     def question(self, request: ReflectionRequest) -> str:
         return self.templates.reflect.format(
             prompt=request.prompt, part=band_part(self.templates, request.band, request.bands),
-            band=request.band + 1, bands=request.bands, thought=request.thought, thoughts=" ".join(request.earlier))
+            band=request.band + 1, bands=request.bands, thought=request.thought, thoughts=" ".join(request.earlier),
+            earlier=" ".join(request.earlier[:request.band]))
 
     def reflect(self, bundle, requests: list[ReflectionRequest], settings: GenerationSettings) -> list[str]:
         return self.answer(bundle, self.prompts(bundle, requests), settings)

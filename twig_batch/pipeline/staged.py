@@ -92,6 +92,9 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     scorer = scorer or ModelScorer(templates, text, lengths)
     guide = guide or ModelGuide(templates, text, lengths)
     mode, bands, n = settings.mode, schedule.bands, len(requests)
+    # The prompts as every text shows them: without surrounding whitespace, as DeepSeek's chat
+    # template and TwiG's own code read theirs.
+    prompt_texts = [r.prompt.strip() for r in requests]
     everyone = list(range(n))
     clock = PhaseClock(n)
     texts: list[list[str]] = [[] for _ in everyone]  # a thought (twig) or stage plan (seed) per band
@@ -103,7 +106,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     think_while_reflecting = mode == "twig" and settings.reflect and one_call_for_both(thinker, scorer)
 
     def draw(rows: list[int], band: int, seeds: list[int], n_tokens: int = schedule.tokens_per_band) -> torch.Tensor:
-        conditions = [t2i_prompt_ids(bundle, condition_text(mode, templates, requests[i].prompt, band, bands,
+        conditions = [t2i_prompt_ids(bundle, condition_text(mode, templates, prompt_texts[i], band, bands,
                                                             texts[i])) for i in rows]
         start = schedule.start(band)
         if observer is not None:
@@ -114,14 +117,14 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
                                observer=observer)
 
     def plan_every_stage() -> None:
-        asks = [GuidanceRequest(r.prompt, band, bands, r.seed) for band in range(bands) for r in requests]
+        asks = [GuidanceRequest(prompt_texts[i], band, bands, requests[i].seed) for band in range(bands) for i in everyone]
         with clock("guidance_s", everyone):
             plans = guide.guide(bundle, asks, settings)
         for i in everyone:
             texts[i] = plans[i::n]  # asked band by band, so image i's plans are every n-th from i
 
     def thought_request(i: int, band: int) -> ThoughtRequest:
-        return ThoughtRequest(requests[i].prompt, band, bands, tuple(texts[i]), None if band == 0 else canvas[i],
+        return ThoughtRequest(prompt_texts[i], band, bands, tuple(texts[i]), None if band == 0 else canvas[i],
                               requests[i].seed)
 
     def think(rows: list[int], band: int) -> None:
@@ -133,7 +136,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
     def reflect(band: int) -> tuple[list[str], list[str]]:
         """Every image's reflection answer on `band` and, when one call can write both, every image's
         (speculative) thought for the next band; otherwise no thoughts."""
-        asks = [ReflectionRequest(r.prompt, band, bands, texts[i][band], tuple(texts[i]), canvas[i], r.seed)
+        asks = [ReflectionRequest(prompt_texts[i], band, bands, texts[i][band], tuple(texts[i]), canvas[i], r.seed)
                 for i, r in enumerate(requests)]
         if not think_while_reflecting or band + 1 == bands:
             with clock("reflection_s", everyone):

@@ -31,7 +31,7 @@ def reference_staged(bundle, request: ImageRequest, settings: GenerationSettings
     thinker = thinker or ModelThinker(templates, ReferenceText(), lengths)
     scorer = scorer or ModelScorer(templates, ReferenceText(), lengths)
     guide = guide or ModelGuide(templates, ReferenceText(), lengths)
-    mode, bands, prompt = settings.mode, schedule.bands, request.prompt
+    mode, bands, prompt = settings.mode, schedule.bands, request.prompt.strip()  # as `generate_staged` shows it
     texts: list[str] = []  # one thought (twig) or stage plan (seed) per band
     reflections, redrawn, band_images = [], [], []
     codes = torch.zeros(0, dtype=torch.long)

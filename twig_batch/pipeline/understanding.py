@@ -10,8 +10,9 @@ band, and (when benchmarks emulate realistic lengths, `text_lengths.py`) the len
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from twig_batch.pipeline.text_generation import BatchedText, TextPrompt
 from twig_batch.pipeline.text_lengths import TextLengths, stops_for
@@ -21,14 +22,22 @@ from twig_batch.settings import GenerationSettings
 
 
 def vision_input(bundle, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images [B, H, W, 3] (square) -> normalised pixel values [B, 3, S, S] at the vision size S."""
-    x = pixels.to(bundle.device).permute(0, 3, 1, 2).to(bundle.dtype) / 255.0
+    """uint8 images [B, H, W, 3] (square) -> normalised pixel values [B, 3, S, S] at the vision size S,
+    in the model's dtype.
+
+    Prepared as DeepSeek's image processor prepares them: a picture of another size is resized as an
+    8-bit image (PIL's bicubic), then rescaled by 1/255 (in float64, kept as float32) and normalised
+    in float32, and cast to the model's dtype once. Rescaling and normalising in bf16 instead lands
+    about half the grey levels one bf16 step away, enough to change a greedy token.
+    """
     size = bundle.vision_px
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    mean = torch.tensor(bundle.image_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.image_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    if pixels.shape[1] != size or pixels.shape[2] != size:
+        resized = [Image.fromarray(p.numpy()).resize((size, size), Image.BICUBIC) for p in pixels.cpu()]
+        pixels = torch.stack([torch.from_numpy(np.asarray(image)) for image in resized])
+    x = (pixels.to(bundle.device, torch.float64) * (1 / 255)).to(torch.float32).permute(0, 3, 1, 2)
+    mean = torch.tensor(bundle.image_mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.image_std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(bundle.dtype)
 
 
 @torch.no_grad()
@@ -47,29 +56,28 @@ def canvas_features(bundle, canvases: list[torch.Tensor | None]) -> list[torch.T
     return [feature_of.get(i) for i in range(len(canvases))]
 
 
-def featured_prompts(bundle, questions: list[str], features: list[torch.Tensor | None], system: str,
+def featured_prompts(bundle, questions: list[str], features: list[torch.Tensor | None], templates: Templates,
                      seeds: list[int] | None = None, stops: list[int | None] | None = None) -> list[TextPrompt]:
     """One prompt per question; those with vision features show their picture before the question.
+    The system text is the templates' for prompts with a picture or without (`Templates.system_for`).
     `seeds` and `stops` are the rows' noise seeds and `stop_after` lengths (default 0 and None)."""
     seeds = seeds or [0] * len(questions)
     stops = stops or [None] * len(questions)
     prompts = []
     for question, feature, seed, stop in zip(questions, features, seeds, stops):
-        if feature is None:
-            prompts.append(TextPrompt(chat_ids(bundle, question, system), None, seed, stop))
-        else:
-            ids = chat_ids(bundle, question, system, image_tokens=bundle.understanding_tokens)
-            prompts.append(TextPrompt(ids, feature, seed, stop))
+        shown = bundle.understanding_tokens if feature is not None else 0
+        ids = chat_ids(bundle, question, templates.system_for(picture=feature is not None), image_tokens=shown)
+        prompts.append(TextPrompt(ids, feature, seed, stop))
     return prompts
 
 
-def understanding_prompts(bundle, questions: list[str], canvases: list[torch.Tensor | None], system: str,
+def understanding_prompts(bundle, questions: list[str], canvases: list[torch.Tensor | None], templates: Templates,
                           seeds: list[int] | None = None, stops: list[int | None] | None = None) -> list[TextPrompt]:
     """One prompt per question; those with a canvas [H, W, 3] show it before the question.
 
     All canvases go through the vision model in one batch.
     """
-    return featured_prompts(bundle, questions, canvas_features(bundle, canvases), system, seeds, stops)
+    return featured_prompts(bundle, questions, canvas_features(bundle, canvases), templates, seeds, stops)
 
 
 class CanvasQuestions:
@@ -97,7 +105,7 @@ class CanvasQuestions:
         if features is None:
             features = canvas_features(bundle, [r.canvas for r in requests])
         seeds = [derive_seed(r.seed, self.kind, r.band) for r in requests]
-        return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates.system,
+        return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates,
                                 seeds, stops_for(self.lengths, self.kind, seeds))
 
     def answer(self, bundle, prompts: list[TextPrompt], settings: GenerationSettings) -> list[str]:
