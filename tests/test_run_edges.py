@@ -77,7 +77,7 @@ def test_repeated_prompts_without_ids_are_drawn_once(finished_with_errors):
 
 
 def test_a_short_s3_outage_is_waited_out_and_said(s3, tmp_path):
-    prompts = write_prompts(tmp_path / "p.parquet", 48)
+    prompts = write_prompts(tmp_path / "p.parquet", 32)
     outage = {}
 
     def refuse_once_images_arrive():  # the endpoint goes away mid-run, for longer than a few quick retries
@@ -85,7 +85,7 @@ def test_a_short_s3_outage_is_waited_out_and_said(s3, tmp_path):
         while time.monotonic() < deadline:
             listed = s3_client().list_objects_v2(Bucket="edges", Prefix="outage/images/")
             if listed.get("KeyCount"):
-                outage["thread"] = s3.refuse_connections_for(8.0)
+                outage["thread"] = s3.refuse_connections_for(6.0)
                 return
             time.sleep(0.2)
 
@@ -96,7 +96,7 @@ def test_a_short_s3_outage_is_waited_out_and_said(s3, tmp_path):
     watcher.join()
     outage["thread"].join()
     assert result.exit_code == 0, result.output
-    assert "done: 48 image(s) drawn, 0 error(s)" in result.output
+    assert "done: 32 image(s) drawn, 0 error(s)" in result.output
     lines = result.output.splitlines()
     assert any("storage: writes are failing (EndpointConnectionError" in line for line in lines), result.output
     assert any(line.startswith("progress: ") and "writes retrying for" in line for line in lines), result.output
@@ -106,4 +106,4 @@ def test_a_short_s3_outage_is_waited_out_and_said(s3, tmp_path):
     assert retries["retries"] >= 1 and retries["outages"] >= 1 and "EndpointConnectionError" in retries["last_error"]
     manifest = pq.read_table(io.BytesIO(s3_client().get_object(Bucket="edges", Key="outage/manifest.parquet")["Body"]
                                         .read()))
-    assert manifest.num_rows == 48 and set(manifest.column("status").to_pylist()) == {"ok"}
+    assert manifest.num_rows == 32 and set(manifest.column("status").to_pylist()) == {"ok"}

@@ -46,6 +46,7 @@ def connect(min_local_cpus: int = 3) -> bool:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_local_cpus), include_dashboard=False,
                  **_QUIET)
         _PRIVATE[:] = [True]
+        _watch_private_cluster()
     except BaseException:
         _restore_auth_mode()
         raise
@@ -81,6 +82,25 @@ def disconnect() -> None:
     ray.shutdown()
     _restore_auth_mode()
     _PRIVATE.clear()
+    from twig_batch.distributed.reaper import release
+
+    while _WATCHER:
+        release(_WATCHER.pop())
+
+
+_WATCHER: list = []  # the process that stops a private cluster when its driver dies (reaper.py)
+
+
+def _watch_private_cluster() -> None:
+    """A driver killed outright cannot stop the cluster it started; a watcher of its own then does."""
+    from ray._private import worker
+
+    from twig_batch.distributed.reaper import watch_cluster
+
+    try:
+        _WATCHER.append(watch_cluster(worker._global_node.get_session_dir_path()))
+    except Exception:  # noqa: BLE001 (the run goes on; only a hard kill of this driver would leave processes)
+        pass
 
 
 _PRIVATE: list = []  # [True] while connected to a private local cluster `connect` started
