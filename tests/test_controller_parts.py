@@ -43,6 +43,9 @@ def test_translator_gate_bounds_the_control_vector_and_shaper_makes_k_tokens():
 def test_think_latents_are_one_cache_free_pass_each_over_text_then_memory(tiny64):
     ids = think_ids(tiny64, "  a small cat on a large table  ", 4)
     assert ids == tiny64.encode("a small cat on a large table")[-4:]
+    # As the design notes encode it: BOS first (the tokenizer's default), then the last N tokens.
+    assert think_ids(tiny64, " a small cat\n", 64) == [tiny64.tokens.bos, *tiny64.encode("a small cat")]
+    assert think_ids(tiny64, "a small cat", 3) == tiny64.encode("a small cat")[-3:]
     text = tiny64.embed_text(torch.tensor(ids))
     memory = torch.randn(3, 8, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     texts = [text, text[:1], text[:0]]  # ragged, down to an empty prompt, which still thinks

@@ -19,7 +19,10 @@ def clean_prompt_ids(bundle, prompt: str) -> list[int]:
 
 
 def think_ids(bundle, prompt: str, last_n: int) -> list[int]:
-    return clean_prompt_ids(bundle, prompt)[-last_n:]
+    """The think text: the clean prompt as the design notes encode it, with the tokenizer's default
+    special tokens (DeepSeek's tokenizer puts BOS first), then its last `last_n` tokens; so BOS leads
+    only a prompt that fits. p_vec (`prompt_vector`) pools the prompt's own tokens, without BOS."""
+    return [bundle.tokens.bos, *clean_prompt_ids(bundle, prompt)][-last_n:]
 
 
 @torch.no_grad()
