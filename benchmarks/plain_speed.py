@@ -62,16 +62,18 @@ def seed_style_anchor(bundle, steps: int = 64) -> dict:
     """One image, CFG pair, eager LM over transformers' dynamic cache, as the design's prototype does."""
     from transformers import DynamicCache
 
+    from twig_batch.engine.cached_forward import cached_forward
+
     lm = bundle.language_model
     ids = torch.tensor(prompts_of_length(bundle, 1)[0], device="cuda").repeat(2, 1)
     cache = DynamicCache(config=lm.config)
     with torch.no_grad():
-        hidden = lm(inputs_embeds=bundle.embed_text(ids), past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = cached_forward(lm, cache, inputs_embeds=bundle.embed_text(ids)).last_hidden_state
         token = torch.zeros(2, dtype=torch.long, device="cuda")
 
         def loop():
             for _ in range(steps):
-                lm(inputs_embeds=bundle.embed_image_codes(token).unsqueeze(1), past_key_values=cache, use_cache=True)
+                cached_forward(lm, cache, inputs_embeds=bundle.embed_image_codes(token).unsqueeze(1))
         _, t = timed(loop)
     return {"seed_style_ms_per_step": t / steps * 1e3, "seed_style_s_per_image_576": t / steps * 576}
 

@@ -5,6 +5,7 @@ import torch
 
 from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.engine.cached_forward import cache_argument
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.reference import reference_image_tokens
 from twig_batch.prompts import t2i_prompt_ids
@@ -42,7 +43,7 @@ class CacheWatch:
         self.handle = lm.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_argument(type(module)))
         if cache is not None:
             mask = kwargs.get("attention_mask")
             self.calls.append((cache.get_seq_length(), kwargs["inputs_embeds"].shape[1],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from twig_batch.engine.cached_forward import cached_forward
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
@@ -64,8 +65,8 @@ def draw_image_tokens_batch(
     mask = valid.long()
     lm = bundle.language_model
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True).last_hidden_state[:, -1]
+    hidden = cached_forward(lm, cache, inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=positions).last_hidden_state[:, -1]
     next_position = positions[:, -1:] + 1
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)
@@ -83,8 +84,8 @@ def draw_image_tokens_batch(
             break
         mask = torch.cat([mask, ones], dim=1)
         step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
-        hidden = lm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = cached_forward(lm, cache, inputs_embeds=step_embeds, attention_mask=mask,
+                                position_ids=next_position).last_hidden_state[:, -1]
         next_position = next_position + 1
     return torch.stack(codes, dim=1).cpu()
 
@@ -97,8 +98,7 @@ def _inject(bundle, cache, mask, next_position, injection):
     slot_mask = rows.long().unsqueeze(1).expand(-1, k)
     mask = torch.cat([mask, slot_mask], dim=1)
     positions = next_position + torch.arange(k, device=mask.device)
-    bundle.language_model(inputs_embeds=control, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=True)
+    cached_forward(bundle.language_model, cache, inputs_embeds=control, attention_mask=mask, position_ids=positions)
     return mask, next_position + rows.long().unsqueeze(1) * k
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from twig_batch.engine.cached_forward import cached_forward
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
@@ -31,7 +32,7 @@ def reference_image_tokens(
         image = bundle.embed_image_codes(prefix_codes.to(bundle.device)).unsqueeze(0).expand(2, -1, -1)
         embeds = torch.cat([embeds, image], dim=1)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    hidden = cached_forward(lm, cache, inputs_embeds=embeds).last_hidden_state[:, -1]
     seeds = torch.tensor([seed], dtype=torch.int64)
     codes = []
     for i in range(n_tokens):
@@ -43,10 +44,10 @@ def reference_image_tokens(
             injection = observer.observe(step, hidden[0:1], logits, token)
             if injection is not None and bool(injection.rows[0]):
                 control = injection.embeds[0:1].to(bundle.device, bundle.dtype).expand(2, -1, -1)
-                lm(inputs_embeds=control, past_key_values=cache, use_cache=True)
+                cached_forward(lm, cache, inputs_embeds=control)
         if i + 1 < n_tokens:
             step_embeds = bundle.embed_image_codes(token.to(bundle.device).repeat(2)).unsqueeze(1)
-            hidden = lm(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            hidden = cached_forward(lm, cache, inputs_embeds=step_embeds).last_hidden_state[:, -1]
     return torch.cat(codes).cpu()
 
 

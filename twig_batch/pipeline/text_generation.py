@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from twig_batch.engine.batched import pad_left
+from twig_batch.engine.cached_forward import cached_forward
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.seeds import STREAM_TEXT
 
@@ -66,8 +67,7 @@ def reference_text(bundle, prompt: TextPrompt, max_new_tokens: int, temperature:
     lm = bundle.language_model
     ids = torch.tensor([prompt.ids], device=bundle.device)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embed_prompts(bundle, ids, [prompt]), past_key_values=cache,
-                use_cache=True).last_hidden_state[:, -1]
+    hidden = cached_forward(lm, cache, inputs_embeds=embed_prompts(bundle, ids, [prompt])).last_hidden_state[:, -1]
     seeds = torch.tensor([prompt.seed], dtype=torch.int64)
     written: list[int] = []
     budget = prompt.budget(max_new_tokens)
@@ -79,7 +79,7 @@ def reference_text(bundle, prompt: TextPrompt, max_new_tokens: int, temperature:
         if len(written) == budget:
             break
         step_embeds = bundle.embed_text(token.to(bundle.device).view(1, 1))
-        hidden = lm(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = cached_forward(lm, cache, inputs_embeds=step_embeds).last_hidden_state[:, -1]
     return written
 
 
@@ -93,8 +93,8 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
     device, lm = bundle.device, bundle.language_model
     embeds, mask, positions = text_prefill_inputs(bundle, prompts)
     cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True).last_hidden_state[:, -1]
+    hidden = cached_forward(lm, cache, inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=positions).last_hidden_state[:, -1]
     next_position = positions[:, -1:] + 1
     seeds = torch.tensor([p.seed for p in prompts], dtype=torch.int64)
     live = list(range(len(prompts)))  # prompt index of each row still in the batch
@@ -118,8 +118,8 @@ def generate_text_batch(bundle, prompts: list[TextPrompt], max_new_tokens: int, 
             live = [live[row] for row in staying]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_embeds = bundle.embed_text(tokens.to(device).view(-1, 1))
-        hidden = lm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = cached_forward(lm, cache, inputs_embeds=step_embeds, attention_mask=mask,
+                                position_ids=next_position).last_hidden_state[:, -1]
         next_position = next_position + 1
     return written
 

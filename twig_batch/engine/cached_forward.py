@@ -1,0 +1,22 @@
+"""The reference paths' forward calls over transformers' own cache, in the form the installed release takes.
+
+transformers 5.24 renamed the cache argument of its decoders' forward from `past_key_values` to
+`cache` and marks the old name for removal in 5.40; the earlier releases this project allows know
+only the old name. `cached_forward` passes the cache under the name the model's forward declares, so
+the same call runs on every allowed release, without the deprecation warning on the newer ones.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """`cache` where `model_class.forward` declares it, else the older `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cached_forward(lm, cache, **inputs):
+    """`lm(**inputs)` reading and extending `cache` (a transformers `Cache`)."""
+    return lm(**inputs, **{cache_argument(type(lm)): cache}, use_cache=True)
