@@ -49,7 +49,7 @@ class ScriptedScorer:
 
 
 def _reject_first_draw_of_band_1_for_image_1(request):
-    return "Score: 10\nBetter: a grey band" if (request.prompt, request.band) == (PROMPTS[1], 1) else ACCEPT
+    return "Score: 10\nBetter: a grey band" if (request.prompt, request.band) == (PROMPTS[1].strip(), 1) else ACCEPT
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_pixels_are_prepared_as_deepseeks_image_processor_prepares_them(mean, st
 
     def deepseek(image):
         if image.shape[0] != 16:  # other sizes: PIL's bicubic resize of the 8-bit picture
-            image = torch.from_numpy(np.asarray(Image.fromarray(image.numpy()).resize((16, 16), Image.BICUBIC)))
+            image = torch.from_numpy(np.array(Image.fromarray(image.numpy()).resize((16, 16), Image.BICUBIC)))
         x = rescale(image.numpy(), 1 / 255, data_format="channels_first", input_data_format="channels_last")
         x = normalize(x, mean, std, input_data_format="channels_first")
         return torch.from_numpy(x).to(torch.bfloat16)

@@ -33,7 +33,7 @@ def vision_input(bundle, pixels: torch.Tensor) -> torch.Tensor:
     size = bundle.vision_px
     if pixels.shape[1] != size or pixels.shape[2] != size:
         resized = [Image.fromarray(p.numpy()).resize((size, size), Image.BICUBIC) for p in pixels.cpu()]
-        pixels = torch.stack([torch.from_numpy(np.asarray(image)) for image in resized])
+        pixels = torch.stack([torch.from_numpy(np.array(image)) for image in resized])
     x = (pixels.to(bundle.device, torch.float64) * (1 / 255)).to(torch.float32).permute(0, 3, 1, 2)
     mean = torch.tensor(bundle.image_mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(bundle.image_std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
