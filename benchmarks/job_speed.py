@@ -147,7 +147,7 @@ def table(records: list[dict]) -> str:
             value = r.get(key)
             return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
         lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
-                     f"{r.get('ok', 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
+                     f"{r.get('ok', '-' if r['mode'] == 'native' else 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
                      f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "
                      f"{f('busy_share')} |")
     return "\n".join(lines)
