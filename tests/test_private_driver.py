@@ -104,3 +104,18 @@ def test_a_full_disk_ends_in_one_line_with_what_was_drawn_recorded(tmp_path):
     assert recorded and recorded <= on_disk  # a recorded image is there
     assert len(on_disk - recorded) <= 16, len(on_disk - recorded)  # at most the parts in flight are redrawn
     assert not (kept / ".twig-batch-reserve").exists()
+
+
+def test_the_watcher_stops_its_own_cluster_only_not_one_whose_folder_name_it_begins(tmp_path):
+    """Two clusters' session folders may differ only at their end (`..._45` and `..._456`)."""
+    ours, theirs = tmp_path / "session_2026-11-30_07-00-00_123456_45", tmp_path / "session_2026-11-30_07-00-00_123456_456"
+    sleeper = "import sys, time; time.sleep(60)"
+    processes = [subprocess.Popen([sys.executable, "-c", sleeper, "ray", f"--session-dir={folder}"])
+                 for folder in (ours, theirs)]
+    try:
+        found = cluster_processes(str(ours))
+        assert processes[0].pid in found and processes[1].pid not in found
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()

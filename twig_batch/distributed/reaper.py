@@ -14,6 +14,7 @@ start fast and hold no model or Ray state of its own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def release(watcher: subprocess.Popen | None) -> None:
 def cluster_processes(session_dir: str, spared: tuple[int, ...] = ()) -> list[int]:
     """Pids of Ray's processes (not this one, nor `spared`) with a file or their command line in `session_dir`."""
     found = []
+    # The folder's own name, whole: another cluster's session folder may start with the same text.
+    names_it = re.compile(re.escape(session_dir.rstrip("/")) + r"(?![^/\s\"'])")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in (os.getpid(), *spared):
             continue
@@ -50,8 +53,8 @@ def cluster_processes(session_dir: str, spared: tuple[int, ...] = ()) -> list[in
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if "ray" not in command:  # a person's `tail -f` of a Ray log is not Ray's
                 continue
-            holds = session_dir in command or any(
-                os.readlink(fd).startswith(session_dir) for fd in (entry / "fd").iterdir())
+            holds = bool(names_it.search(command)) or any(
+                names_it.match(os.readlink(fd)) for fd in (entry / "fd").iterdir())
         except OSError:  # gone meanwhile, or not ours to look at
             continue
         if holds:
