@@ -222,7 +222,10 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Prog
         return
     results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates,
                        checked.text_lengths, retry_board)
-    checked.storage.hold_reserve()  # for the records of a run that fills its disk (`_record_failure`)
+    if not checked.storage.hold_reserve():  # for the records of a run that fills its disk (`_record_failure`)
+        events.echo(f"the disk of {checked.storage.root_uri} has no room left for the space kept for the run's "
+                    "records: if it fills, the last rows may go unrecorded (a --resume redraws them)")
+        events.attempt["reserve_held"] = False
     try:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch, actor_events = detach_events(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from twig_batch.distributed import ray_auth
@@ -99,8 +100,9 @@ def _watch_private_cluster() -> None:
 
     try:
         _WATCHER.append(watch_cluster(worker._global_node.get_session_dir_path()))
-    except Exception:  # noqa: BLE001 (the run goes on; only a hard kill of this driver would leave processes)
-        pass
+    except Exception as exc:  # noqa: BLE001 (the run goes on; only a hard kill of this driver would leave processes)
+        print(f"note: the watcher of this run's Ray cluster could not start ({type(exc).__name__}: {exc}); if this "
+              "driver is killed outright, `ray stop` ends what it leaves running", file=sys.stderr)
 
 
 _PRIVATE: list = []  # [True] while connected to a private local cluster `connect` started

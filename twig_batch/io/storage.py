@@ -73,17 +73,20 @@ class LocalStorage:
             raise
         return str(target)
 
-    def hold_reserve(self) -> None:
+    def hold_reserve(self) -> bool:
         """Keep a little space (`RESERVE_BYTES`, at most 5% of the disk) for the records of a run that
-        fills its disk: once no image fits, the journal and run.json still must (see `release_reserve`)."""
+        fills its disk: once no image fits, the journal and run.json still must (see `release_reserve`).
+        False when the disk has no room for it already."""
         stats = os.statvfs(self.root)
         size = min(RESERVE_BYTES, stats.f_frsize * stats.f_blocks // 20)
         try:
             with open(self.root / RESERVE_FILE, "wb") as handle:
                 handle.write(b"\0" * size)  # written, not sparse: the blocks are really taken
                 os.fsync(handle.fileno())
-        except OSError:  # a disk too full for it already: the run finds out on its first write
+        except OSError:
             (self.root / RESERVE_FILE).unlink(missing_ok=True)
+            return False
+        return True
 
     def release_reserve(self) -> bool:
         """Give the reserved space back; True when there was any."""
@@ -147,7 +150,7 @@ class LocalStorage:
 class S3Storage:
     retry_policy = DEFAULT_POLICY
     # An object store does not fill up: no space to hold in reserve.
-    hold_reserve = staticmethod(lambda: None)
+    hold_reserve = staticmethod(lambda: True)  # nothing to keep: an object store does not fill
     release_reserve = staticmethod(lambda: False)
     retry_watcher = None  # hears of retries (see `retry.call_with_retries`); the batch job sets one
 
