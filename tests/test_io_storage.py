@@ -120,3 +120,19 @@ def test_a_symbolic_link_planted_in_dest_cannot_lead_a_write_outside(tmp_path):
         storage.put("images/ab/x/sample-0000.png", b"png")
     assert list(outside.iterdir()) == []  # not even a folder was made there
     assert storage.put("run.json", b"{}") == str(dest / "run.json")  # the rest of DEST still works
+
+
+def test_the_reserve_for_the_records_is_held_and_given_back_or_said_to_be_missing(tmp_path, monkeypatch):
+    from twig_batch.io import storage as storage_module
+
+    local = storage_module.LocalStorage(str(tmp_path / "out"))
+    local.root.mkdir(parents=True)
+    assert local.hold_reserve() and (local.root / storage_module.RESERVE_FILE).stat().st_size > 0
+    assert local.release_reserve() and not (local.root / storage_module.RESERVE_FILE).exists()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the disk is full: the reserve cannot be written
+    assert not local.hold_reserve() and not (local.root / storage_module.RESERVE_FILE).exists()
+    assert not local.release_reserve()
