@@ -122,7 +122,7 @@ def test_a_symbolic_link_planted_in_dest_cannot_lead_a_write_outside(tmp_path):
     assert storage.put("run.json", b"{}") == str(dest / "run.json")  # the rest of DEST still works
 
 
-def test_the_reserve_for_the_records_is_held_and_given_back_or_said_to_be_missing(tmp_path, monkeypatch):
+def test_the_reserve_for_the_records_is_held_and_given_back_and_not_held_on_a_full_disk(tmp_path, monkeypatch):
     from twig_batch.io import storage as storage_module
 
     local = storage_module.LocalStorage(str(tmp_path / "out"))
