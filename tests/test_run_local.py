@@ -81,7 +81,7 @@ def test_run_record_and_completion_marker(big_run):
     assert info["settings"]["cfg_weight"] == 5.0 and info["base_seed"] == 0 and info["samples_per_prompt"] == 2
     assert {"twig_batch", "torch", "transformers", "ray", "pyarrow", "python"} <= set(info["versions"])
     assert info["input"]["rows"] == 200 and info["input"]["first_files"] == [str(prompts)]
-    assert info["totals"] == {"manifest_rows": 400, "manifest_ok": 400, "manifest_errors": 0}
+    assert info["totals"] == {"manifest_rows": 400, "manifest_ok": 400, "manifest_errors": 0, "error_causes": []}
     marker = dest / "_COMPLETE.json"
     assert json.loads(marker.read_text())["manifest_ok"] == 400
     others = files_under(dest)
