@@ -120,6 +120,15 @@ print(json.dumps({{"img_s": n / (time.perf_counter() - start)}}))
     return round(json.loads(done.stdout.strip().splitlines()[-1])["img_s"], 3)
 
 
+def add_record(records: list[dict], record: dict, out: Path, name: str, table) -> None:
+    """Keep `record`: DIR/NAME.json and DIR/NAME.md are rewritten after every run, so a run cut short
+    loses only itself."""
+    records.append(record)
+    (out / f"{name}.json").write_text(json.dumps(records, indent=1))
+    (out / f"{name}.md").write_text(table(records) + "\n")
+    print(json.dumps(record), flush=True)
+
+
 def native_anchor(model: str, images: int) -> dict:
     """transformers' own Janus `generate` over `images` images, in a process of its own."""
     code = f"""
@@ -183,17 +192,11 @@ def main() -> None:
                     if args.engine_process and record.get("part_images"):
                         record["engine_process_img_s"] = engine_process(args.model, mode, controller, lengths,
                                                                         record["part_images"][0])
-                    records.append(record)
-                    results.write_text(json.dumps(records, indent=1))
-                    (args.out / "job_speed.md").write_text(table(records) + "\n")
-                    print(json.dumps(record), flush=True)
+                    add_record(records, record, args.out, "job_speed", table)
     if args.native_images:
         record = {"mode": "native", "controller": False, "lengths": "-", "model": args.model,
                   "date": time.strftime("%Y-%m-%d")} | native_anchor(args.model, args.native_images)
-        records.append(record)
-        results.write_text(json.dumps(records, indent=1))
-        (args.out / "job_speed.md").write_text(table(records) + "\n")
-        print(json.dumps(record), flush=True)
+        add_record(records, record, args.out, "job_speed", table)
     print(table(records))
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from job_speed import run_cli, write_prompts
+from job_speed import add_record, run_cli, write_prompts
 
 
 def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:
@@ -66,10 +66,7 @@ def main() -> None:
                     one_gpu = record
                 record["efficiency_total"] = efficiency(record, one_gpu, "total_img_s")
                 record["efficiency_steady"] = efficiency(record, one_gpu, "steady_img_s")
-                records.append(record)
-                results.write_text(json.dumps(records, indent=1))
-                (args.out / "scaling.md").write_text(table(records) + "\n")
-                print(json.dumps(record), flush=True)
+                add_record(records, record, args.out, "scaling", table)
     print(table(records))
 
 
