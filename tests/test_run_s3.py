@@ -10,7 +10,7 @@ from batch_support import ACCESS_KEY, SECRET_KEY, local_ray, s3_client, s3_serve
 from twig_batch.cli import app
 
 runner = CliRunner()
-PROMPTS = 200  # the same 200 x 2 run as the local test, to S3
+PROMPTS = 200  # the same 200 x 2 run as the local test, to S3 (on the micro model: storage is the point here)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def s3_run(tmp_path_factory):
 
         source = upload_parquet("prompts", "batches/2026/p.parquet", pq.read_table(table_path))
         args = ["run", "s3://prompts/batches/2026/", "--output", "s3://results/runs/first", "--actors", 2,
-                "--samples-per-prompt", 2, "--batch-size", 25]
+                "--samples-per-prompt", 2, "--batch-size", 25, "--model", "tiny-micro"]
         first = runner.invoke(app, list(map(str, args)))
         objects_after_first = _objects("results")
         second = runner.invoke(app, list(map(str, args + ["--resume"])))
@@ -58,7 +58,7 @@ def test_s3_run_writes_manifest_images_and_marker(s3_run):
     for r in manifest[:25]:
         image = Image.open(io.BytesIO(_get(r["image_uri"].removeprefix("s3://results/"))))
         image.load()
-        assert image.format == "PNG" and image.size == (96, 96)
+        assert image.format == "PNG" and image.size == (24, 24)
     assert {"runs/first/run.json", "runs/first/_COMPLETE.json"} <= set(objects)
     assert not [k for k in objects if "manifest-journal" in k or "write-probe" in k]
     assert f"manifest: s3://results/runs/first/manifest.parquet ({PROMPTS * 2} ok, 0 error rows)" in first.output
