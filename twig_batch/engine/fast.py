@@ -147,11 +147,12 @@ def _redo_behind_control(bundle, cache, slots: ControlSlots, column: int, tokens
     images = injection.rows.nonzero().flatten().tolist()
     slot_columns = slots.take(images, k).to(device)
     hidden = hidden.clone()  # the captured step's output buffer is the graph's own
+    control_embeds = injection.embeds.to(bundle.device, bundle.dtype)
     for first in range(0, len(images), INJECTION_ROWS // 2):
         chosen = images[first:first + INJECTION_ROWS // 2]
         image_index = torch.tensor(chosen, device=device)
         rows = cfg_rows(image_index)
-        control = injection.embeds[image_index].to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
+        control = control_embeds[image_index].repeat_interleave(2, dim=0)
         token = bundle.embed_image_codes(tokens[image_index].repeat_interleave(2)).unsqueeze(1)
         embeds = torch.cat([control, token.to(control.dtype)], dim=1)
         columns = torch.cat([slot_columns[first:first + len(chosen)].repeat_interleave(2, dim=0),
