@@ -147,14 +147,19 @@ print(json.dumps(native_generate_anchor(bundle, {images})))
     return {"images": images, "total_img_s": round(found["native_img_s"], 3)} if "native_img_s" in found else found
 
 
+def number(record: dict, key: str, digits: int = 2) -> str:
+    """A table cell: the record's number, or '-' where the run has none."""
+    value = record.get(key)
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
 def table(records: list[dict]) -> str:
     lines = ["| mode | controller | text lengths | images | ok | total img/s | steady img/s | engine img/s | "
              "steady / engine | startup s | part | GPU busy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         def f(key, digits=2):
-            value = r.get(key)
-            return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+            return number(r, key, digits)
         lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
                      f"{r.get('ok', '-' if r['mode'] == 'native' else 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
                      f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from job_speed import add_record, run_cli, write_prompts
+from job_speed import add_record, number, run_cli, write_prompts
 
 
 def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:
@@ -32,8 +32,7 @@ def table(records: list[dict]) -> str:
              "efficiency steady | actor start s | GPU busy |", "| --- " * 11 + "|"]
     for r in records:
         def f(key, digits=2):
-            value = r.get(key)
-            return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+            return number(r, key, digits)
         lines.append(f"| {r['gpus']} | {r['run']} | {r['images']} | {r.get('ok', 'failed')} | {f('wall_s', 1)} | "
                      f"{f('total_img_s')} | {f('steady_img_s')} | {f('efficiency_total')} | "
                      f"{f('efficiency_steady')} | {f('startup_s', 1)} | {f('busy_share')} |")
