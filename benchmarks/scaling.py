@@ -1,13 +1,14 @@
 """The batch job over 1, 2, ... GPUs of one host: `twig-batch run` itself, one actor per GPU.
 
 Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,twig+controller:1024]
-                                    [--model random-7b]
+                                    [--model random-7b] [--lengths limit|realistic]
 
 Each run is `job_speed.py`'s CLI run (default settings but the mode, `--controller` and `--actors N`)
 on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
 steady images/s, the slowest actor's start, each actor's busy share (its own timing of model calls
 over the run's wall time), and the efficiency against one GPU in the same invocation:
-images/s on N GPUs / (N x images/s on 1). Writes DIR/scaling.json (a list of records) and
+images/s on N GPUs / (N x images/s on 1); `--gpus 2` alone compares with the latest one-GPU record of
+the same run already in DIR/scaling.json. Writes DIR/scaling.json (a list of records) and
 DIR/scaling.md.
 """
 from __future__ import annotations
@@ -27,13 +28,21 @@ def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:
     return round(record[key] / (record["gpus"] * one_gpu[key]), 3)
 
 
+def earlier_one_gpu(records: list[dict], run: str, images: int, model: str, lengths: str) -> dict | None:
+    """The latest one-GPU record of the same run in DIR/scaling.json: a machine call too short for both
+    runs can measure one GPU first and two GPUs later on the same hardware."""
+    same = [r for r in records if r["gpus"] == 1 and r["run"] == run and r["images"] == images
+            and r["model"] == model and r.get("lengths", "limit") == lengths and r.get("ok")]
+    return same[-1] if same else None
+
+
 def table(records: list[dict]) -> str:
-    lines = ["| GPUs | run | images | ok | wall s | total img/s | steady img/s | efficiency total | "
-             "efficiency steady | actor start s | GPU busy |", "| --- " * 11 + "|"]
+    lines = ["| GPUs | run | lengths | images | ok | wall s | total img/s | steady img/s | efficiency total | "
+             "efficiency steady | actor start s | GPU busy |", "| --- " * 12 + "|"]
     for r in records:
         def f(key, digits=2):
             return number(r, key, digits)
-        lines.append(f"| {r['gpus']} | {r['run']} | {r['images']} | {r.get('ok', 'failed')} | {f('wall_s', 1)} | "
+        lines.append(f"| {r['gpus']} | {r['run']} | {r.get('lengths', 'limit')} | {r['images']} | {r.get('ok', 'failed')} | {f('wall_s', 1)} | "
                      f"{f('total_img_s')} | {f('steady_img_s')} | {f('efficiency_total')} | "
                      f"{f('efficiency_steady')} | {f('startup_s', 1)} | {f('busy_share')} |")
     return "\n".join(lines)
@@ -45,6 +54,7 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2")
     parser.add_argument("--runs", default="plain:4096,twig+controller:1024")
     parser.add_argument("--model", default="random-7b")
+    parser.add_argument("--lengths", default="limit", choices=["limit", "realistic"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "scaling.json"
@@ -55,12 +65,12 @@ def main() -> None:
             name, images = run.split(":")
             mode, controller = name.split("+")[0], name.endswith("+controller")
             prompts = write_prompts(str(work / f"prompts-{images}.parquet"), int(images))
-            one_gpu = None
+            one_gpu = earlier_one_gpu(records, name, int(images), args.model, args.lengths)
             for gpus in [int(g) for g in args.gpus.split(",")]:
                 record = {"gpus": gpus, "run": name, "mode": mode, "controller": controller, "images": int(images),
-                          "model": args.model, "date": time.strftime("%Y-%m-%d")}
-                record.update(run_cli(prompts, work / f"{name}-{gpus}", args.model, mode, controller, "limit", log,
-                                      actors=gpus))
+                          "lengths": args.lengths, "model": args.model, "date": time.strftime("%Y-%m-%d")}
+                record.update(run_cli(prompts, work / f"{name}-{gpus}", args.model, mode, controller, args.lengths,
+                                      log, actors=gpus))
                 if gpus == 1:
                     one_gpu = record
                 record["efficiency_total"] = efficiency(record, one_gpu, "total_img_s")
