@@ -40,7 +40,7 @@ run_with() {  # $1: a pip requirement for transformers
   PYTHONPATH="$target" "$python" -m pytest -q -p no:cacheprovider tests/test_model_loading.py \
     tests/test_cached_forward.py tests/test_fast_engine.py \
     "tests/test_prompts_templates.py::test_pictures_are_asked_about_with_the_models_own_system_prompt_and_text_only_turns_with_none" \
-    "tests/test_staged_text_generation.py::test_pixels_are_prepared_as_deepseeks_image_processor_prepares_them"
+    "tests/test_text_generation.py::test_pixels_are_prepared_as_deepseeks_image_processor_prepares_them"
 }
 
 run_with "transformers==$lowest"
