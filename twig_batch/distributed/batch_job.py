@@ -215,13 +215,15 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Prog
     images. The actors' events (startups, part splits and failures) come with them."""
     quiet_ray_data()
     hand_back_rows_per_part()
+    per_call = config.work_batch(plan.gpus_per_actor, max(total - len(checked.skip), 0), plan.actors)
+    events.attempt["work_items_per_call"] = per_call
     items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column,
-                       rows_per_block=config.work_batch(plan.gpus_per_actor), repeats=checked.repeats)
+                       rows_per_block=per_call, repeats=checked.repeats)
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
-    results = generate(items, config, plan, checked.storage.root_uri, checked.settings, checked.templates,
-                       checked.text_lengths, retry_board)
+    results = generate(items, config, plan, per_call, checked.storage.root_uri, checked.settings,
+                       checked.templates, checked.text_lengths, retry_board)
     if not checked.storage.hold_reserve():  # for the records of a run that fills its disk (`_record_failure`)
         events.echo(f"the disk of {checked.storage.root_uri} has no room left for the space kept for the run's "
                     "records: if it fills, the last rows may go unrecorded (a --resume redraws them)")
@@ -286,20 +288,21 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset,
     return items.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def generate(items, config: RunConfig, plan, output_uri: str, settings, templates=None, text_lengths=None,
-             retry_board=None):
-    """The model stage: a pool of actors, each holding one model, `batch_size` images per call."""
+def generate(items, config: RunConfig, plan, per_call: int, output_uri: str, settings, templates=None,
+             text_lengths=None, retry_board=None):
+    """The model stage: a pool of actors, each holding one model, `per_call` work items per call."""
     import warnings
 
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
         # deprecated without a named replacement yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _actor_pool_stage(items, config, plan, output_uri, settings, templates, text_lengths, retry_board)
+        return _actor_pool_stage(items, config, plan, per_call, output_uri, settings, templates, text_lengths,
+                                 retry_board)
 
 
-def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings, templates, text_lengths,
-                      retry_board):
+def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri: str, settings, templates,
+                      text_lengths, retry_board):
     import ray
 
     from twig_batch.pipeline.text_lengths import ENV_VAR
@@ -315,7 +318,7 @@ def _actor_pool_stage(items, config: RunConfig, plan, output_uri: str, settings,
                                "faults": config.faults.to_dict() if config.faults is not None else None,
                                "report_events": True, "storage_retry_s": config.storage_retry_s,
                                "retry_board": retry_board},
-        batch_size=config.work_batch(plan.gpus_per_actor), batch_format="pyarrow",
+        batch_size=per_call, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
         # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch

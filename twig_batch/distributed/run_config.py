@@ -11,6 +11,10 @@ from twig_batch.settings import GenerationSettings
 
 GPU_WORK_BATCH = 256
 CPU_BATCH = 16
+# A run hands each actor at least this many calls, so a small run still reaches every GPU and the
+# last calls end close together; a call is never smaller than one twig part (its smallest part).
+CALLS_PER_ACTOR = 4
+SMALLEST_GPU_WORK_BATCH = 32
 
 if TYPE_CHECKING:
     from twig_batch.faults import FaultPlan
@@ -84,14 +88,20 @@ class RunConfig:
             return self.seed_column
         return "" if "seed" in (self.prompt_column, self.id_column or "id") else "seed"
 
-    def work_batch(self, gpus_per_actor: float) -> int:
+    def work_batch(self, gpus_per_actor: float, items: int | None = None, actors: int = 1) -> int:
         """Work items per actor call. Left to the GPU, a call brings enough work for the largest batch
-        that fits (the actor draws it in memory-sized parts); on a CPU a call is one small batch."""
+        that fits (the actor draws it in memory-sized parts), but a run of `items` gives each of its
+        `actors` several calls; on a CPU a call is one small batch."""
         if self.work_batch_size is not None:
             return self.work_batch_size
         if self.batch_size is not None:
             return self.batch_size
-        return GPU_WORK_BATCH if gpus_per_actor > 0 else CPU_BATCH
+        if gpus_per_actor <= 0:
+            return CPU_BATCH
+        if items is None:
+            return GPU_WORK_BATCH
+        share = -(-items // (max(actors, 1) * CALLS_PER_ACTOR))
+        return min(GPU_WORK_BATCH, max(SMALLEST_GPU_WORK_BATCH, share))
 
     def retry_policy(self):
         """How storage calls are retried, on the driver and on every actor."""
