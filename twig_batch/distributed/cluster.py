@@ -147,8 +147,11 @@ def address_to_join() -> str | None:
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
-        return canonicalize_bootstrap_address(address or "auto")
-    except ConnectionError:  # nothing `ray start` left running here
+        # With no address, only the cluster `ray start` recorded (/tmp/ray/ray_current_cluster). "auto"
+        # would also join any head it finds running here: another driver's private cluster, which
+        # ends with that driver and takes this run down with it.
+        return canonicalize_bootstrap_address(address or None)
+    except ConnectionError:  # RAY_ADDRESS=auto and nothing running here
         return None
 
 
