@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batch_support import s3_client, s3_server, write_prompts
-from twig_batch import faults
+from twig_batch.distributed import faults
 from twig_batch.cli import app
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.errors import InputError
-from twig_batch.faults import ActorFaults, FaultPlan
+from twig_batch.distributed.faults import ActorFaults, FaultPlan
 from twig_batch.io.retry import RetryPolicy
 from twig_batch.io.storage import open_storage
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, s3_client, s3_server, write_prompts
-from twig_batch import faults
+from twig_batch.distributed import faults
 from twig_batch.cli import app
 from twig_batch.io.verify import verify_output
 

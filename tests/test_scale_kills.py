@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
-from twig_batch import faults
+from twig_batch.distributed import faults
 from twig_batch.cli import app
 from twig_batch.io.verify import verify_output
 

@@ -86,9 +86,9 @@ class ImageGenerator:
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
                                      "startup_s": round(time.perf_counter() - started, 2),
                                      "model_load_s": round(model_s, 2), "warm_up_s": round(warm_up_s, 2)}]
-        self.faults = None  # testing only: see twig_batch.faults
+        self.faults = None  # testing only: see twig_batch.distributed.faults
         if faults:
-            from twig_batch.faults import ActorFaults, FaultPlan
+            from twig_batch.distributed.faults import ActorFaults, FaultPlan
 
             self.faults = ActorFaults(FaultPlan.from_dict(faults), self.storage)
 

@@ -17,7 +17,7 @@ CALLS_PER_ACTOR = 4
 SMALLEST_GPU_WORK_BATCH = 32
 
 if TYPE_CHECKING:
-    from twig_batch.faults import FaultPlan
+    from twig_batch.distributed.faults import FaultPlan
 
 
 @dataclass(slots=True)
@@ -53,7 +53,7 @@ class RunConfig:
     # A write that fails for a passing reason (S3 refusing connections, throttling) is retried with
     # backoff for this long before its image becomes an error row.
     storage_retry_s: float = 300.0
-    faults: FaultPlan | dict | str | None = None  # testing only (see faults.py); default: $TWIG_BATCH_FAULTS
+    faults: FaultPlan | dict | str | None = None  # testing only (see distributed/faults.py); default: $TWIG_BATCH_FAULTS
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "work_batch_size", "samples_per_prompt", "journal_every_rows"):
@@ -64,7 +64,7 @@ class RunConfig:
         for name in ("max_actor_restarts", "max_task_retries"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
-        from twig_batch.faults import resolve_plan
+        from twig_batch.distributed.faults import resolve_plan
 
         self.faults = resolve_plan(self.faults)
         if self.actors is not None and self.actors < 1:

@@ -36,7 +36,7 @@ def check_key(key: str) -> str:
 class LocalStorage:
     retry_policy = DEFAULT_POLICY
     retry_watcher = None  # hears of retries (see `retry.call_with_retries`); the batch job sets one
-    inject_write_fault = None  # fault injection (`twig_batch.faults`) sets a callable run before each write
+    inject_write_fault = None  # fault injection (`twig_batch.distributed.faults`) sets a callable run before each write
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
