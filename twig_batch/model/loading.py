@@ -6,16 +6,15 @@ local Hugging Face cache / hub). Every failure becomes one `ModelLoadError` with
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from twig_batch.errors import ModelLoadError
 from twig_batch.model import bundle as tokens_mod
+from twig_batch.model.building import build_model
 from twig_batch.model.bundle import JanusBundle, SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_state_to_hf, janus_config_from_deepseek
 
@@ -197,51 +196,6 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def janus_generation_config(config, tokens: SpecialTokens):
-    """The generation config transformers' Janus conversion script (convert_janus_weights_to_hf.py)
-    gives a checkpoint. Our engine never reads it; transformers' own image `generate` cannot run without it."""
-    from transformers import GenerationConfig
-
-    generation = GenerationConfig.from_model_config(config)  # bos, eos and pad of the text config
-    # A config marked as derived from the model config drops its custom entries when read back from disk.
-    generation._from_model_config = False
-    generation.temperature = 1
-    generation.guidance_scale = 5
-    generation.pad_token_id = tokens.pad
-    # generate(generation_mode="image") reads the begin-of-image id from generation_kwargs (5.17 and 5.24 both do);
-    # some releases of the conversion script write it as a field of its own instead.
-    generation.generation_kwargs = {"boi_token_id": tokens.boi}
-    generation.boi_token_id = tokens.boi
-    return generation
-
-
-def build_model(config, tokens: SpecialTokens, device, dtype, init_weights: bool = False) -> torch.nn.Module:
-    """Allocate a Janus model directly on `device` in `dtype` (random init only when asked), carrying the
-    generation config of a converted checkpoint."""
-    from transformers import JanusForConditionalGeneration
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers 5.x releases keep it in modeling_utils
-        from transformers.modeling_utils import no_init_weights
-    skip = contextlib.nullcontext() if init_weights else no_init_weights()
-    with skip, _default_dtype(dtype), torch.device(device):
-        model = JanusForConditionalGeneration(config)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.generation_config = janus_generation_config(config, tokens)
-    return model
-
-
 def _build_and_fill(config, tokens: SpecialTokens, state, folder: Path, device, dtype) -> torch.nn.Module:
     # A checkpoint with its own lm_head (Janus-Pro's) is loaded untied. JanusConfig defaults
     # tie_word_embeddings to True, and whether a model built from a config that leaves it out shares
@@ -300,7 +254,3 @@ def _image_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, 
     path = folder / "preprocessor_config.json"
     raw = _read_json(path) if path.is_file() else {}
     return tuple(raw.get("image_mean", (0.5,) * 3)), tuple(raw.get("image_std", (0.5,) * 3))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TWIG_BATCH_CACHE", Path.home() / ".cache" / "twig-batch"))

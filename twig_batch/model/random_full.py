@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from twig_batch.model.building import build_model
 from twig_batch.model.bundle import JanusBundle, SpecialTokens
 
 SIZES = {
@@ -19,7 +20,6 @@ def random_janus(size: str, device, dtype: torch.dtype, seed: int = 0) -> JanusB
     from transformers import JanusConfig, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
-    from twig_batch.model.loading import build_model
     from twig_batch.model.tiny import train_tiny_tokenizer
 
     dims = SIZES[size.lower()]

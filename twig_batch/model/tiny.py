@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from twig_batch.model import bundle as names
+from twig_batch.model.building import build_model, default_cache_dir
 from twig_batch.model.bundle import SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
 
@@ -80,8 +81,6 @@ def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsamp
 def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_downsample: int = 4,
                     grid: int = 24) -> Path:
     """Build a random tiny Janus and save it in `layout` ('hf' or 'deepseek') under `folder`."""
-    from twig_batch.model.loading import build_model
-
     if layout not in ("hf", "deepseek"):
         raise ValueError(f"layout must be 'hf' or 'deepseek', got {layout!r}")
     folder = Path(folder)
@@ -109,8 +108,6 @@ def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_do
 
 def tiny_model_path(ref: str = "tiny") -> Path:
     """A cached built-in tiny model (HF layout), built on first use; safe under concurrent builders."""
-    from twig_batch.model.loading import default_cache_dir
-
     grid = BUILTIN_GRIDS[ref]
     target = default_cache_dir() / f"{ref}-v{TINY_VERSION}"
     if (target / "config.json").is_file():

@@ -26,7 +26,7 @@ from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
-from twig_batch.pipeline.generator import ImageRequest, ImageResult
+from twig_batch.pipeline.request import ImageRequest, ImageResult
 from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection

@@ -10,7 +10,7 @@ import torch
 from twig_batch.engine.reference import reference_image_tokens
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
-from twig_batch.pipeline.generator import ImageRequest, ImageResult
+from twig_batch.pipeline.request import ImageRequest, ImageResult
 from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
