@@ -8,7 +8,7 @@ import pytest
 
 from batch_support import local_ray, write_prompts
 from twig_batch.distributed import RunConfig, run_batch
-from twig_batch.io.verify import verify_output
+from twig_batch.distributed.verify_run import verify_run
 
 PROMPTS = 10_000
 MB = 1024 * 1024
@@ -71,6 +71,6 @@ def test_driver_memory_stays_flat(sampled_run):
 
 def test_the_streamed_run_is_complete(sampled_run):
     prompts, dest, _, _ = sampled_run
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     assert report.ok, report.problems
     assert report.ok_rows == PROMPTS and report.duplicate_rows == 0

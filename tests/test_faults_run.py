@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from batch_support import local_ray, read_manifest, s3_client, s3_server, write_prompts
 from twig_batch.distributed import faults
 from twig_batch.cli import app
-from twig_batch.io.verify import verify_output
+from twig_batch.distributed.verify_run import verify_run
 
 runner = CliRunner()
 
@@ -50,7 +50,7 @@ def test_a_tenth_of_s3_writes_failing_transiently(cluster, tmp_path):
     manifest = pq.read_table(io.BytesIO(s3_client().get_object(Bucket="faulty", Key="run/manifest.parquet")["Body"]
                                         .read())).to_pylist()
     assert len(manifest) == 120 and unique_ok_rows(manifest) == 120
-    report = verify_output("s3://faulty/run", str(prompts))
+    report = verify_run("s3://faulty/run", str(prompts))
     assert report.ok, report.problems
     assert report.images_checked == puts and report.missing_items == 0  # band images are checked too
     info = json.loads(s3_client().get_object(Bucket="faulty", Key="run/run.json")["Body"].read())
@@ -70,7 +70,7 @@ def test_a_straggling_actor_set_from_the_environment(cluster, tmp_path, monkeypa
     assert delays and {d["start"] for d in delays} == {0}  # only the first actor to start was slowed
     rows = read_manifest(dest).to_pylist()
     assert len(rows) == 120 and unique_ok_rows(rows) == 120
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     assert report.ok, report.problems
     info = json.loads((dest / "run.json").read_text())
     assert info["attempts"][0]["faults"]["actor_delay_s"] == 1.0
@@ -95,7 +95,7 @@ def test_actors_that_keep_dying_end_the_run_with_a_clear_error_then_resume_finis
     assert result.exit_code == 0, result.output
     rows = read_manifest(dest).to_pylist()
     assert len(rows) == 64 and unique_ok_rows(rows) == 64
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     assert report.ok, report.problems
     attempts = json.loads((dest / "run.json").read_text())["attempts"]
     assert "faults" in attempts[0] and "faults" not in attempts[1]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
 from twig_batch.cli import app
-from twig_batch.io.verify import verify_output
+from twig_batch.distributed.verify_run import verify_run
 
 PROMPTS = 32
 
@@ -102,7 +102,7 @@ def test_crash_crash_resume(ray_cluster, tmp_path):
 
     # What was recorded before the kills was skipped, not drawn again: same bytes, same mtime.
     assert recorded_images(dest, recorded) == before_resume
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     assert report.ok, report.problems
     assert report.ok_rows == PROMPTS and report.duplicate_rows == 0 and report.missing_items == 0
 

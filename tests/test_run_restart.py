@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
 from twig_batch.cli import app
-from twig_batch.io.verify import verify_output
+from twig_batch.distributed.verify_run import verify_run
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_a_run_that_drew_nothing_restarts_with_the_right_model(failed_run, tmp_p
     assert info["model"] == "tiny-micro" and len(info["attempts"]) == 1 and info["status"] == "complete"
     assert info["attempts"][0]["replaced"].startswith("it recorded no image")
     assert {r["status"] for r in read_manifest(dest).to_pylist()} == {"ok"}
-    assert verify_output(str(dest), str(prompts)).ok
+    assert verify_run(str(dest), str(prompts)).ok
 
 
 def test_a_run_with_images_is_refused_without_resume_and_replaced_with_overwrite(ray_cluster, tmp_path):
@@ -84,4 +84,4 @@ def test_a_run_with_images_is_refused_without_resume_and_replaced_with_overwrite
     assert sorted(r["id"] for r in rows) == ["new0000", "new0001", "new0002"]
     info = json.loads((dest / "run.json").read_text())
     assert info["base_seed"] == 5 and len(info["attempts"]) == 1
-    assert verify_output(str(dest), str(second)).ok
+    assert verify_run(str(dest), str(second)).ok

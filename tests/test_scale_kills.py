@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from batch_support import local_ray, read_manifest, write_prompts
 from twig_batch.distributed import faults
 from twig_batch.cli import app
-from twig_batch.io.verify import verify_output
+from twig_batch.distributed.verify_run import verify_run
 
 PROMPTS = 2000
 KILLS = 4
@@ -55,7 +55,7 @@ def test_all_rows_recorded_once_and_ok(killed_run):
     with Image.open(finals[0]) as image:  # the micro model: a 6 x 6 token grid at 4 px per token
         assert image.size == (24, 24)
     assert not list(dest.rglob("*.tmp"))
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     assert report.ok, report.problems
     assert report.ok_rows == PROMPTS and report.duplicate_rows == 0 and report.missing_items == 0
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, s3_client, s3_server, upload_parquet, write_prompts
 from twig_batch.cli import app
+from twig_batch.distributed.verify_run import verify_run
 from twig_batch.io import verify as verify_module
 from twig_batch.io.manifest import SCHEMA
 from twig_batch.io.verify import verify_output
@@ -67,7 +68,7 @@ def test_clean_run_passes(clean):
     assert "ok: no problems found" in result.output
     assert f"{ITEMS} in the manifest, 0 in the journal, 0 duplicate" in result.output
     assert f"input:   {ITEMS} expected, 0 missing, 0 unexpected" in result.output
-    report = verify_output(str(dest), str(prompts))
+    report = verify_run(str(dest), str(prompts))
     stages = sum(len(r["stage_image_uris"]) for r in rows_of(dest))
     assert report.ok and report.complete and report.problems == []
     assert (report.manifest_rows, report.ok_rows, report.error_rows) == (ITEMS, ITEMS, 0)
@@ -179,7 +180,7 @@ def test_partial_run_with_only_journal_parts(copy):
 def test_input_with_prompts_not_generated_and_rows_not_in_the_input(clean, tmp_path):
     _, dest = clean
     more = write_prompts(tmp_path / "more.parquet", PROMPTS + 2)
-    report = verify_output(str(dest), str(more))
+    report = verify_run(str(dest), str(more))
     assert (report.expected_items, report.missing_items, report.unexpected_items) == (ITEMS + 4, 4, 0)
     assert "missing (id='p0009', sample=1): in the input, not in the manifest" in report.problems
     assert sum(p.startswith("missing (id='p0008'") for p in report.problems) == SAMPLES

@@ -393,11 +393,11 @@ def verify_cmd(
     Exits 0 when clean, 1 when it found problems (each listed), 2 when DEST or the input cannot be read,
     3 when it holds more error rows than allowed.
     """
-    from twig_batch.io.verify import verify_output
+    from twig_batch.distributed.verify_run import verify_run
 
     try:
         allowance = ErrorAllowance.parse(max_errors, allow_errors)
-        report = verify_output(dest, input)
+        report = verify_run(dest, input)
     except TwigBatchError as exc:
         _fail(exc)
     typer.echo(f"verify: {report.dest} ({'complete' if report.complete else 'not complete'})")

@@ -78,12 +78,19 @@ def describe(prompt_id: str, sample_index: int) -> str:
     return f"(id={prompt_id!r}, sample={sample_index})"
 
 
-def verify_output(dest: str, input: str | None = None) -> VerifyReport:
-    """Check DEST (a local folder or s3://bucket/prefix); raises TwigBatchError when DEST is not a run."""
-    return read_destination(dest, lambda storage: _verify(storage, input).close(), "verify")
+def verify_output(dest: str, input: str | None = None, expand=None) -> VerifyReport:
+    """Check DEST (a local folder or s3://bucket/prefix); raises TwigBatchError when DEST is not a run.
+
+    With an input, `expand(input, info)` gives the (id, sample) keys the run makes of it from its
+    run.json `info`: the batch job's own expansion, passed down from the layer that owns it
+    (`distributed.verify_run.verify_run` is this check with it).
+    """
+    if input is not None and expand is None:
+        raise ValueError("checking against an input needs the run's expansion of it (expand)")
+    return read_destination(dest, lambda storage: _verify(storage, input, expand).close(), "verify")
 
 
-def _verify(storage, input: str | None) -> VerifyReport:
+def _verify(storage, input: str | None, expand) -> VerifyReport:
     report = VerifyReport(storage.root_uri)
     info = _read_json(storage, layout.RUN_INFO, report)
     journal = [k for k in storage.list(layout.JOURNAL_DIR) if k.endswith(".parquet")]
@@ -95,7 +102,7 @@ def _verify(storage, input: str | None) -> VerifyReport:
     recorded = _check_rows(storage, info or {}, has_manifest, journal, report)
     _check_completion(storage, info, journal, has_manifest, report)
     if input is not None:
-        _check_against_input(input, info, recorded, report)
+        _check_against_input(input, expand, info, recorded, report)
     return report
 
 
@@ -323,12 +330,12 @@ def _check_completion(storage, info: dict | None, journal: list[str], has_manife
 
 # ---- against the input ----
 
-def _check_against_input(input: str, info: dict | None, recorded: set[str], report: VerifyReport) -> None:
+def _check_against_input(input: str, expand, info: dict | None, recorded: set[str], report: VerifyReport) -> None:
     if not info or not info.get("prompt_column") or not info.get("samples_per_prompt"):
         report.problem("input", f"cannot compare with {input}: {layout.RUN_INFO} does not say how the run "
                                 "expanded its input")
         return
-    expected = expected_keys(input, info)
+    expected = expand(input, info)
     report.expected_items = len(expected)
     missing = sorted(expected - recorded)
     unexpected = sorted(recorded - expected)
@@ -337,27 +344,6 @@ def _check_against_input(input: str, info: dict | None, recorded: set[str], repo
         report.problem("missing items", f"missing {describe(*_split(key))}: in the input, not in the manifest")
     for key in unexpected:
         report.problem("unexpected items", f"unexpected {describe(*_split(key))}: in the manifest, not in the input")
-
-
-def expected_keys(input: str, info: dict) -> set[str]:
-    """Every (id, sample) the run makes of `input`, as `item_key` strings, expanded the way the run does."""
-    from twig_batch.distributed.work_items import expand_to_work_items
-    from twig_batch.io.dataset import check_input, resolve_input
-
-    prompt_column, id_column = info["prompt_column"], info.get("id_column")
-    files = resolve_input(input)
-    check_input(files, prompt_column, id_column or "id", id_column_required=id_column is not None)
-    columns = [prompt_column] + ([id_column] if id_column else [])
-    keys: set[str] = set()
-    for path in files.paths:
-        with files.filesystem.open_input_file(path) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=8192, columns=columns):
-                items = expand_to_work_items(pa.Table.from_batches([batch]), prompt_column=prompt_column,
-                                             id_column=id_column, samples=int(info["samples_per_prompt"]),
-                                             base_seed=int(info.get("base_seed") or 0))
-                keys.update(item_key(i, s) for i, s in zip(items.column("id").to_pylist(),
-                                                            items.column("sample_index").to_pylist()))
-    return keys
 
 
 def _split(key: str) -> tuple[str, int]:
