@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from staged_speed import requests_for, start_fresh
+from bench_common import requests_for, start_fresh
 from twig_batch.controller import ControllerConfig
 from twig_batch.engine.memory import reserve_kv_arena
 from twig_batch.engine.warm_up import warm_up

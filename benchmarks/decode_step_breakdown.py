@@ -11,18 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_common import cuda_ms
 from twig_batch.engine.sampling import guided_logits, sample_tokens
-
-
-def cuda_ms(fn, repeat: int = 20) -> float:
-    fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
 
 
 def main() -> None:

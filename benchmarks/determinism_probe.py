@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from plain_speed import plain_workload
+from bench_common import plain_workload
 from twig_batch.engine.repeatable import attention_for
 from twig_batch.pipeline import generate_images
 
@@ -39,7 +39,7 @@ def attention_repeats(rows: int, width: int, backend, tries: int = 5) -> bool:
 def attention_ms(rows: int, width: int, backend, layers: int = 6) -> float:
     """Milliseconds per layer of the masked decode attention, replayed from a CUDA graph over `layers`
     layers' tensors (more than the L2 cache holds)."""
-    from split_attention_probe import graph_time
+    from bench_common import graph_time
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn((rows, 32, 1, 128), generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -67,7 +67,7 @@ def prefill_repeats(backend, rows: int = 16, length: int = 700, tries: int = 5) 
 
 def engine_repeats(bundle, images: int, deterministic: bool = False, kv_cache: str = "model") -> dict:
     """The plain engine's tokens over 130 steps, run twice with the same seeds."""
-    from plain_speed import prompts_of_length
+    from bench_common import prompts_of_length
     from twig_batch.engine.fast import draw_image_tokens_fast
     from twig_batch.settings import GenerationSettings
 
@@ -85,7 +85,7 @@ def pipeline_repeats(bundle, mode: str, deterministic: bool, images: int = 8) ->
     """`generate_images` run twice: image tokens, every thought and reflection, and the pixels."""
     import numpy as np
 
-    from staged_speed import requests_for, workload_settings
+    from bench_common import requests_for, workload_settings
 
     settings = workload_settings(mode)
     settings.deterministic = deterministic

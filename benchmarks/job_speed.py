@@ -19,7 +19,7 @@ the run recorded (`_COMPLETE.json`, `run.json`) and reports:
   the actor's process start and `__init__`);
 - busy_share: the share of the run's wall time the GPU spent in model calls.
 With --native-images N (128 by default; 0 skips it), the same run ends with the anchor: transformers'
-own Janus image `generate` over N images in a process of its own (`plain_speed.py`), a record of
+own Janus image `generate` over N images in a process of its own (`bench_common.py`), a record of
 mode "native". With --actors N each run passes `--actors N` (e.g. two runs side by side on a
 two-GPU machine, one actor each); otherwise the CLI's default.
 `lengths=limit` lets every text run to its token limit (what random weights do);
@@ -38,53 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_prompts import write as write_prompts  # noqa: E402
+from bench_common import LENGTHS_VAR, add_record, number, run_cli
+from bench_common import write as write_prompts
 
-LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
-
-
-def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, lengths: str, log,
-            actors: int | None = None) -> dict:
-    env = dict(os.environ)
-    env.pop(LENGTHS_VAR, None)
-    if lengths == "realistic":
-        env[LENGTHS_VAR] = "realistic"
-    command = [sys.executable, "-m", "twig_batch.cli", "run", prompts, "--output", str(dest), "--model", model,
-               "--mode", mode, "--controller" if controller else "--no-controller"]
-    if actors:
-        command += ["--actors", str(actors)]
-    start = time.monotonic()
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.monotonic() - start
-    log.write(f"$ {' '.join(command)}\n{done.stdout}\n")
-    log.flush()
-    record = {"exit_code": done.returncode, "wall_s": round(wall, 2),
-              "last_line": (done.stdout.strip().splitlines() or [""])[-1]}
-    marker = dest / "_COMPLETE.json"
-    if done.returncode != 0 or not marker.exists():
-        return record
-    summary = json.loads(marker.read_text())
-    attempt = json.loads((dest / "run.json").read_text())["attempts"][-1]
-    stats = attempt.get("actor_stats", {}).values()
-    engine = [(a["images"] - a["first_part_images"]) / (a["busy_s"] - a["first_part_s"])
-              for a in stats if a.get("parts", 0) > 1 and a["busy_s"] > a["first_part_s"]]
-    record.update(
-        ok=summary["ok"], errors=summary["errors"], total_img_s=round(summary["ok"] / wall, 3),
-        driver_img_s=summary["images_per_s"], steady_img_s=summary.get("steady_images_per_s"),
-        engine_img_s=round(sum(engine), 3) if engine else None,
-        startup_s=max((a.get("startup_s", 0) for a in stats), default=None),
-        # From the run's start to the first model call: Ray, reading, the actor's process and __init__.
-        first_call_after_s=max((round(a["first_part_at"] - a["first_part_s"], 2) for a in stats
-                                if "first_part_at" in a), default=None),
-        model_load_s=max((a.get("model_load_s") or 0 for a in stats), default=None),
-        part_images=sorted({a.get("part_images") for a in stats if a.get("part_images")}),
-        busy_share=round(sum(a.get("busy_s", 0) for a in stats) / wall / max(len(stats), 1), 3),
-        part_event_counts=attempt.get("part_event_counts", {}))
-    if record["steady_img_s"] and record["engine_img_s"]:
-        record["ratio"] = round(record["steady_img_s"] / record["engine_img_s"], 3)
-    return record
+HERE = Path(__file__).resolve().parent  # a child process started with `python -c` finds bench_common here
 
 
 def engine_process(model: str, mode: str, controller: bool, lengths: str, part_images: int) -> float | None:
@@ -96,7 +53,7 @@ def engine_process(model: str, mode: str, controller: bool, lengths: str, part_i
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(HERE)!r})
-from bench_prompts import prompts
+from bench_common import prompts
 from twig_batch.controller import ControllerConfig
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest, generate_images
@@ -120,21 +77,12 @@ print(json.dumps({{"img_s": n / (time.perf_counter() - start)}}))
     return round(json.loads(done.stdout.strip().splitlines()[-1])["img_s"], 3)
 
 
-def add_record(records: list[dict], record: dict, out: Path, name: str, table) -> None:
-    """Keep `record`: DIR/NAME.json and DIR/NAME.md are rewritten after every run, so a run cut short
-    loses only itself."""
-    records.append(record)
-    (out / f"{name}.json").write_text(json.dumps(records, indent=1))
-    (out / f"{name}.md").write_text(table(records) + "\n")
-    print(json.dumps(record), flush=True)
-
-
 def native_anchor(model: str, images: int) -> dict:
     """transformers' own Janus `generate` over `images` images, in a process of its own."""
     code = f"""
 import json, sys, torch
 sys.path.insert(0, {str(HERE)!r})
-from plain_speed import native_generate_anchor
+from bench_common import native_generate_anchor
 from twig_batch.model import load_janus
 bundle = load_janus({model!r}, "cuda", torch.bfloat16)
 native_generate_anchor(bundle, 4)  # warm-up: the libraries' lazy set-up is not the anchor's time
@@ -145,12 +93,6 @@ print(json.dumps(native_generate_anchor(bundle, {images})))
         return {"native_error": done.stderr[-500:]}
     found = json.loads(done.stdout.strip().splitlines()[-1])
     return {"images": images, "total_img_s": round(found["native_img_s"], 3)} if "native_img_s" in found else found
-
-
-def number(record: dict, key: str, digits: int = 2) -> str:
-    """A table cell: the record's number, or '-' where the run has none."""
-    value = record.get(key)
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
 def table(records: list[dict]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from staged_speed import phase_totals, requests_for, workload_settings
+from bench_common import phase_totals, requests_for, workload_settings
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
 

@@ -3,8 +3,8 @@
 Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,twig+controller:1024]
                                     [--model random-7b] [--lengths limit|realistic]
 
-Each run is `job_speed.py`'s CLI run (default settings but the mode, `--controller` and `--actors N`)
-on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
+Each run is job_speed.py's CLI run (`bench_common.run_cli`: default settings but the mode,
+`--controller` and `--actors N`) on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
 steady images/s, the slowest actor's start, each actor's busy share (its own timing of model calls
 over the run's wall time), and the efficiency against one GPU in the same invocation:
 images/s on N GPUs / (N x images/s on 1); `--gpus 2` alone compares with the latest one-GPU record of
@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from job_speed import add_record, number, run_cli, write_prompts
+from bench_common import add_record, number, run_cli
+from bench_common import write as write_prompts
 
 
 def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from staged_speed import run_staged, start_fresh, workload_settings
+from bench_common import run_staged, start_fresh, workload_settings
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.model import load_janus
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from bench_common import (device_anchors, native_generate_anchor, plain_workload, prompts_of_length, run_staged,
+                          seed_style_anchor, start_fresh, workload_settings)
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
-from plain_speed import device_anchors, native_generate_anchor, plain_workload, prompts_of_length, seed_style_anchor
-from staged_speed import run_staged, start_fresh, workload_settings
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.kv_arena import idle_arena_bytes
 from twig_batch.engine.memory import free_device_bytes, images_per_call

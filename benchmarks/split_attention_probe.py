@@ -18,6 +18,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from bench_common import graph_time
+
 HEADS, HEAD_DIM = 32, 128
 CUDNN = torch.ops.aten._scaled_dot_product_cudnn_attention.default
 
@@ -55,28 +57,6 @@ def split_calls(q, k, v, biases, width, prefix, cond, uncond):
                                              shared_bias)
     out_uncond = merge(out_rest, lse_rest, out_shared.transpose(0, 2), lse_shared.transpose(0, 2))
     return out_cond, out_uncond
-
-
-def graph_time(fn, reps: int = 20) -> float:
-    """Milliseconds per call of `fn` (itself several layers), replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def probe(rows: int, width: int, prefix: int, layers: int, max_len: int) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decode_step_breakdown import cuda_ms
+from bench_common import cuda_ms
 from twig_batch.engine.fp8_kv import quantize
 from twig_batch.engine.fp8_triton import fp8_decode_attention_kernel
 from twig_batch.engine.fused import fuse_decoder
