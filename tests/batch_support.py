@@ -15,6 +15,12 @@ import pytest
 # Distinctive dummy credentials, so a test can prove they never land in an output.
 ACCESS_KEY = "AKIATWIGBATCHTESTKEY"
 SECRET_KEY = "twig-batch-test-secret-0123456789"
+# Ids an input may hold that must never become paths: traversal, absolute and home paths, both slashes
+# (and the name each would slug to), dot names, names Windows reserves, case twins, control
+# characters, text outside ASCII, a name longer than any filesystem allows. None is blank, so a run
+# records each as given.
+HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "a/b", "a\\b", "a_b", "a/b\\c", "a/../../b", "..", ".", ".hidden",
+               "~/x", "CON", "con", "line\nbreak", "nul\x00byte", "日本語の猫 🐱", "Ünïcödé", "x" * 300]
 
 
 def free_port() -> int:

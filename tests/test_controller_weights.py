@@ -34,6 +34,7 @@ def test_seeded_initialisation_is_deterministic_and_fits_the_model():
     assert torch.equal(net64.condenser.latents, a["condenser.latents"].double())
 
 
+@pytest.mark.slow
 def test_save_then_load_gives_identical_images(tiny_hf_dir, tmp_path):
     from twig_batch.model import load_janus
 

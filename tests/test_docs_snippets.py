@@ -21,8 +21,8 @@ from batch_support import local_ray, s3_client, s3_server, upload_parquet, write
 from twig_batch.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/batch-job.md", "docs/report.md", "docs/engine.md", "docs/controller.md",
-             "docs/fidelity.md"]
+DOCUMENTS = ["README.md", pytest.param("docs/batch-job.md", marks=pytest.mark.slow), "docs/report.md",
+             "docs/engine.md", "docs/controller.md", "docs/fidelity.md"]
 SUBSTITUTIONS = [
     ("deepseek-community/Janus-Pro-7B", "tiny-micro"),  # no 7B weights on a test machine
     ("num_gpus=1, compute=ray.data.ActorPoolStrategy(size=4)",  # the GPU variant, on a machine without one

@@ -14,7 +14,8 @@ PROMPTS = 10_000
 MB = 1024 * 1024
 STATM = Path("/proc/self/statm")
 
-pytestmark = pytest.mark.skipif(not STATM.exists(), reason="reads resident memory from /proc (Linux)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not STATM.exists(), reason="reads resident memory from /proc (Linux)")]
 
 
 def resident_bytes() -> int:

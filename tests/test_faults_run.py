@@ -8,10 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, s3_client, s3_server, write_prompts
-from twig_batch.distributed import faults
 from twig_batch.cli import app
+from twig_batch.distributed import faults
 from twig_batch.distributed.verify_run import verify_run
 
+pytestmark = pytest.mark.slow  # each run waits out its faults: a minute or more
 runner = CliRunner()
 
 

@@ -1,10 +1,11 @@
 import pytest
 
+from batch_support import HOSTILE_IDS as RUN_IDS
 from twig_batch.io import layout
 from twig_batch.io.storage import LocalStorage, check_key
 
-HOSTILE_IDS = ["../../etc/passwd", "a/b", "a\\b", "..", ".", "", " ", "/abs/path", "日本語の猫 🐱", "Ünïcödé",
-               "x" * 300, "CON", ".hidden", "a/../../b", "line\nbreak", "nul\x00byte"]
+# A run gives a blank id's row an id made from its prompt; the layout copes with blank ones all the same.
+HOSTILE_IDS = RUN_IDS + ["", " "]
 
 
 @pytest.mark.parametrize("prompt_id", HOSTILE_IDS)

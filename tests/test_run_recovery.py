@@ -70,6 +70,7 @@ def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
     driver.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_crash_crash_resume(ray_cluster, tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", PROMPTS)
     dest = tmp_path / "out"

@@ -7,10 +7,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from batch_support import local_ray, read_manifest, write_prompts
-from twig_batch.distributed import faults
 from twig_batch.cli import app
+from twig_batch.distributed import faults
 from twig_batch.distributed.verify_run import verify_run
 
+pytestmark = pytest.mark.slow
 PROMPTS = 2000
 KILLS = 4
 BATCH = 32

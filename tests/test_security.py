@@ -8,16 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import (ACCESS_KEY, SECRET_KEY, local_ray, read_manifest, s3_client, s3_server, strict_s3_server,
-                           upload_parquet)
+from batch_support import (ACCESS_KEY, HOSTILE_IDS, SECRET_KEY, local_ray, read_manifest, s3_client, s3_server,
+                           strict_s3_server, upload_parquet)
 from twig_batch.cli import app
 from twig_batch.io import layout
 from twig_batch.io.s3 import S3Endpoint
 from twig_batch.io.storage import LocalStorage, S3Storage
 
 runner = CliRunner()
-HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "a/b\\c", "..", ".", "CON", "con", "name\x00nul", "line\nbreak",
-               "~/x", "猫 🐱", "x" * 300, ".hidden", "a/../../b"]
 HOSTILE_PROMPT = "../../../tmp/escaped-by-prompt"  # a row without an id: its id is made from this prompt
 SECRETS = (SECRET_KEY.encode(), ACCESS_KEY.encode())
 FOLDER = re.compile(r"^(?![.])[A-Za-z0-9._-]{1,40}-[0-9a-f]{20}$")
