@@ -9,7 +9,7 @@ run() { timeout "$1" python3 -m twig_batch.cli run examples/prompts.parquet "${@
 
 echo "== batch job, tiny model, GPU actor, twig mode with the controller"
 run 240 --output /tmp/run-tiny --model tiny --mode twig --set think_max_tokens=16 --controller \
-  --samples-per-prompt 2 --batch-size 32
+  --samples-per-prompt 2 --images-per-call 32
 python3 - <<'PY' | tee "$out/ray_tiny_manifest.txt"
 import pyarrow.parquet as pq
 t = pq.read_table("/tmp/run-tiny/manifest.parquet").to_pandas()
@@ -19,7 +19,7 @@ PY
 cp "$(find /tmp/run-tiny/images -name 'sample-0000.png' | head -1)" "$out/ray_tiny_sample.png"
 
 echo "== batch job, random 7B-sized model, GPU actor, plain mode"
-run 300 --output /tmp/run-7b --model random-7b --samples-per-prompt 4 --batch-size 64
+run 300 --output /tmp/run-7b --model random-7b --samples-per-prompt 4 --images-per-call 64
 python3 -c "import pyarrow.parquet as pq; t=pq.read_table('/tmp/run-7b/manifest.parquet').to_pandas(); \
 print('rows', len(t), 'ok', int((t.status=='ok').sum()), 'size', t.width.iloc[0], t.height.iloc[0])" \
   | tee "$out/ray_7b_manifest.txt"

@@ -265,7 +265,7 @@ def row_level_run(tmp_path_factory):
     dest = root / "dest"
     with local_ray(num_cpus=4):
         result = runner.invoke(app, ["run", str(root / "input"), "--output", str(dest), "--actors", "1",
-                                     "--batch-size", "8", "--samples-per-prompt", str(SAMPLES)])
+                                     "--images-per-call", "8", "--samples-per-prompt", str(SAMPLES)])
     # Error rows are expected here: the run finishes with exit status 3 (finished with row errors).
     rows = {(r["id"], r["sample_index"]): r for r in read_manifest(dest).to_pylist()} if result.exit_code == 3 else {}
     return root, dest, result, rows

@@ -65,7 +65,7 @@ def test_run_takes_the_generation_flags_of_generate(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", str(prompts), "-o", str(tmp_path / "o"), "--mode", "twig", "--bands", "2",
                                  "--theta", "70", "--cfg-weight", "4.5", "--think-max-tokens", "16", "--no-reflect",
                                  "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--set", "kv_cache=fp8"])
-    settings = seen["config"].generation_settings()
+    settings = seen["config"].settings
     assert (settings.mode, settings.bands, settings.theta, settings.cfg_weight, settings.think_max_tokens,
             settings.reflect, settings.temperature, settings.top_k, settings.top_p, settings.kv_cache) == \
         ("twig", 2, 70.0, 4.5, 16, False, 0.8, 50, 0.9, "fp8"), result.output
@@ -128,3 +128,17 @@ def test_report_is_written_beside_the_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"report: {(dest / 'report.html').resolve()} (")
     assert (dest / "report.html").is_file()
+
+
+def test_images_per_call_and_work_batch_size_are_two_flags_and_batch_size_is_the_old_name(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("twig_batch.distributed.run_batch", lambda config, echo: seen.append(config))
+    prompts = write_prompts(tmp_path / "p.parquet", 2)
+    common = ["run", str(prompts), "-o", str(tmp_path / "o")]
+    runner.invoke(app, [*common, "--images-per-call", "8", "--work-batch-size", "64"])
+    old = runner.invoke(app, [*common, "--batch-size", "8"])
+    assert (seen[0].images_per_call, seen[0].work_batch(1)) == (8, 64)
+    assert (seen[1].images_per_call, seen[1].work_batch(1)) == (8, 8)  # as --batch-size 8 always did
+    assert "warning: --batch-size is deprecated: it is --images-per-call now" in old.output
+    both = runner.invoke(app, [*common, "--batch-size", "8", "--images-per-call", "4"])
+    assert both.exit_code == 2 and "--batch-size is the old name of --images-per-call: give one" in both.output

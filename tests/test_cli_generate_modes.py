@@ -1,9 +1,11 @@
 import json
 
+import pyarrow.parquet as pq
 from PIL import Image
 from typer.testing import CliRunner
 
 from twig_batch.cli import app
+from twig_batch.io import layout
 
 runner = CliRunner()
 
@@ -16,16 +18,17 @@ def test_twig_mode_writes_band_images_and_a_full_record(tmp_path):
                                  "--bands", "2", "--think-max-tokens", "3", "--templates", str(templates)])
     assert result.exit_code == 0, result.output
     heights = {}
-    for position, label in enumerate(("band-1-of-2", "band-2-of-2")):  # named as in a batch run's item folder
-        with Image.open(out / f"sample-0000.stage-{position:02d}-{label}.png") as im:
+    for position, label in enumerate(("band-1-of-2", "band-2-of-2")):  # in the item folder of a batch run's layout
+        with Image.open(out / layout.stage_image_key("cli", 0, position, label)) as im:
             heights[label] = im.size
     assert heights == {"band-1-of-2": (96, 48), "band-2-of-2": (96, 96)}
-    record = json.loads((out / "sample-0000.json").read_text())
-    assert record["mode"] == "twig" and record["settings"]["bands"] == 2 and len(record["thoughts"]) == 2
-    assert [r["band"] for r in record["reflections"]] == [0, 1] and record["redrawn_bands"] == []
-    assert record["bands"] == 2 and record["band_images"] == ["band-1-of-2", "band-2-of-2"]
-    assert record["stage_images"] == ["sample-0000.stage-00-band-1-of-2.png", "sample-0000.stage-01-band-2-of-2.png"]
-    assert record["timings"]["thinking_s"] > 0 and record["timings"]["reflection_s"] > 0
+    (row,) = pq.read_table(out / layout.MANIFEST).to_pylist()
+    assert row["mode"] == "twig" and len(row["thoughts"]) == 2 and row["redrawn_bands"] == []
+    assert json.loads((out / layout.RUN_INFO).read_text())["settings"]["bands"] == 2
+    assert [r["band"] for r in json.loads(row["reflections_json"])] == [0, 1]
+    assert row["stage_labels"] == ["band-1-of-2", "band-2-of-2"]
+    assert row["stage_image_uris"] == [str(out / layout.stage_image_key("cli", 0, position, label))
+                                       for position, label in enumerate(row["stage_labels"])]
 
 
 def test_bad_templates_file_and_bad_band_count_are_clear_errors(tmp_path):

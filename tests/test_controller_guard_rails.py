@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from twig_batch.cli import app
 from twig_batch.controller import ControllerConfig, LatentController, read_trigger_log, write_trigger_log
 from twig_batch.controller.trigger_log import COLUMNS, summarize
+from twig_batch.io import layout
 
 PROMPTS = ["a red cube", "tree", "night sky with a moon"]
 ALWAYS = dict(tau_sim=2.0)  # uniform logits are maximally unsure and every s < 2: the trigger fires at every evaluation
@@ -103,14 +104,14 @@ def test_cli_saves_each_images_trigger_log_next_to_it(tiny_hf_dir, tmp_path):
                                       "--bands", "1", "--controller", "--tau-sim", "0.5",
                                       "--max-injections", "2", "--controller-set", "min_gap=100"])
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "sample-0000.json").read_text())
-    log = read_trigger_log(out / record["trigger_log"])
-    assert record["trigger_log"] == "sample-0000.triggers.parquet"
-    assert record["settings"]["controller"]["tau_sim"] == 0.5
-    assert record["settings"]["controller"]["min_gap"] == 100
-    assert record["n_evaluations"] == len(log) == 576 - 7
-    assert record["n_injections"] == sum(r["injected"] for r in log) == 2
-    assert record["n_triggers"] == sum(r["fired"] for r in log)
+    (row,) = pq.read_table(out / layout.MANIFEST).to_pylist()
+    assert row["trigger_log_uri"] == str(out / layout.trigger_log_key("cli", 0))  # beside its image
+    log = read_trigger_log(row["trigger_log_uri"])
+    controller = json.loads((out / layout.RUN_INFO).read_text())["settings"]["controller"]
+    assert controller["tau_sim"] == 0.5 and controller["min_gap"] == 100
+    assert len(log) == 576 - 7
+    assert row["n_injections"] == sum(r["injected"] for r in log) == 2
+    assert row["n_triggers"] == sum(r["fired"] for r in log)
 
 
 def test_cli_controller_switches():

@@ -51,7 +51,7 @@ def sampled_run(tmp_path_factory):
     with local_ray(num_cpus=4):
         sampler.start()
         summary = run_batch(RunConfig(input=str(prompts), output=str(dest), model="tiny-micro", actors=2,
-                                      batch_size=64, progress_interval_s=0.5), echo=sampler.echo)
+                                      images_per_call=64, progress_interval_s=0.5), echo=sampler.echo)
         sampler.stopped.set()
         sampler.join()
     return prompts, dest, summary, sampler.samples

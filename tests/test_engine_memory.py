@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twig_batch.controller.config import ControllerConfig
+from twig_batch.settings import ControllerConfig
 from twig_batch.engine.memory import (MAX_IMAGES_PER_CALL, bytes_per_image, free_device_bytes, images_per_call,
                                       kv_bytes_per_token, prefill_slice_bytes)
 from twig_batch.engine.static_decoder import StaticKVCache

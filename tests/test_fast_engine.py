@@ -91,7 +91,7 @@ def test_an_injection_runs_over_the_injected_images_rows_only(tiny64, monkeypatc
 
 def test_cache_holds_every_injection_the_controller_may_make(tiny64):
     from twig_batch.controller import LatentController
-    from twig_batch.controller.config import ControllerConfig
+    from twig_batch.settings import ControllerConfig
 
     config = ControllerConfig(max_injections_per_band=20, min_gap=0, min_history=1, force_every=1)
     controller = LatentController(tiny64, PROMPTS[:1], config)

@@ -38,7 +38,7 @@ def test_a_tenth_of_s3_writes_failing_transiently(cluster, tmp_path):
     plan = tmp_path / "faults.json"
     plan.write_text(json.dumps({"storage_failure_rate": 0.1, "storage_failure_kind": "throttle", "seed": 4,
                                 "state_dir": str(state)}))
-    result = run(prompts, "--output", "s3://faulty/run", "--model", "tiny-micro", "--actors", 2, "--batch-size", 20,
+    result = run(prompts, "--output", "s3://faulty/run", "--model", "tiny-micro", "--actors", 2, "--images-per-call", 20,
                  "--faults", plan)
     assert result.exit_code == 0, result.output
     assert "done: 120 image(s) drawn, 0 error(s)" in result.output
@@ -63,7 +63,7 @@ def test_a_straggling_actor_set_from_the_environment(cluster, tmp_path, monkeypa
     state, dest = tmp_path / "state", tmp_path / "out"
     monkeypatch.setenv(faults.ENV_VAR, json.dumps({"actor_delay_s": 1.0, "delayed_actors": 1,
                                                    "state_dir": str(state)}))
-    result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--batch-size", 8)
+    result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--images-per-call", 8)
     assert result.exit_code == 0, result.output
     assert "fault injection is on" in result.output and "done: 120 image(s) drawn, 0 error(s)" in result.output
 
@@ -81,7 +81,7 @@ def test_actors_that_keep_dying_end_the_run_with_a_clear_error_then_resume_finis
     prompts = write_prompts(tmp_path / "p.parquet", 64)
     state, dest = tmp_path / "state", tmp_path / "out"
     crash_loop = json.dumps({"kill_worker_after_rows": 1, "max_kills": 1000, "state_dir": str(state)})
-    common = [prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--batch-size", 8]
+    common = [prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--images-per-call", 8]
     start = time.monotonic()
     result = run(*common, "--max-actor-restarts", 1, "--max-task-retries", 1, "--faults", crash_loop)
     assert time.monotonic() - start < 300  # bounded: the default (retry forever) would never return

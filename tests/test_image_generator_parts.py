@@ -51,3 +51,21 @@ def test_part_size_follows_free_memory_and_the_longest_prompt(generators):
 def test_a_batch_is_drawn_in_parts_of_about_equal_size():
     assert [even_parts(256, most) for most in (165, 256, 300, 100, 1)] == [128, 256, 256, 86, 1]
     assert even_parts(5, 2) == 2  # 2 + 2 + 1: three parts either way
+
+
+def test_work_items_carry_their_ids_and_seeds_and_the_actor_draws_with_them(generators):
+    from twig_batch.distributed.work_items import as_work_item, expand_to_work_items
+    from twig_batch.seeds import derive_seed
+
+    items = expand_to_work_items(pa.table({"prompt": ["a red cube", "a cat"]}), prompt_column="prompt",
+                                 id_column=None, samples=2, base_seed=7).to_pylist()
+    assert [as_work_item(item, None) for item in items] == items  # final: nothing is derived again
+    strict = ImageGenerator(model="tiny-micro", base_seed=None)  # as the batch job builds its actors
+    rows = strict.draw_all(pa.Table.from_pylist(items)).to_pylist()
+    assert [(r["id"], r["sample_index"], r["seed"]) for r in rows] == \
+        [(i["id"], i["sample_index"], i["seed"]) for i in items]
+    with pytest.raises(ValueError, match="has no seed, and no base seed was given"):
+        strict.draw_all(pa.table({"id": ["x"], "prompt": ["a red cube"]}))
+    # A row of another pipeline is completed by the batch job's rules: the same id and seed it would get.
+    (row,) = generators[1].draw_all(pa.table({"prompt": ["a red cube"]})).to_pylist()
+    assert (row["id"], row["seed"]) == (items[0]["id"], derive_seed(0, items[0]["id"], 0))

@@ -53,7 +53,7 @@ def test_the_documented_submit_line_runs_on_a_token_cluster(token_head, tmp_path
     assert entrypoint[:2] == ["python", "jobs/generate_batch.py"] and (REPO / entrypoint[1]).is_file()
     command = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env",
                str(tmp_path / "runtime_env.yaml"), "--", "python", "jobs/generate_batch.py",
-               "examples/prompts.parquet", "--output", str(dest), "--samples-per-prompt", "1", "--batch-size", "8",
+               "examples/prompts.parquet", "--output", str(dest), "--samples-per-prompt", "1", "--images-per-call", "8",
                "--model", "tiny-micro"]
     result = subprocess.run(command, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True,
                             timeout=600)

@@ -108,7 +108,7 @@ def test_a_run_says_each_split_and_failure_once_and_records_it(cluster, tmp_path
     prompts = write_work(tmp_path / "p.parquet", 12, poisoned=6)
     plan = json.dumps({"oom_above_images": 2, "fail_prompts_containing": "poisoned"})
     result = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--model", "tiny-micro",
-                                 "--actors", 1, "--batch-size", 6, "--faults", plan])
+                                 "--actors", 1, "--images-per-call", 6, "--faults", plan])
     assert result.exit_code == 3, result.output  # finished, with one error row
     lines = result.output.splitlines()
     oom = [line for line in lines if "out of memory drawing a part" in line]
@@ -137,7 +137,7 @@ def test_a_run_says_each_split_and_failure_once_and_records_it(cluster, tmp_path
 
 def test_split_parts_draw_the_same_images_as_whole_ones(cluster, tmp_path):
     prompts = write_work(tmp_path / "p.parquet", 5)
-    common = ["--model", "tiny-micro", "--actors", 1, "--batch-size", 5, "--dtype", "float64"]  # batch invariance is exact in float64
+    common = ["--model", "tiny-micro", "--actors", 1, "--images-per-call", 5, "--dtype", "float64"]  # batch invariance is exact in float64
     split = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "split"), *map(str, common),
                                 "--faults", json.dumps({"oom_above_images": 1})])
     whole = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "whole"), *map(str, common)])
@@ -157,7 +157,7 @@ def test_rows_reach_the_driver_part_by_part_not_batch_by_batch(cluster, tmp_path
     assert 8 * len(prompts[0]) > STREAMING_BLOCK_BYTES
     pq.write_table(pa.table({"id": [f"s{i}" for i in range(32)], "prompt": prompts}), tmp_path / "p.parquet")
     run_batch(RunConfig(input=str(tmp_path / "p.parquet"), output=str(tmp_path / "out"), model="tiny-micro", actors=1,
-                        batch_size=8, work_batch_size=32, faults={"part_delay_s": 1.0}), echo=lambda line: None)
+                        images_per_call=8, work_batch_size=32, faults={"part_delay_s": 1.0}), echo=lambda line: None)
     (actor,) = json.loads((tmp_path / "out" / "run.json").read_text())["attempts"][-1]["actor_stats"].values()
     assert actor["parts"] == 4
     # One batch of 32 in four parts: each part's rows reach the driver as that part ends, a second apart.

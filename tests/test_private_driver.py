@@ -41,7 +41,7 @@ def test_a_killed_driver_leaves_no_ray_process(tmp_path):
     try:
         with open(log, "w") as out:
             driver = subprocess.Popen([sys.executable, "-m", "twig_batch.cli", "run", str(prompts), "-o",
-                                       str(tmp_path / "out"), "--model", "tiny-micro", "--batch-size", "8",
+                                       str(tmp_path / "out"), "--model", "tiny-micro", "--images-per-call", "8",
                                        "--progress-every", "1"], env=driver_env(ray_tmp), stdout=out,
                                       stderr=subprocess.STDOUT)
         wait_for_line(log, "progress: ", driver)  # the cluster and an actor are up, drawing
@@ -83,7 +83,7 @@ def test_a_full_disk_ends_in_one_line_with_what_was_drawn_recorded(tmp_path):
     # the namespace, so the output is copied out before the namespace ends.
     script = (f"mount -t tmpfs -o size=2m tmpfs {disk} && "
               f"{sys.executable} -m twig_batch.cli run {prompts} -o {disk}/out --model tiny-micro --actors 1 "
-              f"--batch-size 8 > {tmp_path}/driver.log 2>&1; echo $? > {tmp_path}/rc; cp -a {disk}/out {kept}")
+              f"--images-per-call 8 > {tmp_path}/driver.log 2>&1; echo $? > {tmp_path}/rc; cp -a {disk}/out {kept}")
     try:
         subprocess.run(namespace + ["sh", "-c", script], env=driver_env(ray_tmp), timeout=300, check=True)
     finally:

@@ -25,8 +25,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-runs")
     prompts = root / "prompts.parquet"
     pq.write_table(pa.table({"id": list(PROMPTS), "prompt": pa.array(list(PROMPTS.values()), pa.string())}), prompts)
-    config = dict(input=str(prompts), model="tiny", mode="twig", samples_per_prompt=2, batch_size=4,
-                  settings={"think_max_tokens": 4, "controller": {"force_every": 40}}, progress_interval_s=1e9)
+    config = dict(input=str(prompts), model="tiny", samples_per_prompt=2, images_per_call=4, progress_interval_s=1e9,
+                  settings={"mode": "twig", "think_max_tokens": 4, "controller": {"force_every": 40}})
     with s3_server():
         s3_client().create_bucket(Bucket="runs")
         with local_ray(num_cpus=4):

@@ -14,7 +14,7 @@ from batch_support import local_ray, read_manifest, restartable_s3_server, s3_cl
 from twig_batch.cli import app
 
 runner = CliRunner()
-MICRO = ["--model", "tiny-micro", "--actors", "1", "--batch-size", "8"]
+MICRO = ["--model", "tiny-micro", "--actors", "1", "--images-per-call", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_a_short_s3_outage_is_waited_out_and_said(s3, tmp_path):
 
     watcher = threading.Thread(target=refuse_once_images_arrive, daemon=True)
     watcher.start()
-    result = run(prompts, "--output", "s3://edges/outage", *MICRO, "--batch-size", 4, "--progress-every", 1,
+    result = run(prompts, "--output", "s3://edges/outage", *MICRO, "--images-per-call", 4, "--progress-every", 1,
                  "--faults", json.dumps({"part_delay_s": 0.4}))
     watcher.join()
     outage["thread"].join()

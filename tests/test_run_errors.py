@@ -68,7 +68,7 @@ def test_explicit_id_column_must_exist(tmp_path, prompts):
 def test_bad_settings(tmp_path, prompts):
     fails_cleanly([prompts, "--output", tmp_path / "out", "--set", "cfg_weight=-1"], "cfg weight")
     fails_cleanly([prompts, "--output", tmp_path / "out", "--set", "no_such_knob=1"], "unknown generation setting")
-    fails_cleanly([prompts, "--output", tmp_path / "out", "--batch-size", 0], "batch size")
+    fails_cleanly([prompts, "--output", tmp_path / "out", "--images-per-call", 0], "images per call must be >= 1")
     result = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--mode", "dream"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "'dream' is not one of 'plain', 'twig', 'seed'" in result.output

@@ -40,7 +40,7 @@ def big_run(ray_cluster, tmp_path_factory):
     prompts = write_prompts(root / "prompts.parquet", 200)
     dest = root / "out"
     result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--samples-per-prompt", 2,
-                 "--batch-size", 25, "--progress-every", 1)
+                 "--images-per-call", 25, "--progress-every", 1)
     return prompts, dest, result
 
 
@@ -127,7 +127,7 @@ def mixed_run(ray_cluster, tmp_path_factory):
     prompts = [f"a cube {i}" for i in range(len(HOSTILE_IDS))] + [None, "", "   \n", "a fine cube"]
     pq.write_table(pa.table({"id": ids, "prompt": prompts}), root / "mixed.parquet")
     dest = root / "deep" / "dest"
-    result = run(root / "mixed.parquet", "--output", dest, "--actors", 1, "--batch-size", 8)
+    result = run(root / "mixed.parquet", "--output", dest, "--actors", 1, "--images-per-call", 8)
     return root, dest, result
 
 
@@ -162,7 +162,7 @@ def test_hostile_ids_stay_inside_the_destination(mixed_run):
 def test_resume_redoes_error_rows_only(mixed_run):
     root, dest, _ = mixed_run
     ok_images = {r["image_uri"]: r["finished_at"] for r in read_manifest(dest).to_pylist() if r["status"] == "ok"}
-    result = run(root / "mixed.parquet", "--output", dest, "--actors", 1, "--batch-size", 8, "--resume")
+    result = run(root / "mixed.parquet", "--output", dest, "--actors", 1, "--images-per-call", 8, "--resume")
     assert result.exit_code == 3, result.output
     assert "done: 0 image(s) drawn, 3 error(s)" in result.output
     rows = read_manifest(dest).to_pylist()

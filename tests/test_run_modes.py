@@ -24,7 +24,7 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", 4)
     dest = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--mode", "twig", "--actors", "1",
-                                      "--batch-size", "4", "--set", "think_max_tokens=6", "--controller",
+                                      "--images-per-call", "4", "--set", "think_max_tokens=6", "--controller",
                                       "--controller-set", "force_every=100", "--deterministic"])
     assert result.exit_code == 0, result.output
     rows = read_manifest(dest).to_pylist()

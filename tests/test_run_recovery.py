@@ -59,7 +59,7 @@ def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
     """Run the CLI as its own driver on the shared cluster; SIGKILL it once it has flushed a new part."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     command = [sys.executable, "-m", "twig_batch.cli", "run", str(prompts), "--output", str(dest), "--actors", "2",
-               "--batch-size", "4", "--journal-every", "4", *extra]
+               "--images-per-call", "4", "--journal-every", "4", *extra]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 480  # generous: CI machines may be busy
     while len(journal_parts(dest)) <= parts_before:

@@ -25,7 +25,7 @@ def s3_run(tmp_path_factory):
 
         source = upload_parquet("prompts", "batches/2026/p.parquet", pq.read_table(table_path))
         args = ["run", "s3://prompts/batches/2026/", "--output", "s3://results/runs/first", "--actors", 2,
-                "--samples-per-prompt", 2, "--batch-size", 25, "--model", "tiny-micro"]
+                "--samples-per-prompt", 2, "--images-per-call", 25, "--model", "tiny-micro"]
         first = runner.invoke(app, list(map(str, args)))
         objects_after_first = _objects("results")
         second = runner.invoke(app, list(map(str, args + ["--resume"])))

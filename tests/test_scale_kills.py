@@ -26,7 +26,7 @@ def killed_run(tmp_path_factory):
     plan = {"kill_worker_after_rows": 300, "max_kills": KILLS, "seed": 1, "state_dir": str(state)}
     with local_ray(num_cpus=4):
         result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--model", "tiny-micro",
-                                          "--actors", "2", "--batch-size", str(BATCH), "--journal-every", "500",
+                                          "--actors", "2", "--images-per-call", str(BATCH), "--journal-every", "500",
                                           "--faults", json.dumps(plan)])
     return prompts, dest, state, result
 

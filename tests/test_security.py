@@ -46,7 +46,7 @@ def local_run(cluster, tmp_path_factory):
     source.parent.mkdir()
     pq.write_table(hostile_table(), source)
     dest = root / "deep" / "dest"
-    result = runner.invoke(app, ["run", str(source), "--output", str(dest), "--batch-size", "8"])
+    result = runner.invoke(app, ["run", str(source), "--output", str(dest), "--images-per-call", "8"])
     assert result.exit_code == 0, result.output
     return root, source, dest
 
@@ -57,7 +57,7 @@ def s3_run(cluster, tmp_path_factory):
     for bucket in ("secure-in", "secure-out"):
         client.create_bucket(Bucket=bucket)
     source = upload_parquet("secure-in", "ids.parquet", hostile_table().slice(0, 5))
-    result = runner.invoke(app, ["run", source, "--output", "s3://secure-out/runs/one", "--batch-size", "8"])
+    result = runner.invoke(app, ["run", source, "--output", "s3://secure-out/runs/one", "--images-per-call", "8"])
     assert result.exit_code == 0, result.output
     return result
 

@@ -30,7 +30,7 @@ def cluster():
 
 def run(prompts, output):
     return runner.invoke(app, ["run", str(prompts), "--output", str(output), "--samples-per-prompt", str(SAMPLES),
-                               "--batch-size", "4"])
+                               "--images-per-call", "4"])
 
 
 @pytest.fixture(scope="module")

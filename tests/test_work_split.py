@@ -21,5 +21,5 @@ def test_gpu_calls_reach_every_actor_and_stay_whole_parts(items, actors):
 
 def test_an_explicit_size_and_a_cpu_keep_their_calls():
     assert RunConfig("in.parquet", "out", work_batch_size=48).work_batch(1.0, 10_000, 2) == 48
-    assert RunConfig("in.parquet", "out", batch_size=8).work_batch(1.0, 10_000, 2) == 8
+    assert RunConfig("in.parquet", "out", images_per_call=8).work_batch(1.0, 10_000, 2) == 8
     assert RunConfig("in.parquet", "out").work_batch(0, 10_000, 2) == 16

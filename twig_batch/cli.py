@@ -1,7 +1,6 @@
 """The `twig-batch` command line."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from enum import Enum
@@ -94,6 +93,7 @@ def _fail(exc: Exception) -> None:
 
 
 MODEL_HELP = "'tiny' (or 'tiny-micro', 'random-7b'), a checkpoint folder (either layout) or a Hugging Face id."
+GENERATE_ID = "cli"  # the id of `generate`'s images in its manifest and output layout
 DETERMINISTIC_HELP = ("The same bits on every GPU run for the same seeds (attention on kernels that repeat "
                       "themselves; bf16 decode steps ~35% slower). CPU runs always repeat.")
 
@@ -128,11 +128,32 @@ def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: 
     return ControllerConfig.from_dict(config.to_dict() | given)
 
 
+def _generation_settings(mode: Mode, flags: dict, pairs: list[str], controller):
+    """The generation flags, `--set KEY=VALUE` pairs and the controller's config -> the one
+    GenerationSettings a command hands down (a flag left at None says nothing)."""
+    from twig_batch.settings import GenerationSettings, parse_pairs
+
+    values = parse_pairs(pairs)
+    if "mode" in values:
+        raise InputError("set the mode with --mode, not as an extra setting")
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in values:
+            raise InputError(f"--{name.replace('_', '-')} and --set {name}=... both set {name}: give one")
+        values[name] = value
+    if controller is not None:
+        values["controller"] = controller
+    return GenerationSettings.from_dict({"mode": mode.value, **values})
+
+
 @app.command(cls=_Command)
 def generate(
     prompt: str = typer.Argument(..., metavar="PROMPT", help="The text prompt."),
     model: str = typer.Option("tiny", help=MODEL_HELP),
-    out: Path = typer.Option(Path("twig-output/generate"), help="Output folder."),
+    out: Path = typer.Option(Path("twig-output/generate"), help="Output folder: a run laid out as a batch run's "
+                                                                "(images, manifest, run.json), replaced by the next "
+                                                                "generate into it."),
     seed: int = typer.Option(0, help="Base seed; image i uses a seed derived from (seed, prompt, i)."),
     num_images: int = typer.Option(1, min=1, help="How many images."),
     mode: Mode = typer.Option(Mode.plain, help="What happens per image (README.md, Modes)."),
@@ -162,57 +183,58 @@ def generate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16."),
 ) -> None:
-    """Generate images for one prompt: PNGs plus one JSON record per image."""
+    """Generate images for one prompt, no Ray: a run in OUT that `verify` and `report` read as a batch run's."""
     from twig_batch.devices import resolve_device, resolve_dtype
+    from twig_batch.io.generated_run import check_destination, write_generated_run
+    from twig_batch.io.run_info import run_identity, utc_now
+    from twig_batch.io.storage import open_storage
     from twig_batch.model import load_janus
     from twig_batch.pipeline import ImageRequest, generate_images
     from twig_batch.seeds import derive_seed
-    from twig_batch.settings import GenerationSettings
 
     try:
-        settings = GenerationSettings(mode=mode.value, bands=bands, reflect=reflect, theta=theta,
-                                      think_max_tokens=think_max_tokens, cfg_weight=cfg_weight,
-                                      temperature=temperature, top_k=top_k, top_p=top_p, deterministic=deterministic)
-        settings.controller = _controller_config(
+        controller_config = _controller_config(
             controller, controller_weights, controller_set,
             {"tau_drop": tau_drop, "tau_var": tau_var, "tau_entropy": tau_entropy, "tau_sim": tau_sim,
              "max_injections_per_band": max_injections})
+        settings = _generation_settings(mode, {"bands": bands, "reflect": reflect, "theta": theta,
+                                               "think_max_tokens": think_max_tokens, "cfg_weight": cfg_weight,
+                                               "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                               "deterministic": deterministic}, [], controller_config)
         if not prompt.strip():
             raise TwigBatchError("the prompt is empty")
         from twig_batch.prompts import load_templates
 
         prompt_templates = load_templates(templates) if templates is not None else None
+        storage = open_storage(str(out))
+        replacing = check_destination(storage)  # before the model loads
+        started_at = utc_now()
         torch_device = resolve_device(device)
         start = time.perf_counter()
         bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
         load_s = time.perf_counter() - start
-        requests = [ImageRequest("cli", prompt, i, derive_seed(seed, prompt, i)) for i in range(num_images)]
+        # Every image has the id "cli" and its seed from (seed, prompt, i): computed here, once.
+        requests = [ImageRequest(GENERATE_ID, prompt, i, derive_seed(seed, prompt, i)) for i in range(num_images)]
+        start = time.perf_counter()
         results = generate_images(bundle, requests, settings, templates=prompt_templates)
+        generation_s = time.perf_counter() - start
+        if replacing:
+            typer.echo(replacing)
+        written = write_generated_run(storage, results, run_identity(model, settings, seed, prompt_templates), prompt,
+                                      {"started_at": started_at, "device": device, "dtype": dtype,
+                                       "model_load_s": round(load_s, 2)},
+                                      generation_s, controller_ran=settings.controller is not None)
     except TwigBatchError as exc:
         _fail(exc)
-    from twig_batch.io import layout
-
-    out.mkdir(parents=True, exist_ok=True)
-    for result in results:  # named as in a batch run's item folder: sample-0000.png, .stage-00-<label>.png, ...
-        stem = layout.sample_name(result.request.sample_index)
-        result.image.save(out / f"{stem}.png")
-        bands = [stem + layout.stage_suffix(position, label) for position, (label, _) in enumerate(result.band_images)]
-        for name, (_, band_image) in zip(bands, result.band_images):
-            band_image.save(out / name)
-        record = result.record() | {"model": model, "base_seed": seed, "settings": settings.to_dict(),
-                                    "image": f"{stem}.png", "stage_images": bands, "load_s": load_s}
-        if settings.controller is not None:
-            from twig_batch.controller import write_trigger_log
-
-            write_trigger_log(result.trigger_log, out / (stem + layout.TRIGGER_LOG_SUFFIX))
-            record["trigger_log"] = stem + layout.TRIGGER_LOG_SUFFIX
-        (out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    typer.echo(f"{len(results)} image(s) written to {out}")
+    typer.echo(f"{written['manifest_ok']} image(s) written to {out}: images in {written['images']}, records in "
+               f"{written['manifest']}")
 
 
 MAX_ERRORS_HELP = ("Error rows allowed before the exit status is 3: a number (25) or a percentage of the rows "
                    "(1%).")
 ALLOW_ERRORS_HELP = "Exit 0 whatever number of error rows the manifest holds."
+BATCH_SIZE_DEPRECATED = ("--batch-size is deprecated: it is --images-per-call now (images per model call); work "
+                         "items per actor call follow it, or --work-batch-size")
 GENERATION, CONTROLLER, RAY = "Generation (any other setting: --set)", "Latent controller", "Ray and recovery"
 
 
@@ -275,8 +297,15 @@ def run_cmd(
                                          rich_help_panel=RAY),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs each actor reserves.", show_default="1, 0 on CPU",
                                                    rich_help_panel=RAY),
-    batch_size: Optional[int] = typer.Option(None, help="Images per model call on each actor.", rich_help_panel=RAY,
-                                             show_default="as many as fit in each GPU's free memory, 16 on CPU"),
+    images_per_call: Optional[int] = typer.Option(None, help="Images per model call on each actor.",
+                                                  rich_help_panel=RAY,
+                                                  show_default="as many as fit in each GPU's free memory; on a CPU, "
+                                                               "a call's work items"),
+    work_batch_size: Optional[int] = typer.Option(None, help="Work items per actor call (Ray Data's batch size).",
+                                                  rich_help_panel=RAY,
+                                                  show_default="--images-per-call when given, else up to 256 "
+                                                               "(fewer on a short run; 16 on CPU)"),
+    batch_size: Optional[int] = typer.Option(None, hidden=True, help=BATCH_SIZE_DEPRECATED),
     device: str = typer.Option("auto", help="Device on each actor: auto, cpu, cuda.", rich_help_panel=RAY),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, float64, bfloat16.",
                               rich_help_panel=RAY),
@@ -302,25 +331,22 @@ def run_cmd(
 ) -> None:
     """Batch job on Ray: every prompt x sample -> images, band images, trigger logs and a Parquet manifest."""
     from twig_batch.distributed import RunConfig, run_batch
-    from twig_batch.distributed.run_config import parse_settings
 
     try:
         allowance = ErrorAllowance.parse(max_errors, allow_errors)
-        extra = parse_settings(setting)
         flags = {"bands": bands, "reflect": reflect, "theta": theta, "think_max_tokens": think_max_tokens,
                  "cfg_weight": cfg_weight, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "deterministic": deterministic or None}
-        for name, value in flags.items():
-            if value is None:
-                continue
-            if name in extra:
-                raise InputError(f"--{name.replace('_', '-')} and --set {name}=... both set {name}: give one")
-            extra[name] = value
-        controller_config = _controller_config(controller, controller_weights, controller_set, {})
-        if controller_config is not None:
-            extra["controller"] = controller_config.to_dict()
-        config = RunConfig(input=input, output=output, model=model, mode=mode.value, settings=extra,
-                           actors=actors, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+        settings = _generation_settings(mode, flags, setting,
+                                        _controller_config(controller, controller_weights, controller_set, {}))
+        if batch_size is not None:
+            if images_per_call is not None:
+                raise InputError("--batch-size is the old name of --images-per-call: give one")
+            typer.secho(f"warning: {BATCH_SIZE_DEPRECATED}", fg=typer.colors.YELLOW, err=True)
+            images_per_call = batch_size
+        config = RunConfig(input=input, output=output, model=model, settings=settings,
+                           actors=actors, gpus_per_actor=gpus_per_actor, images_per_call=images_per_call,
+                           work_batch_size=work_batch_size,
                            samples_per_prompt=samples_per_prompt, seed=seed, resume=resume, overwrite=overwrite,
                            prompt_column=prompt_column, id_column=id_column, seed_column=seed_column,
                            device=device, dtype=dtype,

@@ -1,19 +1,108 @@
-"""Generation settings: one slotted dataclass, validated once, shared by the CLI, the API and Ray."""
+"""Generation settings: slotted dataclasses, validated once, built at the edge (the CLI, the API) and
+handed down as they are, to Ray actors too (they pickle).
+
+`GenerationSettings` holds what every mode reads; its `controller` is the latent controller's own
+`ControllerConfig` (None: no controller). Nothing here imports the layers that use them.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
-from twig_batch.controller.config import ControllerConfig
-from twig_batch.errors import InputError
+from twig_batch.errors import InputError, unknown_name
 
 MODES = ("plain", "twig", "seed")
 KV_CACHES = ("model", "fp8")  # the image-token cache in the model's dtype, or fp8 (engine/fp8_kv.py)
 
 
 @dataclass(slots=True)
+class ControllerConfig:
+    """Every number of the latent controller (docs/controller.md)."""
+
+    # Condenser: M learnable queries over the hidden states of the last `window` image tokens.
+    memory_tokens: int = 8
+    window: int = 32
+    attention_heads: int = 8
+    # Shaper: control tokens appended to the KV cache per injection.
+    control_tokens: int = 4
+    # Trigger: fire on (ds < -tau_drop and var > tau_var) or (u > tau_entropy and s < tau_sim).
+    tau_drop: float = 0.05
+    tau_var: float = 0.002
+    tau_entropy: float = 3.5
+    tau_sim: float = 0.25
+    var_window: int = 16  # evaluations the variance of s is taken over
+    # Think: the last N tokens of the clean user prompt.
+    think_tokens: int = 64
+    # Translator: the control vector's gate is scaled into [0, max_scale].
+    max_scale: float = 1.0
+    # Weights: a safetensors file, or a deterministic initialisation from init_seed.
+    weights: str | None = None
+    init_seed: int = 0
+    init_std: float = 0.02
+    # Guard rails.
+    min_history: int = 8  # image tokens a band must have drawn before the first evaluation
+    eval_every: int = 1  # evaluate at global steps divisible by this
+    max_injections_per_band: int = 4
+    min_gap: int = 32  # steps between two injections into the same image
+    # Forced fires, for tests and benchmarks: fire after every `force_every`-th step (0 = never),
+    # for the listed request indices only (empty = all). Guard rails still apply.
+    force_every: int = 0
+    force_images: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive = ("memory_tokens", "window", "attention_heads", "control_tokens", "var_window", "think_tokens",
+                    "eval_every", "max_injections_per_band")
+        for name in positive:
+            _check_int(name, getattr(self, name), 1)
+        for name in ("min_history", "min_gap", "force_every", "init_seed"):
+            _check_int(name, getattr(self, name), 0)
+        for name in ("tau_drop", "tau_var", "tau_entropy", "tau_sim", "max_scale", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise InputError(f"controller {name} must be a number, got {value!r}")
+        for name in ("tau_var", "max_scale", "init_std"):
+            if getattr(self, name) < 0:
+                raise InputError(f"controller {name} must be >= 0, got {getattr(self, name)}")
+        if self.min_history > self.window:
+            raise InputError(f"controller min_history ({self.min_history}) cannot exceed window ({self.window})")
+        self.force_images = tuple(self.force_images)
+        for image in self.force_images:
+            _check_int("force_images entry", image, 0)
+        if self.weights is not None:
+            self.weights = str(self.weights)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ControllerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown controller setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def with_overrides(self, pairs: list[str]) -> ControllerConfig:
+        """Apply `name=value` strings (from the command line), typed after the existing field."""
+        values = self.to_dict()
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep:
+                raise InputError(f"controller setting {pair!r} is not name=value")
+            if name not in values:
+                raise unknown_name("controller setting", name, values)
+            values[name] = _parse_like(values[name], text.strip(), name)
+        return ControllerConfig.from_dict(values)
+
+
+@dataclass(slots=True)
 class GenerationSettings:
+    """What every image of a call shares. Bands that fit the image's token rows are the band
+    schedule's to check (`pipeline/bands.py`): the rows are known only with the model."""
+
     mode: str = "plain"
     cfg_weight: float = 5.0
     temperature: float = 1.0
@@ -65,16 +154,31 @@ class GenerationSettings:
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
 
-    def check_geometry(self, token_rows: int) -> None:
-        """Bands split the image's token rows evenly; call once the model (and its grid) is known."""
-        if token_rows % self.bands:
-            divisors = [k for k in range(1, token_rows + 1) if token_rows % k == 0]
-            raise InputError(
-                f"bands={self.bands} does not divide the image's {token_rows} token rows; use one of {divisors}"
-            )
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GenerationSettings:
+        """Settings given by name (`--set`, JSON, a Python dict); an unknown name lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in values:
+            if name not in known:  # the mode is left out of the list: it has a flag of its own
+                raise unknown_name("generation setting", name, known - {"mode"})
+        return cls(**values)
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings -> settings; values are read as JSON when they parse (3, 4.5, true, null)."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"a setting is KEY=VALUE, got {pair!r}")
+        try:
+            values[key.strip()] = json.loads(value)
+        except ValueError:
+            values[key.strip()] = value
+    return values
 
 
 def _whole(x) -> bool:
@@ -83,3 +187,23 @@ def _whole(x) -> bool:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"controller {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _parse_like(current, text: str, name: str):
+    try:
+        if name == "weights":
+            return None if text.lower() in ("", "none") else text
+        if name == "force_images":
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        if isinstance(current, bool):
+            return text.lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(text)
+        return float(text)
+    except ValueError:
+        raise InputError(f"controller {name} cannot be {text!r}") from None

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from twig_batch.controller.config import ControllerConfig
+from twig_batch.settings import ControllerConfig
 from twig_batch.controller.think import ThinkContext, prompt_vector, think_ids
 from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.controller.trigger_log import TriggerLog

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from twig_batch.controller.config import ControllerConfig
+from twig_batch.settings import ControllerConfig
 
 
 def trigger_fires(s: torch.Tensor, delta_s: torch.Tensor, var_s: torch.Tensor, u: torch.Tensor,

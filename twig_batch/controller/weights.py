@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from twig_batch.controller.condenser import Condenser
-from twig_batch.controller.config import ControllerConfig
+from twig_batch.settings import ControllerConfig
 from twig_batch.controller.shaper import Shaper
 from twig_batch.controller.translator import Translator
 from twig_batch.errors import ModelLoadError

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import uuid
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,9 +33,8 @@ from twig_batch.errors import DestinationFullError, InputError, TwigBatchError
 from twig_batch.io import layout
 from twig_batch.io.dataset import InputFiles, InputSummary, check_input, resolve_input
 from twig_batch.io.earlier_run import clear_run, earlier_run
-from twig_batch.io.manifest import ManifestJournal, consolidate
-from twig_batch.io.row_errors import common_causes
-from twig_batch.io.run_info import software_versions, utc_now, write_complete_marker, write_run_info
+from twig_batch.io.manifest import ManifestJournal, consolidate, manifest_totals
+from twig_batch.io.run_info import new_attempt_id, record_complete, run_identity, software_versions, utc_now, write_run_info
 from twig_batch.io.storage import LocalStorage, S3Storage, open_storage
 from twig_batch.settings import GenerationSettings
 
@@ -46,8 +43,6 @@ from twig_batch.settings import GenerationSettings
 class _Preflight:
     """Everything learnt before Ray is joined: if any of it fails, no model was loaded anywhere."""
 
-    settings: GenerationSettings
-    templates: object  # prompts.Templates or None
     files: InputFiles
     source: InputSummary
     id_column: str | None
@@ -66,8 +61,7 @@ class _Preflight:
 
 
 def preflight(config: RunConfig) -> _Preflight:
-    settings = config.generation_settings()
-    templates = config.prompt_templates()
+    settings, templates = config.settings, config.templates
     _check_mode_available(settings.mode)
     files = resolve_input(config.input)
     id_column = config.id_column or "id"
@@ -80,13 +74,10 @@ def preflight(config: RunConfig) -> _Preflight:
     _check_model_reference(config.model, settings)  # before the destination is touched
     storage = open_storage(config.output)
     storage.check_writable()
-    identity = json.loads(json.dumps({
-        "model": config.model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": config.seed,
-        "prompt_column": config.prompt_column, "id_column": id_column if source.has_id_column else None,
-        "seed_column": seed_column,
-        "templates": dataclasses.asdict(templates) if templates is not None else None}, default=str))
+    identity = run_identity(config.model, settings, config.seed, templates, config.prompt_column,
+                            id_column if source.has_id_column else None, seed_column)
     earlier = earlier_run(storage, identity, config.resume, config.overwrite)
-    return _Preflight(settings, templates, files, source, id_column if source.has_id_column else None, storage,
+    return _Preflight(files, source, id_column if source.has_id_column else None, storage,
                       identity, earlier.info, earlier.skip, seed_column=seed_column, text_lengths=_text_lengths(),
                       replaced=earlier.describe(storage.root_uri), repeats=repeats)
 
@@ -113,7 +104,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             plan = plan_actors(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.device)
             check_model_on_a_worker(config.model, plan)  # before anything is written or any model loads
             check_storage_on_a_worker(checked.files, storage, plan)
-            attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+            attempt = new_attempt_id()
             info = _start_attempt(config, checked, plan, attempt)
             total = checked.total(config.samples_per_prompt)
             progress = Progress(total=total, already_done=min(len(checked.skip), total), echo=echo,
@@ -153,7 +144,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             _record_failure(storage, info, journal, exc, echo)
         raise
     journal.flush()
-    return _finish(config, checked, info, attempt, progress, total, echo, events)
+    return _finish(config, checked, info, progress, total, echo, events)
 
 
 def _record_retries(info: dict | None, retries: dict | None) -> None:
@@ -196,7 +187,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
                 versions=software_versions())
     info["attempts"].append({"attempt": attempt, "started_at": utc_now(), "resumed": checked.previous is not None,
                              "actors": plan.actors, "gpus_per_actor": plan.gpus_per_actor,
-                             "batch_size": config.batch_size, "device": config.device, "dtype": config.dtype})
+                             "images_per_call": config.images_per_call, "device": config.device,
+                             "dtype": config.dtype})
     if checked.replaced:
         info["attempts"][-1]["replaced"] = checked.replaced.split(": ", 1)[1]
     if checked.repeats.copies:  # rows that are not drawn on their own
@@ -222,8 +214,7 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Prog
     # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
     if len(checked.skip) >= total and items.count() == 0:
         return
-    results = generate(items, config, plan, per_call, checked.storage.root_uri, checked.settings,
-                       checked.templates, checked.text_lengths, retry_board)
+    results = generate(items, config, plan, per_call, checked.storage.root_uri, checked.text_lengths, retry_board)
     if not checked.storage.hold_reserve():  # for the records of a run that fills its disk (`_record_failure`)
         events.echo(f"the disk of {checked.storage.root_uri} has no room left for the space kept for the run's "
                     "records: if it fills, the last rows may go unrecorded (a --resume redraws them)")
@@ -239,29 +230,23 @@ def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Prog
         raise _with_restart_limits(_user_facing(exc), config) from None
 
 
-def _finish(config: RunConfig, checked: _Preflight, info: dict, attempt: str, progress: Progress, total: int,
+def _finish(config: RunConfig, checked: _Preflight, info: dict, progress: Progress, total: int,
             echo, events: RunEvents) -> dict:
     storage = checked.storage
     storage.release_reserve()  # the manifest may need it more
     if isinstance(storage, LocalStorage):  # every writer has stopped: a killed one's staging files go
         storage.remove_staging_leftovers()
-    manifest = consolidate(storage)
-    statuses = manifest.column("status")
-    summary = {**progress.summary(), "manifest_rows": manifest.num_rows,
-               "manifest_ok": int(pc.sum(pc.equal(statuses, "ok")).as_py() or 0),
-               "manifest_errors": int(pc.sum(pc.equal(statuses, "error")).as_py() or 0),
+    totals = manifest_totals(consolidate(storage))
+    summary = {**progress.summary(), **{k: totals[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors")},
                "images": storage.uri(layout.IMAGES_DIR), "manifest": storage.uri(layout.MANIFEST)}
     summary["skipped_already_ok"] = max(0, total - progress.ok - progress.errors) if config.resume else 0
     steady = events.steady_images_per_s()
     summary["steady_images_per_s"] = round(steady, 4) if steady is not None else None
     summary["actor_stats"] = events.attempt["actor_stats"]
-    summary["error_causes"] = common_causes(manifest.filter(pc.equal(statuses, "error")).column("error").to_pylist())
+    summary["error_causes"] = totals["error_causes"]
     info["attempts"][-1].update(finished_at=utc_now(), ok=progress.ok, errors=progress.errors,
                                 skipped=summary["skipped_already_ok"])
-    info.update(status="complete", totals={k: summary[k] for k in ("manifest_rows", "manifest_ok", "manifest_errors",
-                                                                     "error_causes")})
-    write_run_info(storage, info)
-    write_complete_marker(storage, {"attempt": attempt, **summary})  # last: the run is done and final
+    record_complete(storage, info, summary)  # last: the run is done and final
     echo(f"done: {progress.ok} image(s) drawn, {progress.errors} error(s), {summary['skipped_already_ok']} skipped "
          f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s"
          + (f"; {steady:.2f} once the actors were running)" if steady is not None else ")"))
@@ -288,21 +273,19 @@ def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset,
     return items.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def generate(items, config: RunConfig, plan, per_call: int, output_uri: str, settings, templates=None,
-             text_lengths=None, retry_board=None):
-    """The model stage: a pool of actors, each holding one model, `per_call` work items per call."""
+def generate(items, config: RunConfig, plan, per_call: int, output_uri: str, text_lengths=None, retry_board=None):
+    """The model stage: a pool of actors, each holding one model, drawing `per_call` work items per
+    call in parts of `config.images_per_call` images (or what fits)."""
     import warnings
 
     with warnings.catch_warnings():
         # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
         # deprecated without a named replacement yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _actor_pool_stage(items, config, plan, per_call, output_uri, settings, templates, text_lengths,
-                                 retry_board)
+        return _actor_pool_stage(items, config, plan, per_call, output_uri, text_lengths, retry_board)
 
 
-def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri: str, settings, templates,
-                      text_lengths, retry_board):
+def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri: str, text_lengths, retry_board):
     import ray
 
     from twig_batch.pipeline.text_lengths import ENV_VAR
@@ -312,9 +295,9 @@ def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri:
 
     return items.map_batches(
         ImageGenerator,
-        fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": settings.to_dict(),
-                               "device": config.device, "dtype": config.dtype, "base_seed": config.seed,
-                               "templates": templates, "images_per_call": config.batch_size,
+        fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": config.settings,
+                               "device": config.device, "dtype": config.dtype, "base_seed": None,  # items carry seeds
+                               "templates": config.templates, "images_per_call": config.images_per_call,
                                "faults": config.faults.to_dict() if config.faults is not None else None,
                                "report_events": True, "storage_retry_s": config.storage_retry_s,
                                "retry_board": retry_board},
@@ -372,11 +355,12 @@ def _check_model_reference(ref: str, settings: GenerationSettings) -> None:
     weights that do not fit it here, from its config alone, rather than once per actor."""
     from twig_batch.controller.weights import check_weights_file
     from twig_batch.model.loading import check_checkpoint
+    from twig_batch.pipeline.bands import BandSchedule
 
     model_config = check_checkpoint(ref)
     if model_config is None:  # a Hugging Face id (or random-*): the actors check it once they have it
         return
-    settings.check_geometry(model_config.vq_config.num_patches)
+    BandSchedule(model_config.vq_config.num_patches, settings.bands)  # bands that do not divide its rows fail here
     if settings.controller is not None and settings.controller.weights is not None:
         check_weights_file(settings.controller.weights, model_config.text_config.hidden_size, settings.controller)
 

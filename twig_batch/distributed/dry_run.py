@@ -35,9 +35,9 @@ def dry_run(config: RunConfig, echo=print) -> dict:
     summary = {"prompts": checked.source.rows, "files": len(checked.files.paths), "images": total,
                "already_done": done, "to_draw": to_draw, "output": checked.storage.root_uri,
                "earlier_run": _earlier(checked), "model": _model(config.model),
-               "settings": _changed_settings(checked.settings),
+               "settings": _changed_settings(config.settings),
                "cluster": f"joins the Ray cluster at {cluster}" if cluster else "starts a private local Ray cluster",
-               "estimate": _estimate(config.model, checked.settings, to_draw)}
+               "estimate": _estimate(config.model, config.settings, to_draw)}
     echo("dry run: every check passed; no model loaded, nothing drawn or written")
     echo(f"  input:    {checked.source.rows} prompt(s) in {len(checked.files.paths)} file(s) ({checked.files.uri})")
     echo(f"  images:   {distinct} x {config.samples_per_prompt} sample(s) = {total}; {done} already "
@@ -46,7 +46,7 @@ def dry_run(config: RunConfig, echo=print) -> dict:
         echo(f"  repeats:  {checked.repeats.describe()}")
     echo(f"  output:   {checked.storage.root_uri} (writable; {summary['earlier_run']})")
     echo(f"  model:    {summary['model']}")
-    echo(f"  settings: mode {checked.settings.mode}" + "".join(f", {k} {v}" for k, v in summary["settings"].items()))
+    echo(f"  settings: mode {config.settings.mode}" + "".join(f", {k} {v}" for k, v in summary["settings"].items()))
     echo(f"  cluster:  {summary['cluster']}")
     echo(f"  estimate: {summary['estimate']}")
     return summary

@@ -7,6 +7,11 @@ written, so the driver sees progress part by part. With `output` set, the images
 and the rows carry their URIs; without it, the PNG bytes travel in the returned batches, for
 pipelines that want to handle images themselves.
 
+The batch job hands every actor its one `GenerationSettings` and work items that carry their final
+ids and seeds: nothing is derived again here. A pipeline of the user's own may pass a dict of
+settings and rows without ids or seeds; they are completed once, at the door, by the batch job's
+own rules (`work_items.as_work_item`).
+
 A row that cannot be drawn (null, empty, too long or control characters in its prompt, a bad row
 seed, a generation error) comes back with status `error` and the reason; the rest of its batch
 still goes through. How failing parts are split and isolated is `parts.py`'s; with
@@ -29,7 +34,6 @@ from twig_batch.distributed.parts import Drawn, PartDrawer, breaks_the_device, d
 from twig_batch.io.manifest import SCHEMA, error_row
 from twig_batch.pipeline import ImageRequest
 from twig_batch.settings import GenerationSettings
-from twig_batch.seeds import derive_seed
 
 WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
@@ -38,19 +42,20 @@ DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray re
 
 
 class ImageGenerator:
-    def __init__(self, model: str = "tiny", output: str | None = None, settings: dict | GenerationSettings | None = None,
-                 device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int = 0,
+    def __init__(self, model: str = "tiny", output: str | None = None, settings: GenerationSettings | dict | None = None,
+                 device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int | None = 0,
                  templates=None, faults: dict | None = None, images_per_call: int | None = None,
                  report_events: bool = False, storage_retry_s: float | None = None, retry_board=None):
         started = time.perf_counter()
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
         from twig_batch.model import load_janus
+        from twig_batch.pipeline.bands import BandSchedule
 
         if isinstance(settings, GenerationSettings):
             self.settings = settings
         else:
-            self.settings = GenerationSettings(**(settings or {}))
+            self.settings = GenerationSettings.from_dict(settings or {})
         torch_device = resolve_device(device)
         loading = time.perf_counter()
         self.bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
@@ -60,10 +65,10 @@ class ImageGenerator:
         warming = time.perf_counter()
         warm_up(self.bundle)  # kernels compile now, not during the first part
         warm_up_s = time.perf_counter() - warming
-        self.settings.check_geometry(self.bundle.grid)
+        BandSchedule(self.bundle.grid, self.settings.bands)  # bands that do not fit fail the actor, not every row
         self.model_name = model_name or model
         self.storage = open_storage(output) if output else None
-        self.base_seed = base_seed
+        self.base_seed = base_seed  # for rows without a seed; None: every row must carry one (the batch job's do)
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
         self.images_per_call = images_per_call  # None: as many as fit in the GPU's free memory
         self.report_events = report_events
@@ -116,20 +121,13 @@ class ImageGenerator:
         return pa.concat_tables(list(self(batch)))
 
     def _request(self, item: dict) -> tuple[ImageRequest, str | None]:
-        from twig_batch.distributed.work_items import content_id
+        from twig_batch.distributed.work_items import as_work_item
         from twig_batch.io.prompt_checks import text_problem
 
+        item = as_work_item(item, self.base_seed)
         prompt = item.get("prompt")
-        prompt_id = item.get("id")
-        prompt_id = str(prompt_id) if prompt_id is not None else content_id(prompt if isinstance(prompt, str) else None)
-        sample = int(item.get("sample_index") or 0)
+        request = ImageRequest(item["id"], prompt if isinstance(prompt, str) else "", item["sample_index"], item["seed"])
         problem = item.get("problem")  # found while the input was read (a bad row seed)
-        seed = item.get("seed")
-        if seed is not None:
-            seed = int(seed)
-        elif not problem:
-            seed = derive_seed(self.base_seed, prompt_id, sample)
-        request = ImageRequest(prompt_id, prompt if isinstance(prompt, str) else "", sample, seed)
         return request, problem or text_problem(prompt) or self._prompt_budget().problem(prompt)
 
     def _prompt_budget(self):

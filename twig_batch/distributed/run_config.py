@@ -1,12 +1,11 @@
 """`RunConfig`: everything one batch run needs, validated before anything is read or started."""
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from twig_batch.errors import InputError, unknown_name
+from twig_batch.errors import InputError
 from twig_batch.settings import GenerationSettings
 
 GPU_WORK_BATCH = 256
@@ -18,6 +17,7 @@ SMALLEST_GPU_WORK_BATCH = 32
 
 if TYPE_CHECKING:
     from twig_batch.distributed.faults import FaultPlan
+    from twig_batch.prompts import Templates
 
 
 @dataclass(slots=True)
@@ -25,13 +25,15 @@ class RunConfig:
     input: str
     output: str
     model: str = "tiny"
-    mode: str = "plain"
-    settings: dict = field(default_factory=dict)  # any further GenerationSettings fields
+    # The mode and every other generation setting; a dict of them (`{"mode": "twig"}`) is read once, here.
+    settings: GenerationSettings | dict = field(default_factory=GenerationSettings)
     actors: int | None = None  # default: one per GPU in the cluster (one on a CPU-only cluster)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    batch_size: int | None = None  # images per model call; default: what fits the GPU (16 on a CPU)
-    work_batch_size: int | None = None  # work items per actor call; default: batch_size, else 256 (16 on a CPU)
+    images_per_call: int | None = None  # images per model call; default: what fits the GPU (all of a call on a CPU)
+    # Work items per actor call (Ray Data's batch, and the read's block size); default: images_per_call
+    # when given, else up to 256 on a GPU (fewer on a short run, see `work_batch`; 16 on a CPU).
+    work_batch_size: int | None = None
     samples_per_prompt: int = 1
     seed: int = 0
     resume: bool = False
@@ -41,7 +43,7 @@ class RunConfig:
     seed_column: str | None = None  # default: `seed` when the input has it; "" ignores any seed column
     device: str = "auto"
     dtype: str = "auto"
-    templates: str | None = None  # JSON file of prompt templates (see `prompts.load_templates`)
+    templates: Templates | str | None = None  # prompt templates, or their JSON file (`prompts.load_templates`)
     progress_interval_s: float = 10.0
     progress_bar: bool = False  # a live bar on a terminal; else a progress line every progress_interval_s
     journal_every_rows: int = 2000  # manifest rows buffered before a journal flush: what a crash can lose
@@ -56,7 +58,7 @@ class RunConfig:
     faults: FaultPlan | dict | str | None = None  # testing only (see distributed/faults.py); default: $TWIG_BATCH_FAULTS
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "work_batch_size", "samples_per_prompt", "journal_every_rows"):
+        for name in ("images_per_call", "work_batch_size", "samples_per_prompt", "journal_every_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if not self.storage_retry_s >= 0:
@@ -79,8 +81,14 @@ class RunConfig:
             raise InputError("the prompt column name is empty")
         if self.seed_column and self.seed_column in (self.prompt_column, self.id_column or "id"):
             raise InputError(f"the seed column {self.seed_column!r} is also the prompt or id column")
-        self.generation_settings()  # validates mode and every extra setting now, not on the actors
-        self.prompt_templates()
+        if isinstance(self.settings, dict):
+            self.settings = GenerationSettings.from_dict(self.settings)
+        if not isinstance(self.settings, GenerationSettings):
+            raise InputError(f"settings must be GenerationSettings or a dict of them, got {type(self.settings).__name__}")
+        if isinstance(self.templates, (str, os.PathLike)):
+            from twig_batch.prompts import load_templates
+
+            self.templates = load_templates(self.templates)
 
     def seed_column_name(self) -> str:
         """The column of row seeds to look for ("" for none): the one named, else `seed` if it is free."""
@@ -94,8 +102,8 @@ class RunConfig:
         `actors` several calls; on a CPU a call is one small batch."""
         if self.work_batch_size is not None:
             return self.work_batch_size
-        if self.batch_size is not None:
-            return self.batch_size
+        if self.images_per_call is not None:
+            return self.images_per_call
         if gpus_per_actor <= 0:
             return CPU_BATCH
         if items is None:
@@ -108,33 +116,3 @@ class RunConfig:
         from twig_batch.io.retry import RetryPolicy
 
         return RetryPolicy(total_s=self.storage_retry_s)
-
-    def generation_settings(self) -> GenerationSettings:
-        if "mode" in self.settings:
-            raise InputError("set the mode with --mode, not as an extra setting")
-        known = {f.name for f in dataclasses.fields(GenerationSettings)} - {"mode"}
-        for name in self.settings:
-            if name not in known:
-                raise unknown_name("generation setting", name, known)
-        return GenerationSettings(mode=self.mode, **self.settings)
-
-    def prompt_templates(self):
-        if self.templates is None:
-            return None
-        from twig_batch.prompts import load_templates
-
-        return load_templates(self.templates)
-
-
-def parse_settings(pairs: list[str]) -> dict:
-    """`KEY=VALUE` strings -> settings; values are read as JSON when they parse (3, 4.5, true, null)."""
-    settings = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"a setting is KEY=VALUE, got {pair!r}")
-        try:
-            settings[key.strip()] = json.loads(value)
-        except ValueError:
-            settings[key.strip()] = value
-    return settings

@@ -9,6 +9,10 @@ one, sample 0 draws with the row's seed itself and sample i >= 1 with `derive_se
 so a row seed means the same images whatever the row's id or the run's base seed. A row seed must
 be an integer in 0 .. 2**63 - 1; a null, negative or larger one turns that row's items into error
 items (their `problem` says why), which the model actors pass on as error rows without drawing.
+
+A work item carries its final id and seed: the model actors draw with them as they are. Rows that
+come from a pipeline of the user's own (`ImageGenerator` in any Ray Data job) may leave them out;
+`as_work_item` completes those by the same rules, once.
 """
 from __future__ import annotations
 
@@ -50,6 +54,25 @@ def seed_problem(value, seed_column: str) -> str | None:
 def sample_seed(row_seed: int, sample: int) -> int:
     """The seed of sample `sample` of a row whose seed column holds `row_seed`."""
     return row_seed if sample == 0 else derive_seed(row_seed, "", sample)
+
+
+def as_work_item(row: dict, base_seed: int | None) -> dict:
+    """`row` with its id, sample index and seed. A work item of `expand_to_work_items` has them all
+    (an error item has no seed) and passes as it is. Another pipeline's row without an id gets its
+    prompt's content id, without a sample index 0, without a seed `derive_seed(base_seed, id, sample)`."""
+    prompt = row.get("prompt")
+    prompt_id = row.get("id")
+    prompt_id = str(prompt_id) if prompt_id is not None else content_id(prompt if isinstance(prompt, str) else None)
+    sample = int(row.get("sample_index") or 0)
+    seed = row.get("seed")
+    if seed is not None:
+        seed = int(seed)
+    elif not row.get("problem"):
+        if base_seed is None:
+            raise ValueError(f"work item (id={prompt_id!r}, sample={sample}) has no seed, and no base seed was given "
+                             "to derive one")
+        seed = derive_seed(base_seed, prompt_id, sample)
+    return {**row, "id": prompt_id, "sample_index": sample, "seed": seed}
 
 
 def decoded_texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | None]]:

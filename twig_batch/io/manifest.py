@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from twig_batch.io import layout
@@ -167,3 +168,13 @@ def consolidate(storage) -> pa.Table:
     for key in journal:
         storage.delete(key)
     return merged
+
+
+def manifest_totals(manifest: pa.Table) -> dict:
+    """Rows, ok rows and error rows of a consolidated manifest, and the errors' most common causes."""
+    from twig_batch.io.row_errors import common_causes
+
+    statuses = manifest.column("status")
+    errors = manifest.filter(pc.equal(statuses, "error"))
+    return {"manifest_rows": manifest.num_rows, "manifest_ok": int(pc.sum(pc.equal(statuses, "ok")).as_py() or 0),
+            "manifest_errors": errors.num_rows, "error_causes": common_causes(errors.column("error").to_pylist())}

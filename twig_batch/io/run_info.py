@@ -6,9 +6,11 @@ addresses are stored as given (they cannot hold credentials), the environment is
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
+import uuid
 from datetime import datetime, timezone
 
 from twig_batch.errors import InputError
@@ -21,6 +23,21 @@ IDENTITY_FIELDS = ("model", "mode", "settings", "base_seed", "prompt_column", "i
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_attempt_id() -> str:
+    """`20260101T120000Z-1a2b3c`: sorts by start time; names the attempt's journal parts."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_identity(model: str, settings, base_seed: int, templates, prompt_column: str | None = None,
+                 id_column: str | None = None, seed_column: str | None = None) -> dict:
+    """The IDENTITY_FIELDS of a run (`settings` a GenerationSettings, `templates` prompts.Templates or
+    None), as the JSON values run.json holds."""
+    return json.loads(json.dumps({
+        "model": model, "mode": settings.mode, "settings": settings.to_dict(), "base_seed": base_seed,
+        "prompt_column": prompt_column, "id_column": id_column, "seed_column": seed_column,
+        "templates": dataclasses.asdict(templates) if templates is not None else None}, default=str))
 
 
 def software_versions() -> dict:
@@ -79,3 +96,14 @@ def with_settings_added_since(previous: dict) -> dict:
 
 def write_complete_marker(storage, summary: dict) -> None:
     storage.put(layout.COMPLETE_MARKER, json.dumps({"finished_at": utc_now(), **summary}, indent=2).encode())
+
+
+TOTALS = ("manifest_rows", "manifest_ok", "manifest_errors", "error_causes")  # see `manifest.manifest_totals`
+
+
+def record_complete(storage, info: dict, summary: dict) -> None:
+    """A finished run's last two writes: run.json says complete, with the manifest's totals from
+    `summary`, then the completion marker for its last attempt holds `summary`."""
+    info.update(status="complete", totals={k: summary[k] for k in TOTALS})
+    write_run_info(storage, info)
+    write_complete_marker(storage, {"attempt": info["attempts"][-1]["attempt"], **summary})  # last: final

@@ -17,7 +17,6 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
     """
     if not requests:
         return []
-    settings.check_geometry(bundle.grid)
     from twig_batch.pipeline.staged import generate_staged  # the engine loads when images are drawn, not on import
 
     if observer is None and settings.controller is not None:

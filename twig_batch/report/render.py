@@ -16,8 +16,8 @@ from twig_batch.report import plots, thumbnails
 from twig_batch.report.run_data import Run, attempt_starts, finish_times, map_rows, open_run
 
 DEFAULT_LIMIT = 1000
-_ATTEMPT_FIELDS = ("attempt", "started_at", "finished_at", "actors", "gpus_per_actor", "batch_size", "device", "ok",
-                   "errors", "skipped")
+_ATTEMPT_FIELDS = ("attempt", "started_at", "finished_at", "actors", "gpus_per_actor", "images_per_call",
+                   "work_items_per_call", "device", "ok", "errors", "skipped")
 _REFLECTION_FIELDS = ("score", "accepted", "problem", "improved", "answer")
 _BAND_LABEL = re.compile(r"^band-(\d+)-of-(\d+)(-redrawn)?$")
 # Control characters (a random model writes them) would be invalid in the page's text.
