@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from twig_batch.controller.config import ControllerConfig
+from twig_batch.settings import ControllerConfig
 from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
