@@ -127,7 +127,7 @@ def seed_style_anchor(bundle, steps: int = 64) -> dict:
     """One image, CFG pair, eager LM over transformers' dynamic cache, as the design's prototype does."""
     from transformers import DynamicCache
 
-    from twig_batch.engine.cached_forward import cached_forward
+    from twig_batch.reference.forward import cached_forward
 
     lm = bundle.language_model
     ids = torch.tensor(prompts_of_length(bundle, 1)[0], device="cuda").repeat(2, 1)
@@ -174,12 +174,14 @@ def plain_workload(bundle, images: int, use_graphs: bool = True, kv_cache: str =
     from twig_batch.engine.fast import draw_image_tokens_fast
     from twig_batch.engine.memory import reserve_kv_arena
     from twig_batch.imaging import decode_codes
+    from twig_batch.pipeline.sequences import call_shape
 
     settings = GenerationSettings(kv_cache=kv_cache)
     rows = prompts_of_length(bundle, images)
     seeds = list(range(images))
     draw_image_tokens_fast(bundle, rows[:2], seeds[:2], settings, 8)  # compiled kernels, outside both timings
-    reserve_kv_arena(bundle, settings, images, prompt_tokens=64)  # as a worker does before its first batch
+    # as a worker does before its first batch
+    reserve_kv_arena(bundle, call_shape(bundle, settings, prompt_tokens=64), images)
     runs = []
     for _ in range(2):
         torch.cuda.reset_peak_memory_stats()
@@ -239,11 +241,12 @@ def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | No
     for this batch's shapes), then as a worker's every later batch runs; the second is the figure.
     `settings` replaces the workload's own (`workload_settings(mode)`)."""
     from twig_batch.engine.memory import reserve_kv_arena
+    from twig_batch.pipeline.sequences import call_shape
 
     settings = settings or workload_settings(mode)
     requests = requests_for(images)
     generate_images(bundle, requests[:2], settings)
-    reserve_kv_arena(bundle, settings, images)  # as a worker does before its first batch
+    reserve_kv_arena(bundle, call_shape(bundle, settings), images)  # as a worker does before its first batch
     runs = []
     for _ in range(2):
         torch.cuda.reset_peak_memory_stats()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.settings import GenerationSettings
 
 

@@ -20,6 +20,7 @@ import torch
 from bench_common import requests_for, start_fresh
 from twig_batch.controller import ControllerConfig
 from twig_batch.engine.memory import reserve_kv_arena
+from twig_batch.pipeline.sequences import call_shape
 from twig_batch.engine.warm_up import warm_up
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
@@ -30,7 +31,7 @@ NEVER_FIRES = ControllerConfig(tau_entropy=float("inf"), tau_drop=float("inf"))
 
 def timed_run(bundle, settings: GenerationSettings, images: int) -> dict:
     requests = requests_for(images)
-    reserve_kv_arena(bundle, settings, images)
+    reserve_kv_arena(bundle, call_shape(bundle, settings), images)
     generate_images(bundle, requests, settings)  # graph captures for this batch's shapes
     torch.cuda.synchronize()
     start = time.perf_counter()

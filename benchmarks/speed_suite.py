@@ -23,7 +23,8 @@ from bench_common import (device_anchors, native_generate_anchor, plain_workload
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.kv_arena import idle_arena_bytes
-from twig_batch.engine.memory import free_device_bytes, images_per_call
+from twig_batch.engine.memory import free_device_bytes
+from twig_batch.pipeline.sequences import images_per_call
 from twig_batch.model import load_janus
 from twig_batch.settings import GenerationSettings
 

@@ -341,7 +341,7 @@ def test_control_characters(prompt, reason):
 
 def test_the_prompt_limit_follows_mode_and_settings_and_is_exact():
     from twig_batch.controller import ControllerConfig
-    from twig_batch.io.prompt_checks import PromptBudget
+    from twig_batch.pipeline.sequences import PromptBudget
     from twig_batch.model import load_janus
     from twig_batch.settings import GenerationSettings
 

@@ -54,7 +54,7 @@ def test_band_names_and_labels():
 
 
 def test_plain_mode_in_bands_draws_the_same_image_as_one_pass(tiny64):
-    from twig_batch.engine.reference import reference_plain
+    from twig_batch.reference.image_tokens import reference_plain
 
     settings = GenerationSettings(bands=4)
     [result] = generate_images(tiny64, [ImageRequest("p", "a red cube", 0, 21)], settings)

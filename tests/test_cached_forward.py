@@ -2,9 +2,10 @@ import warnings
 
 import torch
 
-from twig_batch.engine.cached_forward import cache_argument
-from twig_batch.engine.reference import reference_image_tokens
-from twig_batch.pipeline.text_generation import TextPrompt, reference_text
+from twig_batch.reference.forward import cache_argument
+from twig_batch.reference.image_tokens import reference_image_tokens
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import reference_text
 from twig_batch.prompts import chat_ids, t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from twig_batch.controller import ControllerConfig, LatentController
-from twig_batch.engine.batched import draw_image_tokens_batch
-from twig_batch.engine.cached_forward import cache_argument
+from twig_batch.reference.batched import draw_image_tokens_batch
+from twig_batch.reference.forward import cache_argument
 from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
 

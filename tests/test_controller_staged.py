@@ -15,7 +15,7 @@ from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.pipeline.bands import BandSchedule
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
+from twig_batch.reference.staged import reference_staged
 from twig_batch.prompts import USER_TURN
 from twig_batch.settings import GenerationSettings
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from twig_batch.cli import app
 from twig_batch.controller import ControllerConfig, LatentController, build_controller_net, save_weights
 from twig_batch.controller.trigger_log import same_records
-from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.reference.batched import draw_image_tokens_batch
 from twig_batch.errors import ModelLoadError
 from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.prompts import t2i_prompt_ids

@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from twig_batch.settings import ControllerConfig
-from twig_batch.engine.memory import (MAX_IMAGES_PER_CALL, bytes_per_image, free_device_bytes, images_per_call,
-                                      kv_bytes_per_token, prefill_slice_bytes)
+from twig_batch.engine.memory import MAX_IMAGES_PER_CALL, free_device_bytes, kv_bytes_per_token, prefill_slice_bytes
 from twig_batch.engine.static_decoder import StaticKVCache
-from twig_batch.settings import GenerationSettings
+from twig_batch.pipeline.sequences import bytes_per_image, images_per_call
+from twig_batch.settings import ControllerConfig, GenerationSettings
 
 
 def test_kv_bytes_per_token_is_what_the_static_cache_allocates(tiny64):

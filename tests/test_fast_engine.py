@@ -1,10 +1,10 @@
 """The static-cache engine against the reference, token for token (tiny model, float64)."""
 import torch
 
-from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.reference.batched import draw_image_tokens_batch
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.hooks import Injection
-from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
 

@@ -2,7 +2,8 @@
 import torch
 
 from twig_batch.engine.fast_text import generate_text_fast
-from twig_batch.pipeline.text_generation import TextPrompt, generate_text_batch, reference_text
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import generate_text_batch, reference_text
 from twig_batch.prompts import USER_TURN
 
 

@@ -4,7 +4,7 @@ import torch
 
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fused import FUSED_ATTR, fuse_decoder
-from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.model import load_janus
 from twig_batch.prompts import t2i_prompt_ids

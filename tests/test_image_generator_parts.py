@@ -6,7 +6,8 @@ import pytest
 
 import twig_batch.pipeline
 from twig_batch.distributed.image_generator import ImageGenerator, even_parts, part_size
-from twig_batch.engine.memory import bytes_per_image, prefill_slice_bytes
+from twig_batch.engine.memory import prefill_slice_bytes
+from twig_batch.pipeline.sequences import bytes_per_image
 from twig_batch.settings import GenerationSettings
 
 

@@ -6,7 +6,7 @@ import torch
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.graphs import _KEPT, _graph_set
 from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes, release_arenas
-from twig_batch.engine.reference import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.engine.static_decoder import StaticKVCache
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
@@ -69,11 +69,12 @@ def test_stale_contents_of_the_arena_never_change_a_token(tiny64):
 
 def test_a_reserved_arena_serves_every_call_up_to_its_size_without_growing(tiny64):
     from twig_batch.engine.memory import reserve_kv_arena
+    from twig_batch.pipeline.sequences import call_shape
     from twig_batch.settings import GenerationSettings
 
     release_arenas()
     settings = GenerationSettings(mode="twig", think_max_tokens=8)
-    reserve_kv_arena(tiny64, settings, images=4)
+    reserve_kv_arena(tiny64, call_shape(tiny64, settings), images=4)
     arena = arena_for(tiny64.device, tiny64.dtype)
     reserved, address = arena.nbytes, arena.buffer.data_ptr()
     assert reserved > 0
@@ -87,7 +88,7 @@ def test_a_reserved_arena_serves_every_call_up_to_its_size_without_growing(tiny6
 
 def test_a_call_gives_the_arena_back_even_if_its_cache_is_still_referenced(tiny64, monkeypatch):
     from twig_batch.engine import fast, fast_text
-    from twig_batch.pipeline.text_generation import TextPrompt
+    from twig_batch.engine.inputs import TextPrompt
 
     kept = []
 
@@ -107,11 +108,12 @@ def test_a_call_gives_the_arena_back_even_if_its_cache_is_still_referenced(tiny6
 
 def test_a_reservation_never_takes_more_than_the_headroom_of_free_memory(tiny64, monkeypatch):
     from twig_batch.engine import memory
+    from twig_batch.pipeline.sequences import call_shape
     from twig_batch.settings import GenerationSettings
 
     release_arenas()
     monkeypatch.setattr(memory, "free_device_bytes", lambda device: 1_000_000)  # a nearly full device
-    memory.reserve_kv_arena(tiny64, GenerationSettings(mode="twig"), images=64)
+    memory.reserve_kv_arena(tiny64, call_shape(tiny64, GenerationSettings(mode="twig")), images=64)
     assert arena_for(tiny64.device, tiny64.dtype).nbytes <= int(1_000_000 * memory.HEADROOM)
 
 

@@ -17,12 +17,12 @@ from twig_batch.engine import static_decoder
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fused import fuse_decoder
 from twig_batch.engine.hooks import Injection
-from twig_batch.engine.reference import reference_image_tokens, reference_plain
-from twig_batch.io.prompt_checks import PromptBudget
+from twig_batch.reference.image_tokens import reference_image_tokens, reference_plain
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.pipeline.sequences import PromptBudget
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
+from twig_batch.reference.staged import reference_staged
 from twig_batch.prompts import load_templates, t2i_prompt_ids
 from twig_batch.settings import GenerationSettings
 

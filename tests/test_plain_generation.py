@@ -1,7 +1,7 @@
 import torch
 
-from twig_batch.engine.batched import generate_plain_batch
-from twig_batch.engine.reference import cfg_pair, reference_plain
+from twig_batch.reference.batched import generate_plain_batch
+from twig_batch.reference.image_tokens import cfg_pair, reference_plain
 from twig_batch.imaging import decode_codes, to_pil
 from twig_batch.settings import GenerationSettings
 
@@ -60,8 +60,8 @@ def test_image_size_tiny_and_real_geometry(tiny64, tmp_path):
 
 
 def test_band_with_prefix_matches_reference(tiny64):
-    from twig_batch.engine.batched import draw_image_tokens_batch
-    from twig_batch.engine.reference import reference_image_tokens
+    from twig_batch.reference.batched import draw_image_tokens_batch
+    from twig_batch.reference.image_tokens import reference_image_tokens
     from twig_batch.prompts import t2i_prompt_ids
 
     settings = GenerationSettings()

@@ -5,7 +5,8 @@ import torch
 from twig_batch.engine import fast_text
 from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.engine.shared_prefix import sharing_plan
-from twig_batch.pipeline.text_generation import TextPrompt, reference_text
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import reference_text
 from twig_batch.prompts import chat_ids
 
 QUESTIONS = ["What is in the top part?", "Score the middle band from 0 to 100 and describe it better.",

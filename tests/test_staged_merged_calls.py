@@ -16,8 +16,9 @@ from twig_batch.pipeline.bands import band_part
 from twig_batch.pipeline.guidance import ModelGuide
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.staged import PhaseClock, generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
-from twig_batch.pipeline.text_generation import BatchedText, ReferenceText
+from twig_batch.reference.staged import reference_staged
+from twig_batch.pipeline.text_generation import BatchedText
+from twig_batch.reference.texts import ReferenceText
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import DEFAULT_TEMPLATES
 from twig_batch.settings import GenerationSettings

@@ -15,8 +15,9 @@ from twig_batch.engine.static_decoder import StaticKVCache
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
-from twig_batch.pipeline.text_generation import clean_text, reference_text
+from twig_batch.reference.staged import reference_staged
+from twig_batch.pipeline.text_generation import clean_text
+from twig_batch.reference.texts import reference_text
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.settings import GenerationSettings
 

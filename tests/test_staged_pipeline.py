@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from twig_batch.engine.batched import draw_image_tokens_batch
+from twig_batch.reference.batched import draw_image_tokens_batch
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline.bands import canvas_pixels
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
+from twig_batch.reference.staged import reference_staged
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.settings import GenerationSettings

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from twig_batch.imaging import decode_codes
-from twig_batch.pipeline.text_generation import TextPrompt, generate_text_batch, reference_text
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import generate_text_batch, reference_text
 from twig_batch.pipeline.understanding import image_features, understanding_prompts, vision_input
 from twig_batch.prompts import DEFAULT_TEMPLATES, chat_ids
 
@@ -56,7 +57,7 @@ def test_the_picture_reaches_the_model_through_the_understanding_path(tiny64):
     lm = tiny64.language_model
 
     def next_logits(prompt):
-        from twig_batch.pipeline.text_generation import embed_prompts
+        from twig_batch.engine.inputs import embed_prompts
 
         ids = torch.tensor([prompt.ids])
         return tiny64.text_logits(lm(inputs_embeds=embed_prompts(tiny64, ids, [prompt])).last_hidden_state[:, -1])

@@ -9,7 +9,8 @@ from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.engine.memory import kv_bytes_per_token, text_rows_that_fit
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.engine.text_slots import place_rows
-from twig_batch.pipeline.text_generation import TextPrompt, reference_text
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import reference_text
 from twig_batch.prompts import USER_TURN
 
 BUDGET = 40

@@ -12,8 +12,9 @@ from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline import staged as staged_module
 from twig_batch.pipeline.generator import generate_images
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.pipeline.staged_reference import reference_staged
-from twig_batch.pipeline.text_generation import TextPrompt, generate_text_batch, reference_text
+from twig_batch.reference.staged import reference_staged
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.reference.texts import generate_text_batch, reference_text
 from twig_batch.pipeline.text_lengths import (DEFAULT_RANGES, ENV_VAR, TextLengths, describe, emulated_text_lengths,
                                               parse_text_lengths)
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest

@@ -132,7 +132,7 @@ class ImageGenerator:
 
     def _prompt_budget(self):
         """Built on first use: it needs the loaded model's tokenizer and context length."""
-        from twig_batch.io.prompt_checks import PromptBudget
+        from twig_batch.pipeline.sequences import PromptBudget
 
         if getattr(self, "_budget", None) is None:
             self._budget = PromptBudget(self.bundle, self.settings, self.templates)
@@ -218,8 +218,10 @@ class ImageGenerator:
         size = min(size, self._parts.cap or size)
         if self.bundle.device.type == "cuda":
             from twig_batch.engine.memory import reserve_kv_arena
+            from twig_batch.pipeline.sequences import call_shape
 
-            reserve_kv_arena(self.bundle, self.settings, size)  # once: later parts reuse it, graphs and all
+            # once: later parts reuse it, graphs and all
+            reserve_kv_arena(self.bundle, call_shape(self.bundle, self.settings), size)
         return size
 
     def _event(self, event: dict) -> None:
@@ -289,7 +291,7 @@ def part_size(bundle, settings: GenerationSettings, prompts: list[str], fixed: i
               free_bytes: int | None) -> int:
     """Images per model call: `fixed` when given; else what fits `free_bytes` of device memory for
     these prompts; with no figure (off a GPU), all of them at once."""
-    from twig_batch.engine.memory import PROMPT_TOKENS, images_per_call
+    from twig_batch.pipeline.sequences import PROMPT_TOKENS, images_per_call
 
     if fixed is not None:
         return fixed

@@ -1,6 +1,6 @@
 """The fast engine: image-token drawing over a static KV cache, held token-exact to the reference.
 
-Same contract as `batched.draw_image_tokens_batch` (CFG row pairs, left padding, per-row seeds and
+Same contract as `reference.batched.draw_image_tokens_batch` (CFG row pairs, left padding, per-row seeds and
 positions, observer injections), but the cache is preallocated once per call and the decode step
 has fixed shapes, so on a GPU it is captured and replayed as CUDA graphs (`graphs.py`).
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.batched import cfg_prefill_inputs
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.hooks import ImageTokenObserver
+from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs, cfg_rows
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.settings import GenerationSettings
@@ -55,7 +55,7 @@ def draw_image_tokens_fast(
 
         def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if graphed is not None:
-                return graphed(tokens.repeat_interleave(2), positions)
+                return graphed(both_rows(tokens), positions)
             return _decode_step(bundle, cache, tokens, positions, all_valid)
 
         row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
@@ -104,7 +104,7 @@ class _Resolved:
 
 
 def _decode_step(bundle, cache, tokens, positions, valid):
-    step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
+    step_embeds = bundle.embed_image_codes(both_rows(tokens)).unsqueeze(1)
     return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
 
 
@@ -152,18 +152,13 @@ def _redo_behind_control(bundle, cache, slots: ControlSlots, column: int, tokens
         chosen = images[first:first + INJECTION_ROWS // 2]
         image_index = torch.tensor(chosen, device=device)
         rows = cfg_rows(image_index)
-        control = control_embeds[image_index].repeat_interleave(2, dim=0)
-        token = bundle.embed_image_codes(tokens[image_index].repeat_interleave(2)).unsqueeze(1)
+        control = both_rows(control_embeds[image_index])
+        token = bundle.embed_image_codes(both_rows(tokens[image_index])).unsqueeze(1)
         embeds = torch.cat([control, token.to(control.dtype)], dim=1)
-        columns = torch.cat([slot_columns[first:first + len(chosen)].repeat_interleave(2, dim=0),
+        columns = torch.cat([both_rows(slot_columns[first:first + len(chosen)]),
                              torch.full((len(rows), 1), column, dtype=torch.long, device=device)], dim=1)
         positions = next_position[rows] + torch.arange(k + 1, device=device)
         valid = torch.ones(columns.shape, dtype=torch.bool, device=device)
         hidden[rows] = forward_static(bundle.language_model, cache, embeds, positions, valid, columns=columns,
                                       rows=rows)[:, -1]
-    return hidden, next_position + injection.rows.to(device).repeat_interleave(2).long().unsqueeze(1) * k
-
-
-def cfg_rows(images: torch.Tensor) -> torch.Tensor:
-    """The cache rows of `images`: image i holds rows 2i (conditional) and 2i + 1 (unconditional)."""
-    return (images.unsqueeze(1) * 2 + torch.arange(2, device=images.device)).flatten()
+    return hidden, next_position + both_rows(injection.rows.to(device)).long().unsqueeze(1) * k

@@ -1,6 +1,6 @@
 """Text generation (thoughts, reflections, stage plans) over the static KV cache.
 
-Same contract as `pipeline.text_generation.generate_text_batch` and token-exact to its one-row
+Same contract as `reference.texts.generate_text_batch` and token-exact to its one-row
 reference, but with fixed shapes: rows that finished keep a slot (their further tokens are thrown
 away) so that on a GPU every step replays one captured CUDA graph. Tokens stay on the device; every
 few steps the host asks how many rows are done. Finished rows are handed to prompts still waiting
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from twig_batch.engine.fused import fuse_for_device
 from twig_batch.engine.graphs import GraphedDecodeStep
+from twig_batch.engine.inputs import text_prefill_inputs
 from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
 from twig_batch.engine.memory import free_device_bytes, planning_budget, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
@@ -182,8 +183,6 @@ def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: b
     """A cache `columns` wide holding these prompts left-padded to `width` columns; the last hidden
     states [R, D], each row's next position [R, 1] and the prompt of each row. With `share`, prompts
     that open with the same picture prefill it once (`shared_prefix.py`; rows come back reordered)."""
-    from twig_batch.pipeline.text_generation import text_prefill_inputs
-
     plan = sharing_plan(call.bundle, [call.prompts[i] for i in indices]) if share else None
     if plan is not None:
         indices = [indices[j] for j in plan.order]

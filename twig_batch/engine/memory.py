@@ -1,23 +1,21 @@
-"""How many images one model call can hold, from the device's free memory.
+"""How many images one model call can hold, from the device's free memory, in bytes.
 
-A call's memory beyond the weights is almost all KV cache: the image engine keeps two rows per
-image (CFG) as long as prompt + stage text + image tokens + control-token slots; the text engine
-keeps, per image, a reflection and the next thought over an understanding prompt (the partial
-image's vision tokens, the earlier thoughts) in twig mode, or every stage's plan in seed mode. The
-larger of the two, plus the prefill's transient activations, is what one more image costs. Only
+A call's memory beyond the weights is almost all KV cache. How many columns one image takes in an
+image call and in a text call depends on the mode, which the pipeline counts (`CallShape`, built by
+`pipeline/sequences.py`); here columns become bytes. The larger of the two calls, plus the
+prefill's transient activations, is what one more image costs. Only
 part of the free memory is handed out: an out-of-memory error costs a whole batch, a few images
 fewer per call a few percent of speed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
 from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
-from twig_batch.settings import GenerationSettings
 
-PROMPT_TOKENS = 128  # a generous prompt length (Janus-Pro's chat template included) when none is given
-TEMPLATE_TOKENS = 96  # the understanding templates' own words around the prompt
 HEADROOM = 0.8  # of the free memory; the rest absorbs fragmentation and the VQ decoder's activations
 MAX_IMAGES_PER_CALL = 512
 
@@ -36,35 +34,27 @@ def prefill_bytes_per_token(lm) -> int:
     return (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * lm.embed_tokens.weight.element_size()
 
 
-def _columns(bundle, settings: GenerationSettings, prompt_tokens: int) -> tuple[int, int]:
-    """Cache columns one image needs: in an image call (its CFG rows and think row), in a text call."""
-    # twig draws band k from the prompt and every thought so far; seed from its stage text (a template
-    # may hold the stage's plan).
-    text_tokens = {"plain": 0, "twig": settings.bands * settings.think_max_tokens,
-                   "seed": settings.guidance_max_tokens}[settings.mode]
-    slots = think = 0
-    if settings.controller is not None:
-        slots = settings.controller.max_injections_per_band * settings.controller.control_tokens
-        think = settings.controller.think_tokens + settings.controller.memory_tokens  # one row, beside the call
-    image_call = 2 * (prompt_tokens + text_tokens + bundle.image_tokens + slots) + think
-    text_call = 0
-    if settings.mode == "twig":  # a reflection and the next thought in one call: two rows, each showing the canvas
-        text_call = 2 * (bundle.understanding_tokens + prompt_tokens + TEMPLATE_TOKENS
-                         + settings.bands * settings.think_max_tokens + settings.think_max_tokens)
-    elif settings.mode == "seed":  # every stage's plan in one call: a row per stage, text only
-        text_call = settings.bands * (prompt_tokens + TEMPLATE_TOKENS + settings.guidance_max_tokens)
-    return image_call, text_call
+@dataclass(frozen=True)
+class CallShape:
+    """What one image takes in a call, in cache columns (the pipeline counts them per mode:
+    `pipeline/sequences.py`): its rows in an image call, its rows in a text call, and the tokens of
+    the prefill's output it keeps; `fp8` when image calls keep an fp8 cache."""
+    image_call: int
+    text_call: int
+    prefill_tokens: int
+    fp8: bool = False
+
+    def arena_columns(self) -> int:
+        """Columns per image the model-dtype KV arena holds: text calls, and image calls unless fp8."""
+        return max(0 if self.fp8 else self.image_call, self.text_call)
 
 
-def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
+def image_bytes(lm, shape: CallShape) -> int:
     """What one more image adds to a call: its KV cache (the larger of its image and text calls) and
     its share of the prefill's output; `prefill_slice_bytes` is paid once per call on top."""
-    lm = bundle.language_model
-    image_call, text_call = _columns(bundle, settings, prompt_tokens)
-    # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
-    prefill_tokens = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
-    image_bytes = image_call * kv_bytes_per_token(lm, fp8=settings.kv_cache == "fp8")
-    return max(image_bytes, text_call * kv_bytes_per_token(lm)) + prefill_tokens * prefill_output_bytes_per_token(lm)
+    image = shape.image_call * kv_bytes_per_token(lm, fp8=shape.fp8)
+    text = shape.text_call * kv_bytes_per_token(lm)
+    return max(image, text) + shape.prefill_tokens * prefill_output_bytes_per_token(lm)
 
 
 def prefill_output_bytes_per_token(lm) -> int:
@@ -77,16 +67,17 @@ def prefill_slice_bytes(lm) -> int:
     return PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)
 
 
-def reserve_kv_arena(bundle, settings: GenerationSettings, images: int, prompt_tokens: int = PROMPT_TOKENS) -> None:
-    """Size the model-dtype KV arena once for calls of `images` images (their text calls, and their
-    image calls unless those keep an fp8 cache): it then never grows, and the CUDA graphs kept over
-    it live as long as the worker."""
-    image_call, text_call = _columns(bundle, settings, prompt_tokens)
-    columns = max(0 if settings.kv_cache == "fp8" else image_call, text_call)
-    wanted = images * columns * kv_bytes_per_token(bundle.language_model)
-    free = free_device_bytes(bundle.device)
-    if free is not None:  # a text call that cannot fit at once runs in rounds: never reserve past the memory
-        wanted = min(wanted, int(free * HEADROOM))
+def arena_bytes(lm, shape: CallShape, images: int, free_bytes: int | None) -> int:
+    """The model-dtype KV arena for calls of `images` images, sized once so that it never grows (and
+    the CUDA graphs kept over it live as long as the worker); never past the memory: a text call that
+    cannot fit at once runs in rounds."""
+    wanted = images * shape.arena_columns() * kv_bytes_per_token(lm)
+    return wanted if free_bytes is None else min(wanted, int(free_bytes * HEADROOM))
+
+
+def reserve_kv_arena(bundle, shape: CallShape, images: int) -> None:
+    """Size the model-dtype KV arena once for calls of `images` images of this shape (`arena_bytes`)."""
+    wanted = arena_bytes(bundle.language_model, shape, images, free_device_bytes(bundle.device))
     arena_for(bundle.device, bundle.dtype).reserve(wanted)
 
 
@@ -109,11 +100,10 @@ def planning_budget(free_bytes: int, own_arena: int, other_arenas: int = 0, head
     return own_arena + int((free_bytes - own_arena - other_arenas) * headroom)
 
 
-def images_per_call(bundle, settings: GenerationSettings, free_bytes: int, prompt_tokens: int = PROMPT_TOKENS,
-                    headroom: float = HEADROOM) -> int:
+def images_that_fit(lm, shape: CallShape, free_bytes: int, headroom: float = HEADROOM) -> int:
     """The most images one call can draw within `free_bytes` (at least 1, at most MAX_IMAGES_PER_CALL)."""
-    budget = int(free_bytes * headroom) - prefill_slice_bytes(bundle.language_model)
-    fit = budget // bytes_per_image(bundle, settings, prompt_tokens)
+    budget = int(free_bytes * headroom) - prefill_slice_bytes(lm)
+    fit = budget // image_bytes(lm, shape)
     return max(1, min(MAX_IMAGES_PER_CALL, fit))
 
 

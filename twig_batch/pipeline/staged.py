@@ -3,7 +3,7 @@
 For each band: (twig) the images without a thought for it think; the band's image tokens are drawn
 for all images in one batched call, re-prefilled from the band's text condition and the image tokens
 so far (both CFG rows); the band images are decoded; (twig, reflect) every image is judged and the
-rejected ones redraw the band once, together. `staged_reference.py` is the same loop for one image,
+rejected ones redraw the band once, together. `reference/staged.py` is the same loop for one image,
 written plainly; the two give the same tokens and texts.
 
 Text rows do not depend on their batch, so texts are asked for in as few calls as the data allows:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from twig_batch.pipeline.text_generation import BatchedText, TextPrompt
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.pipeline.text_generation import BatchedText
 from twig_batch.pipeline.text_lengths import TextLengths, stops_for
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, chat_ids
 from twig_batch.seeds import derive_seed

@@ -1,16 +1,15 @@
-"""The reference: one image at a time, plain eager forward calls, nothing clever.
+"""The reference image loop: one image at a time, plain eager forward calls, nothing clever.
 
 Every faster path is held to these functions token for token (tiny model, float64, CPU).
 """
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
-from twig_batch.engine.cached_forward import cached_forward
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
+from twig_batch.reference.forward import cached_forward, last_hidden, new_cache
 from twig_batch.settings import GenerationSettings
 
 
@@ -31,8 +30,8 @@ def reference_image_tokens(
     if prefix_codes is not None and prefix_codes.numel():
         image = bundle.embed_image_codes(prefix_codes.to(bundle.device)).unsqueeze(0).expand(2, -1, -1)
         embeds = torch.cat([embeds, image], dim=1)
-    cache = DynamicCache(config=lm.config)
-    hidden = cached_forward(lm, cache, inputs_embeds=embeds).last_hidden_state[:, -1]
+    cache = new_cache(lm)
+    hidden = last_hidden(lm, cache, inputs_embeds=embeds)
     seeds = torch.tensor([seed], dtype=torch.int64)
     codes = []
     for i in range(n_tokens):
@@ -47,7 +46,7 @@ def reference_image_tokens(
                 cached_forward(lm, cache, inputs_embeds=control)
         if i + 1 < n_tokens:
             step_embeds = bundle.embed_image_codes(token.to(bundle.device).repeat(2)).unsqueeze(1)
-            hidden = cached_forward(lm, cache, inputs_embeds=step_embeds).last_hidden_state[:, -1]
+            hidden = last_hidden(lm, cache, inputs_embeds=step_embeds)
     return torch.cat(codes).cpu()
 
 

@@ -1,4 +1,4 @@
-"""The reference paths' forward calls over transformers' own cache, in the form the installed release takes.
+"""The reference tier's one forward pass: transformers' own model over its own dynamic cache.
 
 transformers 5.24 renamed the cache argument of its decoders' forward from `past_key_values` to
 `cache` and marks the old name for removal in 5.40; the earlier releases this project allows know
@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
+from transformers import DynamicCache
+
 
 @functools.cache
 def cache_argument(model_class: type) -> str:
@@ -17,6 +20,15 @@ def cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def new_cache(lm) -> DynamicCache:
+    return DynamicCache(config=lm.config)
+
+
 def cached_forward(lm, cache, **inputs):
     """`lm(**inputs)` reading and extending `cache` (a transformers `Cache`)."""
     return lm(**inputs, **{cache_argument(type(lm)): cache}, use_cache=True)
+
+
+def last_hidden(lm, cache, **inputs) -> torch.Tensor:
+    """The last position's final hidden state [R, D] of `cached_forward`."""
+    return cached_forward(lm, cache, **inputs).last_hidden_state[:, -1]

@@ -1,6 +1,7 @@
-"""Batched image-token drawing: many images, CFG row pairs, left padding, per-row positions and seeds.
+"""The reference's batched image-token loop: many images, CFG row pairs, left padding, per-row
+positions and seeds, over transformers' dynamic cache (tests hold the fast engine to it).
 
-Rows are laid out (cond_0, uncond_0, cond_1, uncond_1, ...). Prompts of different lengths are
+Rows are laid out (cond_0, uncond_0, cond_1, uncond_1, ...; `engine/inputs.py`). Prompts of different lengths are
 left-padded and masked; positions count real tokens only, so a row computes what it would alone.
 Control tokens injected into some images take cache slots in every row but stay masked out (and
 do not advance positions) for the images that were not injected, which therefore compute exactly
@@ -9,44 +10,13 @@ what they would without the injection.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
-from twig_batch.engine.cached_forward import cached_forward
 from twig_batch.engine.hooks import ImageTokenObserver
+from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs
 from twig_batch.engine.sampling import guided_logits, sample_tokens
-from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
+from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.reference.forward import cached_forward, last_hidden, new_cache
 from twig_batch.settings import GenerationSettings
-
-
-def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def cfg_prefill_inputs(bundle, cond_rows: list[list[int]], prefix_codes: torch.Tensor | None):
-    """The prefill of B images as 2B rows (cond_0, uncond_0, ...): left-padded input embeddings
-    [2B, W, D], which columns are real [2B, W] (bool) and each row's positions [2B, W]."""
-    device = bundle.device
-    rows: list[list[int]] = []
-    for ids in cond_rows:
-        rows += [ids, unconditional_ids(ids, bundle.tokens.pad)]
-    ids, mask = pad_left(rows, bundle.tokens.pad)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    valid = mask.bool()
-    embeds = bundle.embed_text(ids)
-    if prefix_codes is not None and prefix_codes.numel():
-        image = bundle.embed_image_codes(prefix_codes.to(device)).repeat_interleave(2, dim=0)
-        n0 = image.shape[1]
-        embeds = torch.cat([embeds, image], dim=1)
-        valid = torch.cat([valid, torch.ones((valid.shape[0], n0), dtype=torch.bool, device=device)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, n0 + 1, device=device)], dim=1)
-    return embeds, valid, positions
 
 
 @torch.no_grad()
@@ -64,9 +34,8 @@ def draw_image_tokens_batch(
     embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
     mask = valid.long()
     lm = bundle.language_model
-    cache = DynamicCache(config=lm.config)
-    hidden = cached_forward(lm, cache, inputs_embeds=embeds, attention_mask=mask,
-                            position_ids=positions).last_hidden_state[:, -1]
+    cache = new_cache(lm)
+    hidden = last_hidden(lm, cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
     next_position = positions[:, -1:] + 1
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)
@@ -83,18 +52,17 @@ def draw_image_tokens_batch(
         if i + 1 == n_tokens:
             break
         mask = torch.cat([mask, ones], dim=1)
-        step_embeds = bundle.embed_image_codes(tokens.repeat_interleave(2)).unsqueeze(1)
-        hidden = cached_forward(lm, cache, inputs_embeds=step_embeds, attention_mask=mask,
-                                position_ids=next_position).last_hidden_state[:, -1]
+        step_embeds = bundle.embed_image_codes(both_rows(tokens)).unsqueeze(1)
+        hidden = last_hidden(lm, cache, inputs_embeds=step_embeds, attention_mask=mask, position_ids=next_position)
         next_position = next_position + 1
     return torch.stack(codes, dim=1).cpu()
 
 
 def _inject(bundle, cache, mask, next_position, injection):
     """Append K control tokens to the injected images' row pairs (masked slots for the others)."""
-    rows = injection.rows.to(mask.device).repeat_interleave(2)  # [2B]
+    rows = both_rows(injection.rows.to(mask.device))  # [2B]
     k = injection.embeds.shape[1]
-    control = injection.embeds.to(bundle.device, bundle.dtype).repeat_interleave(2, dim=0)
+    control = both_rows(injection.embeds.to(bundle.device, bundle.dtype))
     slot_mask = rows.long().unsqueeze(1).expand(-1, k)
     mask = torch.cat([mask, slot_mask], dim=1)
     positions = next_position + torch.arange(k, device=mask.device)

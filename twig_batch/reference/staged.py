@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.reference import reference_image_tokens
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
 from twig_batch.pipeline.request import ImageRequest, ImageResult
 from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ModelScorer, ReflectionRequest, read_reflection
-from twig_batch.pipeline.text_generation import ReferenceText
 from twig_batch.pipeline.text_lengths import emulated_text_lengths
 from twig_batch.pipeline.thinking import ModelThinker, ThoughtRequest
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, t2i_prompt_ids
+from twig_batch.reference.image_tokens import reference_image_tokens
+from twig_batch.reference.texts import ReferenceText
 from twig_batch.settings import GenerationSettings
 
 
