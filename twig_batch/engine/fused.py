@@ -1,12 +1,12 @@
-"""Fewer, bigger kernels for the decode step: joined projections and fused element-wise work.
+"""Fewer, bigger kernels for the decode step: joined projections and compiled element-wise work.
 
 A decode step of a 7B model at a few hundred rows spends a third of its time in small element-wise
 kernels (RMSNorm's five, rotary's six, SiLU-times-up, residual adds) and in launching three q/k/v
 and two gate/up matmuls where one each would do. `fuse_decoder(lm)` joins the projection weights
 (the original modules keep working: their weights become views of the joined ones, so no memory is
-added) and marks the model; `static_decoder.forward_at` then runs `fused_layer`. On a GPU each
-element-wise helper below is compiled once into one kernel; elsewhere it runs as written, which is
-the same arithmetic transformers' Llama uses (RMSNorm in float32, rotary in the model's dtype).
+added) and marks the model; `forward.forward_at` then runs the joined matmuls. On a GPU `KERNELS` compiles
+each element-wise helper of `forward.py` once into one kernel; elsewhere it runs as written, which
+is the same arithmetic transformers' Llama uses (RMSNorm in float32, rotary in the model's dtype).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 FUSED_ATTR = "_twig_fused_projections"
 
@@ -64,28 +63,6 @@ def _join(linears) -> torch.Tensor:
     return joined
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    total = x + delta
-    return total, _rms_norm(total, weight, eps)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def _silu_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
-    return F.silu(gate_up[..., :intermediate]) * gate_up[..., intermediate:]
-
-
 class _Kernels:
     """The helpers, compiled on first use on a GPU (dynamic shapes: one compile serves every batch)."""
 
@@ -117,41 +94,6 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
-
-
-def fused_layer(layer, joined: JoinedProjections, index: int, x: torch.Tensor, delta: torch.Tensor | None,
-                cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int], attend_kv):
-    """One decoder layer over the residual stream `x` plus the previous layer's pending `delta`.
-
-    Returns the new (x, delta): each residual add is fused into the RMSNorm that follows it, the
-    last one into the model's final norm (`finish`). `shape` is (heads, kv_heads, head_dim);
-    `attend_kv(q, k, v)` writes k, v to the cache and returns the attention output [R, H, T, d].
-    """
-    device = x.device
-    rows, length, _ = x.shape
-    heads, kv_heads, head_dim = shape
-    rotate = KERNELS.get("rotate", _rotate, device)
-    silu_mul = KERNELS.get("silu_mul", _silu_mul, device)
-    x, h = _residual_norm(x, delta, layer.input_layernorm)
-    q, k, v = F.linear(h, joined.qkv[index]).split([joined.q_size, joined.kv_size, joined.kv_size], dim=-1)
-    q = rotate(q.view(rows, length, heads, head_dim).transpose(1, 2), cos, sin)
-    k = rotate(k.view(rows, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    v = v.view(rows, length, kv_heads, head_dim).transpose(1, 2)
-    out = layer.self_attn.o_proj(attend_kv(q, k, v).transpose(1, 2).reshape(rows, length, -1))
-    x, h = _residual_norm(x, out, layer.post_attention_layernorm)
-    return x, layer.mlp.down_proj(silu_mul(F.linear(h, joined.gate_up[index]), joined.intermediate))
-
-
-def finish(x: torch.Tensor, delta: torch.Tensor | None, final_norm) -> torch.Tensor:
-    return _residual_norm(x, delta, final_norm)[1]
-
-
-def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_module):
-    device = x.device
-    if delta is None:
-        return x, KERNELS.get("rms_norm", _rms_norm, device)(x, norm_module.weight, norm_module.variance_epsilon)
-    return KERNELS.get("add_rms_norm", _add_rms_norm, device)(x, delta, norm_module.weight,
-                                                              norm_module.variance_epsilon)
 
 
 def fuse_for_device(lm) -> None:

@@ -1,6 +1,7 @@
-"""The language model's forward pass over a preallocated, fixed-shape KV cache.
+"""The preallocated, fixed-shape KV cache, and passes over it (`forward_static`).
 
-Reads the weights of transformers' Llama modules but owns the cache and the attention mask, so
+The forward pass proper is `forward.py`'s; it reads the weights of transformers' Llama modules but
+the cache and the attention mask are ours, so
 every row keeps its own positions and validity (left padding, unused control-token slots) while all
 rows write the same cache column. Shapes stay fixed from step to step, which lets the decode step
 be captured once as a CUDA graph.
@@ -14,13 +15,11 @@ images costs those images' tokens, not the whole batch's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from twig_batch.engine.fused import FUSED_ATTR, KERNELS, finish, fused_layer
-from twig_batch.engine.fp8_kv import FP8, decode_attention, quantize, reference_attention
+from twig_batch.engine.forward import forward_at
+from twig_batch.engine.fp8_kv import FP8
 from twig_batch.engine.kv_arena import arena_for
 
 # Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
@@ -136,20 +135,6 @@ class CacheTensors:
         return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors if t is not None)
 
 
-def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Computed in float32 then cast, exactly as transformers' Llama rotary embedding does.
-    inv_freq = lm.rotary_emb.inv_freq.float()
-    freqs = positions.float().unsqueeze(-1) * inv_freq
-    angles = torch.cat([freqs, freqs], dim=-1)
-    scale = getattr(lm.rotary_emb, "attention_scaling", 1.0)
-    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
                    valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,116 +181,3 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
 
 def attend_width(cache: StaticKVCache, end: int) -> int:
     return min(cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
-
-
-def forward_at(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               start: torch.Tensor, attend: int, columns: torch.Tensor | None = None,
-               row_index: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
-    int, so one captured CUDA graph serves every step whose columns fall in the same bucket.
-    `columns` [R, T], when given, are per-row write columns, and `row_index` [R] the cache rows the
-    input rows are (see `forward_static`)."""
-    rows, length, _ = embeds.shape
-    device = embeds.device
-    if columns is None:
-        write = start + torch.arange(length, device=device)  # [T]
-        cache.valid.index_copy_(1, write, valid)
-        mask = _shared_column_mask(cache.valid, write, attend)
-    elif row_index is None:
-        write = columns  # [R, T]
-        cache.valid.scatter_(1, write, valid)
-        mask = _own_column_mask(cache.valid, write, start, attend)
-    else:
-        write = columns
-        row_valid = cache.valid[row_index].scatter_(1, write, valid)  # a copy: written back below
-        cache.valid[row_index] = row_valid
-        mask = _own_column_mask(row_valid, write, start, attend)
-    cos, sin = _rotary(lm, positions, embeds.dtype)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if cache.k_scale is not None:
-            return _attend_fp8(cache, i, q, k, v, write, start, attend, mask, row_index)
-        _write_columns(cache.k[i], write, k, row_index)
-        _write_columns(cache.v[i], write, v, row_index)
-        return F.scaled_dot_product_attention(q, _read(cache.k[i], attend, row_index),
-                                              _read(cache.v[i], attend, row_index), attn_mask=mask,
-                                              enable_gqa=cache.kv_heads != cache.heads)
-
-    joined = getattr(lm, FUSED_ATTR, None)
-    if joined is not None:
-        x, delta = embeds, None
-        shape = (cache.heads, cache.kv_heads, cache.head_dim)
-        for i, layer in enumerate(lm.layers):
-            x, delta = fused_layer(layer, joined, i, x, delta, cos, sin, shape, partial(attend_kv, i))
-        return finish(x, delta, lm.norm)
-    x = embeds
-    for i, layer in enumerate(lm.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(rows, length, cache.heads, cache.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, length, cache.kv_heads, cache.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = attend_kv(i, q, k, v)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return lm.norm(x)
-
-
-def _shared_column_mask(valid: torch.Tensor, write: torch.Tensor, attend: int) -> torch.Tensor:
-    """[R, 1, T, A]: new token t (column write[t]) sees the valid columns up to its own."""
-    columns = torch.arange(attend, device=write.device)
-    causal = columns.unsqueeze(0) <= write.unsqueeze(1)  # [T, A]
-    # A query always sees its own column, so padded queries never produce NaNs that could reach
-    # the cache; nobody else attends to an invalid column.
-    own = columns.unsqueeze(0) == write.unsqueeze(1)
-    return ((valid[:, None, :attend] & causal.unsqueeze(0)) | own.unsqueeze(0)).unsqueeze(1)
-
-
-def _own_column_mask(valid: torch.Tensor, write: torch.Tensor, start: torch.Tensor, attend: int) -> torch.Tensor:
-    """[R, 1, T, A] for per-row write columns write [R, T]: new token t of row r sees what row r
-    held below `start` (the shared write column) before this pass, the columns this pass wrote for
-    its tokens 0..t, each where valid, and its own column."""
-    columns = torch.arange(attend, device=write.device)
-    own = columns == write.unsqueeze(-1)  # [R, T, A]
-    written_so_far = own.cumsum(1) > 0  # columns of tokens 0..t of the row
-    held = (columns < start) & ~own.any(1, keepdim=True)  # [R, 1, A]
-    return ((valid[:, None, :attend] & (held | written_so_far)) | own).unsqueeze(1)
-
-
-def _write_columns(values: torch.Tensor, write: torch.Tensor, new: torch.Tensor,
-                   row_index: torch.Tensor | None = None) -> None:
-    """values [R, H, L, ...] <- new [R', H, T, ...] at columns `write`: [T] shared or [R', T] per row;
-    with `row_index` [R'], into those rows of `values` only."""
-    if row_index is not None:
-        heads = torch.arange(values.shape[1], device=values.device)
-        values[row_index.view(-1, 1, 1), heads.view(1, -1, 1), write.unsqueeze(1)] = new
-        return
-    if write.dim() == 1:
-        values.index_copy_(2, write, new)
-        return
-    index = write.view(write.shape[0], 1, write.shape[1], *([1] * (new.dim() - 3))).expand(new.shape)
-    values.scatter_(2, index, new)
-
-
-def _read(values: torch.Tensor, attend: int, row_index: torch.Tensor | None) -> torch.Tensor:
-    """values [R, H, L, ...] up to column `attend`: every row (a view), or a copy of `row_index`'s."""
-    return values[:, :, :attend] if row_index is None else values[row_index, :, :attend]
-
-
-def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask, row_index=None):
-    """attend_kv over an fp8 cache: quantize the new columns, then read fp8 (a kernel for one query)."""
-    if cache.kv_heads != cache.heads:
-        raise ValueError("the fp8 KV cache does not support grouped-query attention")
-    quant = KERNELS.get("quantize_kv", quantize, q.device)
-    for values, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
-        new8, new_scale = quant(new)
-        # byte copies: any fp8 build
-        _write_columns(values[i].view(torch.uint8), write, new8.view(torch.uint8), row_index)
-        _write_columns(scales[i], write, new_scale, row_index)
-    parts = [_read(t[i], attend, row_index) for t in (cache.k, cache.k_scale, cache.v, cache.v_scale)]
-    if q.shape[2] == 1 and write.dim() == 1:  # the kernel knows one shared write column only
-        return decode_attention(q, *parts, cache.valid[:, :attend], start, mask)
-    return reference_attention(q, *parts, mask)
