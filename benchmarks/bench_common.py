@@ -171,22 +171,19 @@ def native_generate_anchor(bundle, images: int = 128) -> dict:
 
 def plain_workload(bundle, images: int, use_graphs: bool = True, kv_cache: str = "model") -> dict:
     """The batch drawn twice: first cold (graph captures), then as a worker's every later batch is."""
-    from twig_batch.engine.fast import draw_image_tokens_fast
-    from twig_batch.engine.memory import reserve_kv_arena
+    from twig_batch.engine.runner import Engine
     from twig_batch.imaging import decode_codes
     from twig_batch.pipeline.sequences import call_shape
 
     settings = GenerationSettings(kv_cache=kv_cache)
     rows = prompts_of_length(bundle, images)
     seeds = list(range(images))
-    draw_image_tokens_fast(bundle, rows[:2], seeds[:2], settings, 8)  # compiled kernels, outside both timings
-    # as a worker does before its first batch
-    reserve_kv_arena(bundle, call_shape(bundle, settings, prompt_tokens=64), images)
+    engine = Engine(bundle, kv_cache=kv_cache, use_graphs=use_graphs)  # compiled kernels, outside both timings
+    engine.reserve(call_shape(bundle, settings, prompt_tokens=64), images)  # as a worker does before its first batch
     runs = []
     for _ in range(2):
         torch.cuda.reset_peak_memory_stats()
-        codes, t_tokens = timed(lambda: draw_image_tokens_fast(bundle, rows, seeds, settings, bundle.image_tokens,
-                                                               use_graphs=use_graphs))
+        codes, t_tokens = timed(lambda: engine.draw_image_tokens(rows, seeds, settings, bundle.image_tokens))
         _, t_decode = timed(lambda: decode_codes(bundle, codes))  # it decodes DECODE_CHUNK images a pass
         runs.append((t_tokens, t_decode))
     (cold_tokens, cold_decode), (t_tokens, t_decode) = runs
@@ -225,13 +222,8 @@ def phase_totals(results) -> dict[str, float]:
 
 
 def start_fresh() -> None:
-    """Drop the KV arena and the kept graphs of the part before, and PyTorch's cached blocks: each
-    part of a benchmark sizes itself from the same free memory."""
-    from twig_batch.engine.graphs import forget_graphs
-    from twig_batch.engine.kv_arena import release_arenas
-
-    forget_graphs()
-    release_arenas()
+    """Drop the engine of the part before (its KV arena and kept graphs) and PyTorch's cached blocks:
+    each part of a benchmark sizes itself from the same free memory."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -240,19 +232,20 @@ def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | No
     """The batch run twice after a two-image warm-up (compiled kernels): first cold (graph captures
     for this batch's shapes), then as a worker's every later batch runs; the second is the figure.
     `settings` replaces the workload's own (`workload_settings(mode)`)."""
-    from twig_batch.engine.memory import reserve_kv_arena
+    from twig_batch.engine.runner import Engine
     from twig_batch.pipeline.sequences import call_shape
 
     settings = settings or workload_settings(mode)
     requests = requests_for(images)
-    generate_images(bundle, requests[:2], settings)
-    reserve_kv_arena(bundle, call_shape(bundle, settings), images)  # as a worker does before its first batch
+    engine = Engine.for_settings(bundle, settings)  # as a worker builds its own
+    generate_images(bundle, requests[:2], settings, engine=engine)
+    engine.reserve(call_shape(bundle, settings), images)  # as a worker does before its first batch
     runs = []
     for _ in range(2):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        results = generate_images(bundle, requests, settings)
+        results = generate_images(bundle, requests, settings, engine=engine)
         torch.cuda.synchronize()
         runs.append(time.perf_counter() - start)
     cold, elapsed = runs

@@ -19,11 +19,11 @@ import torch
 
 from bench_common import requests_for, start_fresh
 from twig_batch.controller import ControllerConfig
-from twig_batch.engine.memory import reserve_kv_arena
-from twig_batch.pipeline.sequences import call_shape
+from twig_batch.engine.runner import Engine
 from twig_batch.engine.warm_up import warm_up
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
+from twig_batch.pipeline.sequences import call_shape
 from twig_batch.settings import GenerationSettings
 
 NEVER_FIRES = ControllerConfig(tau_entropy=float("inf"), tau_drop=float("inf"))
@@ -31,11 +31,12 @@ NEVER_FIRES = ControllerConfig(tau_entropy=float("inf"), tau_drop=float("inf"))
 
 def timed_run(bundle, settings: GenerationSettings, images: int) -> dict:
     requests = requests_for(images)
-    reserve_kv_arena(bundle, call_shape(bundle, settings), images)
-    generate_images(bundle, requests, settings)  # graph captures for this batch's shapes
+    engine = Engine.for_settings(bundle, settings)
+    engine.reserve(call_shape(bundle, settings), images)
+    generate_images(bundle, requests, settings, engine=engine)  # graph captures for this batch's shapes
     torch.cuda.synchronize()
     start = time.perf_counter()
-    results = generate_images(bundle, requests, settings)
+    results = generate_images(bundle, requests, settings, engine=engine)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     logs = [r.trigger_log for r in results]

@@ -56,16 +56,18 @@ sys.path.insert(0, {str(HERE)!r})
 from bench_common import prompts
 from twig_batch.controller import ControllerConfig
 from twig_batch.model import load_janus
+from twig_batch.engine.runner import Engine
 from twig_batch.pipeline import ImageRequest, generate_images
 from twig_batch.settings import GenerationSettings
 bundle = load_janus({model!r}, "cuda", torch.bfloat16)
 settings = GenerationSettings(mode={mode!r}, controller=ControllerConfig() if {controller!r} else None)
+engine = Engine.for_settings(bundle, settings)
 n = {part_images}
 texts = prompts(2 * n)
 requests = [ImageRequest(f"e{{i}}", texts[i], 0, 1000 + i) for i in range(2 * n)]
-generate_images(bundle, requests[:n], settings)
+generate_images(bundle, requests[:n], settings, engine=engine)
 torch.cuda.synchronize(); start = time.perf_counter()
-generate_images(bundle, requests[n:], settings)
+generate_images(bundle, requests[n:], settings, engine=engine)
 torch.cuda.synchronize()
 print(json.dumps({{"img_s": n / (time.perf_counter() - start)}}))
 """

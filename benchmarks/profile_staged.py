@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_common import phase_totals, requests_for, workload_settings
 from twig_batch.model import load_janus
+from twig_batch.engine.runner import Engine
 from twig_batch.pipeline import generate_images
 
 
@@ -27,11 +28,12 @@ def main() -> None:
     for mode in args.mode:
         settings = workload_settings(mode)
         requests = requests_for(args.images)
-        generate_images(bundle, requests[:2], settings)  # warm-up
+        engine = Engine.for_settings(bundle, settings)
+        generate_images(bundle, requests[:2], settings, engine=engine)  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            results = generate_images(bundle, requests, settings)
+            results = generate_images(bundle, requests, settings, engine=engine)
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
         phases = phase_totals(results)

@@ -22,7 +22,6 @@ from bench_common import (device_anchors, native_generate_anchor, plain_workload
                           seed_style_anchor, start_fresh, workload_settings)
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from twig_batch.engine.fused import fuse_decoder
-from twig_batch.engine.kv_arena import idle_arena_bytes
 from twig_batch.engine.memory import free_device_bytes
 from twig_batch.pipeline.sequences import images_per_call
 from twig_batch.model import load_janus
@@ -65,7 +64,7 @@ def workload(result: dict, out: Path, name: str, run) -> None:
     try:
         row = run()
     except torch.OutOfMemoryError as exc:
-        row = {"error": f"out of memory: {str(exc)[:400]}", "arena_gib": idle_arena_bytes(torch.device("cuda")) / 2**30,
+        row = {"error": f"out of memory: {str(exc)[:400]}", "reserved_gib": torch.cuda.memory_reserved() / 2**30,
                "allocated_gib": torch.cuda.memory_allocated() / 2**30}
     step(result, out, "workloads", [{"name": name, **row}])
     (out / "speed_suite.md").write_text(table(result) + "\n")  # the table so far, like the JSON

@@ -82,13 +82,14 @@ def test_every_text_sees_the_prompt_stripped_of_surrounding_whitespace(tiny64, m
 
         guide = think
 
-    def draw(bundle, conditions, seeds, settings, n_tokens, **_):
-        drawn.append(conditions)
-        return torch.zeros((len(conditions), n_tokens), dtype=torch.long)
+    class DrawOnly:  # the stand-ins write every text: the engine only draws
+        def draw_image_tokens(self, conditions, seeds, settings, n_tokens, **_):
+            drawn.append(conditions)
+            return torch.zeros((len(conditions), n_tokens), dtype=torch.long)
 
     settings = GenerationSettings(mode=mode, bands=2)
     for prompt in ("  a red cube\n", "a red cube"):
         generate_staged(tiny64, [ImageRequest("p", prompt, 0, 1)], settings, thinker=Stand(), scorer=Stand(),
-                        guide=Stand(), draw_tokens=draw)
+                        guide=Stand(), engine=DrawOnly())
     assert seen and set(seen) == {"a red cube"}
     assert drawn[:len(drawn) // 2] == drawn[len(drawn) // 2:]

@@ -4,9 +4,8 @@ import gc
 import pytest
 import torch
 
-from twig_batch.engine.graphs import _graph_set
-from twig_batch.engine.kv_arena import release_arenas
 from twig_batch.engine.repeatable import attention_backends, attention_for
+from twig_batch.engine.runner import Engine
 from twig_batch.engine.static_decoder import StaticKVCache
 from twig_batch.errors import InputError
 from twig_batch.io.run_info import check_resume_matches
@@ -30,16 +29,16 @@ def test_only_repeatable_attention_kernels_inside_and_all_restored_after():
 def test_kept_graphs_are_not_shared_between_the_two_kernel_choices(tiny64):
     """A graph replays the kernels it was captured with: a deterministic call must not replay a
     graph captured with cuDNN's attention over the same arena cache, nor the other way round."""
-    release_arenas()
+    engine = Engine(tiny64)
     gc.collect()
-    cache = StaticKVCache(tiny64.language_model, rows=2, max_len=16)
+    cache = StaticKVCache(tiny64.language_model, rows=2, max_len=16, arenas=engine.arenas)
     assert cache.arena
-    fast = _graph_set(tiny64, cache, tiny64.embed_image_codes)
+    fast = engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image")
     with attention_for(True):
-        repeatable = _graph_set(tiny64, cache, tiny64.embed_image_codes)
+        repeatable = engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image")
         assert repeatable is not fast
-        assert _graph_set(tiny64, cache, tiny64.embed_image_codes) is repeatable
-    assert _graph_set(tiny64, cache, tiny64.embed_image_codes) is fast
+        assert engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image") is repeatable
+    assert engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image") is fast
     cache.close()
 
 

@@ -8,7 +8,6 @@ import zlib
 import pytest
 import torch
 
-from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline import staged as staged_module
@@ -72,11 +71,16 @@ def fingerprint(prompt):
 
 
 def fast_text(rejected=frozenset()):
-    return ScriptedText(BatchedText(generate_text_fast), rejected)
+    return ScriptedText(BatchedText(), rejected)
+
+
+def writers(text):
+    """The model's thinker, scorer and guide, all over the one text writer `text` (so calls may merge)."""
+    return dict(thinker=ModelThinker(text=text), scorer=ModelScorer(text=text), guide=ModelGuide(text=text))
 
 
 def run_merged(bundle, settings, text, reqs=None):
-    return generate_staged(bundle, reqs or requests(), settings, text=text)
+    return generate_staged(bundle, reqs or requests(), settings, **writers(text))
 
 
 def run_unmerged(bundle, settings, think_text, reflect_text):
@@ -153,7 +157,7 @@ def test_without_reflection_or_with_stand_ins_nothing_is_merged(grid6):
             return ["Score: 95\nBetter: keep it"] * len(reqs)
 
     text = fast_text()
-    generate_staged(grid6, requests()[:2], settings_for("twig"), text=text, scorer=AcceptAll())
+    generate_staged(grid6, requests()[:2], settings_for("twig"), thinker=ModelThinker(text=text), scorer=AcceptAll())
     assert text.calls == [2, 2, 2]
 
 

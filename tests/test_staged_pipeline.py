@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from twig_batch.reference.batched import draw_image_tokens_batch
+from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline.bands import canvas_pixels
 from twig_batch.pipeline.staged import generate_staged
-from twig_batch.reference.staged import reference_staged
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.reference.batched import draw_image_tokens_batch
+from twig_batch.reference.staged import reference_staged
 from twig_batch.settings import GenerationSettings
 
 PROMPTS = ["a red cube", "a small cat on a large table next to a lamp", "tree", "night sky with a moon", "a house"]
@@ -29,6 +30,14 @@ def settings_for(mode, **kw):
 
 def requests_for(prompts, base_seed=100):
     return [ImageRequest(f"p{i}", p, 0, base_seed + i) for i, p in enumerate(prompts)]
+
+
+class ReferenceDrawing(Engine):
+    """The engine's texts, the reference's batched loop for the image tokens."""
+
+    def draw_image_tokens(self, cond_rows, seeds, settings, n_tokens, prefix_codes=None, first_step=0, observer=None):
+        return draw_image_tokens_batch(self.bundle, cond_rows, seeds, settings, n_tokens, prefix_codes, first_step,
+                                       observer)
 
 
 class ScriptedScorer:
@@ -150,13 +159,15 @@ def test_thoughts_see_the_partial_image_and_condition_the_band(small):
             seen.extend(requests)
             return super().think(bundle, requests, settings)
 
-    def recording_draw(bundle, cond_rows, seeds, settings, n_tokens, prefix_codes=None, first_step=0, observer=None):
-        drawn.append((cond_rows, prefix_codes, first_step))
-        return draw_image_tokens_batch(bundle, cond_rows, seeds, settings, n_tokens, prefix_codes, first_step, observer)
+    class Recording(ReferenceDrawing):
+        def draw_image_tokens(self, cond_rows, seeds, settings, n_tokens, prefix_codes=None, first_step=0,
+                              observer=None):
+            drawn.append((cond_rows, prefix_codes, first_step))
+            return super().draw_image_tokens(cond_rows, seeds, settings, n_tokens, prefix_codes, first_step, observer)
 
     settings = settings_for("twig", reflect=False)
     [result] = generate_staged(small, requests_for(PROMPTS[:1]), settings, thinker=RecordingThinker(),
-                               draw_tokens=recording_draw)
+                               engine=Recording(small))
     assert [r.band for r in seen] == [0, 1, 2] and seen[0].canvas is None
     assert [r.earlier for r in seen] == [(), tuple(result.thoughts[:1]), tuple(result.thoughts[:2])]
     for band in (1, 2):
@@ -172,11 +183,12 @@ def test_thoughts_see_the_partial_image_and_condition_the_band(small):
 def test_seed_mode_draws_each_stage_from_its_stage_prompt(small):
     drawn = []
 
-    def recording_draw(bundle, cond_rows, *args, **kw):
-        drawn.append(cond_rows[0])
-        return draw_image_tokens_batch(bundle, cond_rows, *args, **kw)
+    class Recording(ReferenceDrawing):
+        def draw_image_tokens(self, cond_rows, *args, **kw):
+            drawn.append(cond_rows[0])
+            return super().draw_image_tokens(cond_rows, *args, **kw)
 
-    [result] = generate_staged(small, requests_for(PROMPTS[:1]), settings_for("seed"), draw_tokens=recording_draw)
+    [result] = generate_staged(small, requests_for(PROMPTS[:1]), settings_for("seed"), engine=Recording(small))
     parts = ["top part", "middle part", "bottom part"]
     assert drawn == [t2i_prompt_ids(small, f"a red cube, {part}") for part in parts]
     assert len(result.thoughts) == 3 and all(result.thoughts) and result.reflections == []
@@ -184,10 +196,8 @@ def test_seed_mode_draws_each_stage_from_its_stage_prompt(small):
 
 
 def test_the_fast_engine_draws_the_same_staged_images(small):
-    from twig_batch.engine.fast import draw_image_tokens_fast
-
     requests = requests_for(PROMPTS[:3])
     scorer = ScriptedScorer(_reject_some)
-    fast = generate_staged(small, requests, settings_for("twig"), scorer=scorer, draw_tokens=draw_image_tokens_fast)
-    eager = generate_staged(small, requests, settings_for("twig"), scorer=scorer)
+    fast = generate_staged(small, requests, settings_for("twig"), scorer=scorer)
+    eager = generate_staged(small, requests, settings_for("twig"), scorer=scorer, engine=ReferenceDrawing(small))
     assert all(same(a, b) for a, b in zip(fast, eager)) and fast[1].redrawn_bands == [1]

@@ -7,9 +7,9 @@ import torch
 
 from twig_batch.engine import fast_text
 from twig_batch.engine.fast_text import generate_text_fast
+from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
-from twig_batch.pipeline import staged as staged_module
 from twig_batch.pipeline.generator import generate_images
 from twig_batch.pipeline.staged import generate_staged
 from twig_batch.reference.staged import reference_staged
@@ -198,13 +198,13 @@ def text_calls(monkeypatch):
     is replaced by an id it cannot draw."""
     calls = []
 
-    def recording(bundle, prompts, max_new_tokens, temperature=0.0, **kw):
-        never = bundle.model.config.text_config.vocab_size
-        written = generate_text_fast(bundle, prompts, max_new_tokens, temperature, stop_id=never, **kw)
+    def recording(engine, prompts, max_new_tokens, temperature=0.0, **kw):
+        never = engine.bundle.model.config.text_config.vocab_size
+        written = generate_text_fast(engine.bundle, prompts, max_new_tokens, temperature, stop_id=never, **kw)
         calls.append((prompts, max_new_tokens, written))
         return written
 
-    monkeypatch.setattr(staged_module, "generate_text_fast", recording)
+    monkeypatch.setattr(Engine, "write_texts", recording)
     return calls
 
 

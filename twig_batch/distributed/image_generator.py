@@ -60,10 +60,10 @@ class ImageGenerator:
         loading = time.perf_counter()
         self.bundle = load_janus(model, torch_device, resolve_dtype(dtype, torch_device))
         model_s = time.perf_counter() - loading
-        from twig_batch.engine.warm_up import warm_up
+        from twig_batch.engine.runner import Engine
 
         warming = time.perf_counter()
-        warm_up(self.bundle)  # kernels compile now, not during the first part
+        self.engine = Engine.for_settings(self.bundle, self.settings)  # kernels compile now, not in the first part
         warm_up_s = time.perf_counter() - warming
         BandSchedule(self.bundle.grid, self.settings.bands)  # bands that do not fit fail the actor, not every row
         self.model_name = model_name or model
@@ -189,7 +189,7 @@ class ImageGenerator:
 
         if self.faults is not None:
             self.faults.before_part(requests)
-        return generate_images(self.bundle, requests, self.settings, templates=self.templates)
+        return generate_images(self.bundle, requests, self.settings, templates=self.templates, engine=self.engine)
 
     def _free_memory(self) -> None:
         """After an out-of-memory error: every cache and captured graph goes, so the smaller parts
@@ -198,30 +198,23 @@ class ImageGenerator:
         if self.bundle.device.type == "cuda":
             import torch
 
-            from twig_batch.engine.graphs import forget_graphs
-            from twig_batch.engine.kv_arena import release_arenas
-
-            forget_graphs()
-            release_arenas()
+            self.engine.release()
             torch.cuda.empty_cache()
 
     def _part_size(self, requests: list[ImageRequest]) -> int:
-        from twig_batch.engine.memory import free_device_bytes
+        from twig_batch.pipeline.sequences import call_shape
 
         free = None
         if self.images_per_call is None and self.bundle.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
-            free = free_device_bytes(self.bundle.device)
+            free = self.engine.free_bytes()
         size = part_size(self.bundle, self.settings, [r.prompt for r in requests], self.images_per_call, free)
         size = min(size, self._parts.cap or size)
         if self.bundle.device.type == "cuda":
-            from twig_batch.engine.memory import reserve_kv_arena
-            from twig_batch.pipeline.sequences import call_shape
-
-            # once: later parts reuse it, graphs and all
-            reserve_kv_arena(self.bundle, call_shape(self.bundle, self.settings), size)
+            # the engine's sizing step, once: later parts reuse its arena, graphs and all
+            self.engine.reserve(call_shape(self.bundle, self.settings), size)
         return size
 
     def _event(self, event: dict) -> None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.fused import fuse_for_device
-from twig_batch.engine.graphs import GraphedDecodeStep
+from twig_batch.engine.graphs import GraphedDecodeStep, KeptGraphs
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs, cfg_rows
+from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.settings import GenerationSettings
@@ -32,9 +33,13 @@ CONTROL_SLACK = 64  # control-token columns per image when the observer names no
 def draw_image_tokens_fast(
     bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
     prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
-    use_graphs: bool | None = None,
+    use_graphs: bool | None = None, fp8: bool | None = None, arenas: KVArenas | None = None,
+    kept: KeptGraphs | None = None,
 ) -> torch.Tensor:
-    """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`."""
+    """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`.
+
+    An engine (`runner.py`) passes its KV `arenas` and `kept` graph sets, and its cache kind as
+    `fp8` (None: `settings.kv_cache`); without them the call's cache and graphs are its own."""
     device = bundle.device
     embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
     rows = embeds.shape[0]
@@ -43,14 +48,16 @@ def draw_image_tokens_fast(
     fuse_for_device(lm)
     # The prefill, the slots, then a column per decode step: every token but the last is fed back.
     columns = embeds.shape[1] + slack + max(n_tokens - 1, 0)
-    with StaticKVCache(lm, rows, columns, fp8=settings.kv_cache == "fp8") as cache:
+    if fp8 is None:
+        fp8 = settings.kv_cache == "fp8"
+    with StaticKVCache(lm, rows, columns, fp8=fp8, arenas=arenas) as cache:
         hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
         next_position = positions[:, -1:] + 1
         slots = ControlSlots(cache.used, slack, len(cond_rows))
         cache.used += slack  # decode steps write after the slots
         if use_graphs is None:
             use_graphs = device.type == "cuda"
-        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes) if use_graphs else None
+        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes, "image", kept) if use_graphs else None
         all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
 
         def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

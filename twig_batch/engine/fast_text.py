@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.engine.fused import fuse_for_device
-from twig_batch.engine.graphs import GraphedDecodeStep
+from twig_batch.engine.graphs import GraphedDecodeStep, KeptGraphs
 from twig_batch.engine.inputs import text_prefill_inputs
-from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
+from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.memory import free_device_bytes, planning_budget, text_rows_that_fit
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
@@ -38,11 +38,13 @@ _NEVER = 2**62  # the stop step of a row whose prompt has no `stop_after`
 
 @torch.no_grad()
 def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float = 0.0, stop_id: int | None = None,
-                       use_graphs: bool | None = None, max_rows: int | None = None) -> list[list[int]]:
+                       use_graphs: bool | None = None, max_rows: int | None = None, arenas: KVArenas | None = None,
+                       kept: KeptGraphs | None = None) -> list[list[int]]:
     """New token ids per prompt (`TextPrompt`s); the stop token is not included.
 
     At most `max_rows` prompts are written at once (None: all of them, or on a GPU as many as fit in
-    its free memory); the others wait in order and take the rows of prompts that finish.
+    its free memory); the others wait in order and take the rows of prompts that finish. An engine
+    (`runner.py`) passes its KV `arenas` and `kept` graph sets; without them the caches are the call's own.
     """
     if not prompts:
         return []
@@ -50,11 +52,11 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
     if use_graphs is None:
         use_graphs = bundle.device.type == "cuda"
     if max_rows is None:
-        max_rows = _rows_that_fit(bundle, prompts, max_new_tokens)
+        max_rows = _rows_that_fit(bundle, prompts, max_new_tokens, arenas)
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     call = _Call(bundle, prompts, max_new_tokens, temperature, bundle.tokens.eos if stop_id is None else stop_id,
-                 use_graphs, waiting=list(range(len(prompts))), written=[[] for _ in prompts])
+                 use_graphs, arenas, kept, waiting=list(range(len(prompts))), written=[[] for _ in prompts])
     while call.waiting:
         _Round(call, max_rows).run()
     # A row keeps computing after its budget or stop until a check notices (or its round ends).
@@ -70,6 +72,8 @@ class _Call:
     temperature: float
     stop: int
     use_graphs: bool
+    arenas: KVArenas | None  # the engine's, which the round's cache borrows from
+    kept: KeptGraphs | None  # the engine's graph sets kept over arena caches
     waiting: list[int]  # prompts not started yet, in the order they take rows
     written: list[list[int]]  # tokens drawn so far per prompt, stop token and beyond included
 
@@ -172,7 +176,7 @@ class _Round:
     def _graphed(self) -> GraphedDecodeStep | None:
         if not self.call.use_graphs:
             return None
-        return GraphedDecodeStep(self.call.bundle, self.cache, self.call.bundle.embed_text)
+        return GraphedDecodeStep(self.call.bundle, self.cache, self.call.bundle.embed_text, "text", self.call.kept)
 
     def _flush(self) -> None:
         self.rows.record(self.call.written, self.drawn)
@@ -188,11 +192,11 @@ def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: b
         indices = [indices[j] for j in plan.order]
     embeds, mask, positions = text_prefill_inputs(call.bundle, [call.prompts[i] for i in indices])
     if plan is not None:
-        return (*prefill_shared(call.bundle, plan, embeds, mask, width, columns), indices)
+        return (*prefill_shared(call.bundle, plan, embeds, mask, width, columns, call.arenas), indices)
     extra = width - embeds.shape[1]  # masked columns with zero embeddings: nobody attends to them
     embeds, mask, positions = F.pad(embeds, (0, 0, extra, 0)), F.pad(mask, (extra, 0)), F.pad(positions, (extra, 0))
     lm = call.bundle.language_model
-    cache = StaticKVCache(lm, len(indices), columns)
+    cache = StaticKVCache(lm, len(indices), columns, arenas=call.arenas)
     hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
     return cache, hidden, positions[:, -1:] + 1, indices
 
@@ -264,15 +268,17 @@ class _Rows:
             written[prompt].extend(tokens)
 
 
-def _rows_that_fit(bundle, prompts, max_new_tokens: int) -> int:
+def _rows_that_fit(bundle, prompts, max_new_tokens: int, arenas: KVArenas | None) -> int:
     """All prompts at once off a GPU or when their cache fits in its free memory; otherwise as many
     rows as fit with a cache that leaves joiners room for their budget."""
-    free = free_device_bytes(bundle.device)
+    free = free_device_bytes(bundle.device, arenas)
     if free is None:
         return len(prompts)
-    arena = arena_for(bundle.device, bundle.dtype)  # the one a text cache borrows from
-    own = 0 if arena.lent() else arena.nbytes
-    budget = planning_budget(free, own, idle_arena_bytes(bundle.device) - own)
+    own = idle = 0
+    if arenas is not None:
+        arena = arenas.for_dtype(bundle.dtype)  # the one a text cache borrows from
+        own, idle = (0 if arena.lent() else arena.nbytes), arenas.idle_bytes()
+    budget = planning_budget(free, own, idle - own)
     lm, width = bundle.language_model, max(len(p.ids) for p in prompts)
     if text_rows_that_fit(lm, budget, width + max_new_tokens, width) >= len(prompts):
         return len(prompts)

@@ -4,10 +4,10 @@ One graph per attention bucket (the cache width a step reads), captured the firs
 lands in that bucket; a step then costs one replay instead of hundreds of kernel launches.
 
 A capture costs an eager warm-up step and a pass of Python over the whole model, a large share of
-a short call. Graphs over a cache lent by the KV arena are therefore kept after the call (keyed by
-the model, the embedding, the cache's addresses and shape, and the attention kernels allowed) and
-replayed by every later call that borrows the same shape; graphs over a cache of its own die with
-the call.
+a short call. Graphs over a cache lent by the engine's KV arena are therefore kept after the call
+in the engine's `KeptGraphs` (known by the embedding, the cache's addresses and shape, and the
+attention kernels allowed) and replayed by every later call that borrows the same shape; graphs
+over a cache of its own die with the call.
 """
 from __future__ import annotations
 
@@ -15,19 +15,21 @@ from collections import OrderedDict
 
 import torch
 
-from twig_batch.engine.kv_arena import on_release
+from twig_batch.engine.forward import forward_at
 from twig_batch.engine.repeatable import attention_backends
-from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width, forward_at
+from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width
 
 KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embedding in use)
 
 
 class GraphedDecodeStep:
-    """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text)."""
+    """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text), `kind`
+    names it; graphs over an arena cache are kept in `kept` (the engine's) when given."""
 
-    def __init__(self, bundle, cache: StaticKVCache, embed):
+    def __init__(self, bundle, cache: StaticKVCache, embed, kind: str, kept: KeptGraphs | None = None):
         self.cache = cache
-        self.graphs = _graph_set(bundle, cache, embed)
+        self.graphs = kept.graph_set(bundle, cache, embed, kind) if kept is not None else GraphSet(
+            bundle, cache.tensors(), embed)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [R], positions [R, 1]: the last-layer hidden states [R, D] after this step."""
@@ -83,35 +85,36 @@ class GraphSet:
         return graph, out
 
 
-_KEPT: OrderedDict[tuple, GraphSet] = OrderedDict()
+class KeptGraphs:
+    """One engine's graph sets over arena caches, kept across calls: at most KEPT_GRAPH_SETS, the
+    least recently used dropped first. A set is known by the embedding it steps ("image" or
+    "text"), its cache's addresses and shape, and the attention kernels allowed."""
 
+    def __init__(self) -> None:
+        self._sets: OrderedDict[tuple, GraphSet] = OrderedDict()
 
-def _graph_set(bundle, cache: StaticKVCache, embed) -> GraphSet:
-    tensors = cache.tensors()
-    if not cache.arena:
-        return GraphSet(bundle, tensors, embed)
-    # Bound methods are new objects at every attribute access: key on the function and its owner.
-    embed_key = (getattr(embed, "__func__", embed), id(getattr(embed, "__self__", None)))
-    key = (id(bundle.language_model), embed_key, tensors.addresses(), attention_backends())
-    kept = _KEPT.get(key)
-    if kept is None:
-        kept = _KEPT[key] = GraphSet(bundle, tensors, embed)
-    _KEPT.move_to_end(key)
-    while len(_KEPT) > KEPT_GRAPH_SETS:
-        _KEPT.popitem(last=False)
-    return kept
+    def __len__(self) -> int:
+        return len(self._sets)
 
+    def __contains__(self, graph_set) -> bool:
+        return any(kept is graph_set for kept in self._sets.values())
 
-def _forget_arena(arena) -> None:
-    """An arena is about to drop its buffer: graphs over it would write to freed memory, and their
-    views would keep the old buffer alive beside the new one. Buffers are replaced only while a
-    worker's shapes still grow (its first batches), so dropping every kept graph costs little."""
-    forget_graphs()
+    def graph_set(self, bundle, cache: StaticKVCache, embed, kind: str) -> GraphSet:
+        tensors = cache.tensors()
+        if not cache.arena:
+            return GraphSet(bundle, tensors, embed)
+        key = (kind, tensors.addresses(), attention_backends())
+        kept = self._sets.get(key)
+        if kept is None:
+            kept = self._sets[key] = GraphSet(bundle, tensors, embed)
+        self._sets.move_to_end(key)
+        while len(self._sets) > KEPT_GRAPH_SETS:
+            self._sets.popitem(last=False)
+        return kept
 
-
-on_release(_forget_arena)
-
-
-def forget_graphs() -> None:
-    """Drop every kept graph (their memory pools with them)."""
-    _KEPT.clear()
+    def forget(self, arena=None) -> None:
+        """Drop every kept graph (their memory pools with them). Called before an arena drops its
+        buffer: graphs over it would write to freed memory, and their views would keep the old buffer
+        alive beside the new one. Buffers are replaced only while a worker's shapes still grow (its
+        first batches), so dropping every kept graph costs little."""
+        self._sets.clear()

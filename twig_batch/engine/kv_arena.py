@@ -1,10 +1,11 @@
-"""One KV-cache buffer per device and dtype, lent to call after call.
+"""An engine's KV-cache buffers, one per dtype, lent to call after call (`KVArenas`).
 
 A fresh cache per call costs an allocation and a zero fill of tens of GB, and worse, every CUDA graph
 captured over it dies with it: a staged batch of 128 images used to capture about thirty graphs per
 batch. Caches carved from one persistent buffer keep their addresses from call to call, so a graph
 captured over a cache of some row count is replayed by every later call of that row count
-(`graphs.py` keeps them).
+(the engine's `graphs.KeptGraphs` keeps them). The engine (`runner.py`) owns its arenas; nothing
+else holds one.
 
 The buffer is lent to one cache at a time: the engines give it back when their call ends (a weak
 reference to the holder covers any cache that is simply dropped); a cache asked for while it is
@@ -22,8 +23,8 @@ import torch
 
 
 class KVArena:
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: torch.device, dtype: torch.dtype, on_release=None):
+        self.device, self.dtype, self.on_release = device, dtype, on_release
         self.buffer: torch.Tensor | None = None  # flat, zero-filled at allocation
         self._holder: weakref.ref | None = None
         self._valid: dict[tuple[int, int], torch.Tensor] = {}  # (rows, width) -> flags, kept for the graphs
@@ -69,8 +70,8 @@ class KVArena:
         """Give the memory back (nothing may hold a cache from it)."""
         if self.lent():
             raise RuntimeError("the KV arena is still lent to a live cache")
-        for hook in _RELEASE_HOOKS:
-            hook(self)
+        if self.on_release is not None:
+            self.on_release(self)
         self.buffer, self._valid = None, {}
 
     def _replace(self, elements: int) -> None:
@@ -79,39 +80,26 @@ class KVArena:
         self.buffer = torch.zeros(elements, dtype=self.dtype, device=self.device)
 
 
-_RELEASE_HOOKS: list = []
+class KVArenas:
+    """One engine's arenas on its device, one per dtype (the model's, and fp8's values and scales).
+    `on_release(arena)` runs before any of them drops its buffer (the engine forgets the graphs
+    captured over it)."""
 
+    def __init__(self, device: torch.device, on_release=None):
+        self.device, self.on_release = torch.device(device), on_release
+        self._arenas: dict[torch.dtype, KVArena] = {}
 
-def on_release(hook) -> None:
-    """`hook(arena)` runs before an arena drops its buffer (e.g. to forget graphs captured over it)."""
-    _RELEASE_HOOKS.append(hook)
+    def for_dtype(self, dtype: torch.dtype) -> KVArena:
+        if dtype not in self._arenas:
+            self._arenas[dtype] = KVArena(self.device, dtype, self.on_release)
+        return self._arenas[dtype]
 
+    def idle_bytes(self) -> int:
+        """Memory the arenas hold but nobody is using: free for the next call's cache."""
+        return sum(a.nbytes for a in self._arenas.values() if not a.lent())
 
-_ARENAS: dict[tuple[str, torch.dtype], KVArena] = {}
-
-
-def _device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one arena
-        device = torch.device("cuda", torch.cuda.current_device())
-    return str(device)
-
-
-def arena_for(device: torch.device, dtype: torch.dtype) -> KVArena:
-    key = (_device_name(device), dtype)
-    if key not in _ARENAS:
-        _ARENAS[key] = KVArena(torch.device(device), dtype)
-    return _ARENAS[key]
-
-
-def idle_arena_bytes(device: torch.device) -> int:
-    """Memory the arenas of `device` hold but nobody is using: free for the next call's cache."""
-    name = _device_name(device)
-    return sum(a.nbytes for (d, _), a in _ARENAS.items() if d == name and not a.lent())
-
-
-def release_arenas() -> None:
-    """Free every idle arena (e.g. before sizing a workload from free memory)."""
-    for arena in _ARENAS.values():
-        if not arena.lent():
-            arena.release()
+    def release(self) -> None:
+        """Free every idle arena (e.g. after an out-of-memory error, before sizing again)."""
+        for arena in self._arenas.values():
+            if not arena.lent():
+                arena.release()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twig_batch.engine.kv_arena import arena_for, idle_arena_bytes
+from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
 
 HEADROOM = 0.8  # of the free memory; the rest absorbs fragmentation and the VQ decoder's activations
@@ -75,20 +75,14 @@ def arena_bytes(lm, shape: CallShape, images: int, free_bytes: int | None) -> in
     return wanted if free_bytes is None else min(wanted, int(free_bytes * HEADROOM))
 
 
-def reserve_kv_arena(bundle, shape: CallShape, images: int) -> None:
-    """Size the model-dtype KV arena once for calls of `images` images of this shape (`arena_bytes`)."""
-    wanted = arena_bytes(bundle.language_model, shape, images, free_device_bytes(bundle.device))
-    arena_for(bundle.device, bundle.dtype).reserve(wanted)
-
-
-def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory on a GPU, counting blocks PyTorch holds but does not use and the idle KV arena
-    (the next call's cache is carved from it); None elsewhere."""
+def free_device_bytes(device: torch.device, arenas: KVArenas | None = None) -> int | None:
+    """Free memory on a GPU, counting blocks PyTorch holds but does not use and the idle KV `arenas`
+    of its engine (the next call's cache is carved from them); None elsewhere."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
     unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free + unused + idle_arena_bytes(device)
+    return free + unused + (0 if arenas is None else arenas.idle_bytes())
 
 
 def planning_budget(free_bytes: int, own_arena: int, other_arenas: int = 0, headroom: float = HEADROOM) -> int:

@@ -50,16 +50,17 @@ def sharing_plan(bundle, prompts) -> SharingPlan | None:
 
 
 def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.Tensor, width: int,
-                   columns: int) -> tuple[StaticKVCache, torch.Tensor, torch.Tensor]:
+                   columns: int, arenas=None) -> tuple[StaticKVCache, torch.Tensor, torch.Tensor]:
     """Prefill the prompts of `plan.order` (left-padded `embeds` [R, W0, D], `mask` [R, W0], rows in
-    that order). Returns a cache `columns` wide filled to column `width` (>= every prompt's length),
-    the last hidden states [R, D] and each row's next position [R, 1]."""
+    that order). Returns a cache `columns` wide (borrowed from the engine's `arenas` when given)
+    filled to column `width` (>= every prompt's length), the last hidden states [R, D] and each row's
+    next position [R, 1]."""
     lm, device = bundle.language_model, embeds.device
     rows, w0, dim = embeds.shape
     prefix, distinct = plan.prefix, plan.distinct
     lengths = mask.sum(1).tolist()
     starts = [w0 - n for n in lengths]
-    cache = StaticKVCache(lm, rows, columns)
+    cache = StaticKVCache(lm, rows, columns, arenas=arenas)
     # The distinct prefixes, into cache rows 0..distinct-1.
     firsts = torch.stack([embeds[r, starts[r]:starts[r] + prefix] for r in range(distinct)])
     forward_static(lm, cache, firsts, torch.arange(prefix, device=device).expand(distinct, prefix),

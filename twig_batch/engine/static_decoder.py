@@ -20,7 +20,7 @@ import torch
 
 from twig_batch.engine.forward import forward_at
 from twig_batch.engine.fp8_kv import FP8
-from twig_batch.engine.kv_arena import arena_for
+from twig_batch.engine.kv_arena import KVArenas
 
 # Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
 # worker (graphs.py keeps them), against reading 16 columns too many on average.
@@ -32,20 +32,21 @@ PREFILL_CHUNK_TOKENS = 16384
 
 class StaticKVCache:
     """k, v [layers, rows, kv_heads, max_len, head_dim] and valid [rows, max_len], borrowed from the
-    device's KV arenas when they are free (`kv_arena.py`: same addresses call after call, so CUDA
+    engine's KV `arenas` when given and free (`kv_arena.py`: same addresses call after call, so CUDA
     graphs outlive the call), else allocated for this cache alone. `max_len` may exceed what was asked.
 
     With `fp8=True` k and v hold fp8 values and k_scale, v_scale [layers, rows, kv_heads, max_len]
     their float32 scales (`fp8_kv.py`); otherwise the scales are None and k, v have the model's dtype.
     """
 
-    def __init__(self, lm, rows: int, max_len: int, fp8: bool = False):
+    def __init__(self, lm, rows: int, max_len: int, fp8: bool = False, arenas: KVArenas | None = None):
         cfg = lm.config
         weight = lm.embed_tokens.weight
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         lead = (cfg.num_hidden_layers, rows, self.kv_heads)
+        self._arenas = arenas  # the engine's, to borrow from (None: memory of its own)
         self._lenders = []  # the arenas whose buffers this cache uses
         values = self._borrow(weight.device, FP8 if fp8 else weight.dtype, lead, self.head_dim, max_len)
         self.k, self.v, self.valid, from_arena = values
@@ -64,8 +65,8 @@ class StaticKVCache:
     def _borrow(self, device, dtype, lead: tuple[int, int, int], trailing: int, max_len: int):
         """(k, v, valid, lent by the arena?) for one dtype: the arena's views when it is free."""
         layers, rows, kv_heads = lead
-        arena = arena_for(device, dtype)
-        lent = arena.lend(self, layers, rows, kv_heads, trailing, max_len)
+        arena = None if self._arenas is None else self._arenas.for_dtype(dtype)
+        lent = None if arena is None else arena.lend(self, layers, rows, kv_heads, trailing, max_len)
         if lent is not None:
             self._lenders.append(arena)
             return (*lent, True)

@@ -7,17 +7,20 @@ from twig_batch.settings import GenerationSettings
 
 
 def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None,
-                    templates=None) -> list[ImageResult]:
+                    templates=None, engine=None) -> list[ImageResult]:
     """Generate one image per request; all requests share the settings, each has its own seed.
 
     Every mode runs the one band loop (`staged.generate_staged`); `templates` (see
     `prompts.load_templates`) replaces the wording of the staged modes' prompts. With
     `settings.controller` set (and no `observer` given) a latent controller watches every image and
-    its trigger log lands in the image's result.
+    its trigger log lands in the image's result. `engine` (`engine/runner.py`) is the worker's own,
+    built once; without one, a fresh one for `settings` serves this call.
     """
     if not requests:
         return []
-    from twig_batch.pipeline.staged import generate_staged  # the engine loads when images are drawn, not on import
+    # the engine loads when images are drawn, not on import
+    from twig_batch.engine.runner import Engine
+    from twig_batch.pipeline.staged import generate_staged
 
     if observer is None and settings.controller is not None:
         from twig_batch.controller import LatentController
@@ -26,5 +29,6 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
         observer = LatentController(bundle, [r.prompt for r in requests], settings.controller,
                                     weights=shared_controller_net(bundle, settings.controller))
 
-    with attention_for(settings.deterministic):
-        return generate_staged(bundle, requests, settings, observer, templates=templates)
+    engine = engine or Engine.for_settings(bundle, settings)
+    with attention_for(engine.deterministic):
+        return generate_staged(bundle, requests, settings, observer, engine=engine, templates=templates)

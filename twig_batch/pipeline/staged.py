@@ -22,8 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.fast_text import generate_text_fast
+from twig_batch.engine.runner import Engine
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
 from twig_batch.pipeline.request import ImageRequest, ImageResult
@@ -68,16 +67,17 @@ def one_call_for_both(thinker, scorer) -> bool:
 
 @torch.no_grad()
 def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
-                    templates: Templates | None = None, thinker=None, scorer=None, guide=None,
-                    draw_tokens=draw_image_tokens_fast, text=None) -> list[ImageResult]:
+                    engine=None, templates: Templates | None = None, thinker=None, scorer=None,
+                    guide=None) -> list[ImageResult]:
     """Generate one image per request in `settings.mode` (plain, twig or seed), `settings.bands` bands.
 
     `thinker`, `scorer` and `guide` replace the model's own thoughts, reflections and stage plans.
     `observer` (the latent controller) hears `begin_band(images, band)` before every drawing call.
-    `draw_tokens` is the image-token engine (any function with `draw_image_tokens_batch`'s contract;
-    default the static-cache engine); `text` writes the model's texts (default: batched over the
-    static cache), used by the default thinker, scorer and guide, whose texts stop at emulated
-    lengths when `TWIG_BATCH_EMULATE_TEXT_LENGTHS` is set (benchmarks only, `text_lengths.py`).
+    `engine` draws the image tokens and writes the model's texts (`engine/runner.py`; default one
+    built for `settings`): its `draw_image_tokens` and `write_texts` are all this loop asks of the
+    device. The default thinker, scorer and guide share one text writer over it, so their texts may
+    share calls; they stop at emulated lengths when `TWIG_BATCH_EMULATE_TEXT_LENGTHS` is set
+    (benchmarks only, `text_lengths.py`).
 
     Plain mode draws the whole image in one pass (one prefill, as Janus-Pro's recipe does; the
     observer hears one band 0) and cuts its band images from the finished codes.
@@ -86,7 +86,8 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
         return []
     schedule = BandSchedule(bundle.grid, settings.bands)
     templates = templates or DEFAULT_TEMPLATES
-    text = text or BatchedText(generate_text_fast)
+    engine = engine or Engine.for_settings(bundle, settings)
+    text = BatchedText(engine)
     lengths = emulated_text_lengths()
     thinker = thinker or ModelThinker(templates, text, lengths)
     scorer = scorer or ModelScorer(templates, text, lengths)
@@ -112,9 +113,9 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
         if observer is not None:
             observer.begin_band(images=rows, band=band)
         with clock("image_tokens_s", rows):
-            return draw_tokens(bundle, conditions, seeds, settings, n_tokens,
-                               prefix_codes=codes[rows, :start] if start else None, first_step=start,
-                               observer=observer)
+            return engine.draw_image_tokens(conditions, seeds, settings, n_tokens,
+                                            prefix_codes=codes[rows, :start] if start else None, first_step=start,
+                                            observer=observer)
 
     def plan_every_stage() -> None:
         asks = [GuidanceRequest(prompt_texts[i], band, bands, requests[i].seed) for band in range(bands) for i in everyone]

@@ -18,11 +18,15 @@ def clean_text(bundle, ids: list[int]) -> str:
 
 
 class BatchedText:
-    """Writes the texts of many prompts in one batched call of `generate` (any function with
-    `generate_text_fast`'s contract; default the engine's static-cache writer)."""
+    """Writes the texts of many prompts in one batched call of `engine.write_texts` (`engine/runner.py`;
+    without an engine, the static-cache writer with caches of the call's own)."""
 
-    def __init__(self, generate=generate_text_fast) -> None:
-        self.generate = generate
+    def __init__(self, engine=None) -> None:
+        self.engine = engine
 
     def __call__(self, bundle, prompts: list[TextPrompt], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
-        return [clean_text(bundle, ids) for ids in self.generate(bundle, prompts, max_new_tokens, temperature)]
+        if self.engine is not None:
+            written = self.engine.write_texts(prompts, max_new_tokens, temperature)
+        else:
+            written = generate_text_fast(bundle, prompts, max_new_tokens, temperature)
+        return [clean_text(bundle, ids) for ids in written]
