@@ -22,7 +22,7 @@ from twig_batch.engine.graphs import GraphedDecodeStep, KeptGraphs
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs, cfg_rows
 from twig_batch.engine.kv_arena import KVArenas
-from twig_batch.engine.sampling import guided_logits, sample_tokens
+from twig_batch.engine.sampling import draw_image_step
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.settings import GenerationSettings
 
@@ -70,8 +70,7 @@ def draw_image_tokens_fast(
         decide = _decider(observer)
         for i in range(n_tokens):
             step = first_step + i
-            logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-            tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
+            logits, tokens = draw_image_step(bundle, hidden, row_seeds, step, settings)
             codes.append(tokens)
             decision = decide(step, hidden[0::2], logits, tokens)
             if i + 1 == n_tokens:

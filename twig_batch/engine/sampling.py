@@ -13,6 +13,13 @@ def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor
     return uncond + cfg_weight * (cond - uncond)
 
 
+def draw_image_step(bundle, hidden: torch.Tensor, seeds: torch.Tensor, step: int, settings):
+    """One image token per image from the last hidden states of its CFG row pairs [2B, D]: the
+    guided logits [B, V] and the sampled tokens [B] (noise keyed by each image's seed and `step`)."""
+    logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
+    return logits, sample_tokens(logits, seeds, step, settings.temperature, settings.top_k, settings.top_p)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]

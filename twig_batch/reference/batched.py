@@ -13,7 +13,7 @@ import torch
 
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs
-from twig_batch.engine.sampling import guided_logits, sample_tokens
+from twig_batch.engine.sampling import draw_image_step
 from twig_batch.prompts import t2i_prompt_ids
 from twig_batch.reference.forward import cached_forward, last_hidden, new_cache
 from twig_batch.settings import GenerationSettings
@@ -42,8 +42,7 @@ def draw_image_tokens_batch(
     codes = []
     for i in range(n_tokens):
         step = first_step + i
-        logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-        tokens = sample_tokens(logits, row_seeds, step, settings.temperature, settings.top_k, settings.top_p)
+        logits, tokens = draw_image_step(bundle, hidden, row_seeds, step, settings)
         codes.append(tokens)
         if observer is not None:
             injection = observer.observe(step, hidden[0::2], logits, tokens)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.hooks import ImageTokenObserver
-from twig_batch.engine.sampling import guided_logits, sample_tokens
+from twig_batch.engine.sampling import draw_image_step
 from twig_batch.prompts import t2i_prompt_ids, unconditional_ids
 from twig_batch.reference.forward import cached_forward, last_hidden, new_cache
 from twig_batch.settings import GenerationSettings
@@ -34,17 +34,15 @@ def reference_image_tokens(
     hidden = last_hidden(lm, cache, inputs_embeds=embeds)
     seeds = torch.tensor([seed], dtype=torch.int64)
     codes = []
-    for i in range(n_tokens):
-        step = first_step + i
-        logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-        token = sample_tokens(logits, seeds, step, settings.temperature, settings.top_k, settings.top_p)
+    last = first_step + n_tokens - 1
+    for step in range(first_step, last + 1):
+        logits, token = draw_image_step(bundle, hidden, seeds, step, settings)
         codes.append(token)
-        if observer is not None:
-            injection = observer.observe(step, hidden[0:1], logits, token)
-            if injection is not None and bool(injection.rows[0]):
-                control = injection.embeds[0:1].to(bundle.device, bundle.dtype).expand(2, -1, -1)
-                cached_forward(lm, cache, inputs_embeds=control)
-        if i + 1 < n_tokens:
+        injection = None if observer is None else observer.observe(step, hidden[0:1], logits, token)
+        if injection is not None and bool(injection.rows[0]):
+            control = injection.embeds[0:1].to(bundle.device, bundle.dtype).expand(2, -1, -1)
+            cached_forward(lm, cache, inputs_embeds=control)
+        if step < last:
             step_embeds = bundle.embed_image_codes(token.to(bundle.device).repeat(2)).unsqueeze(1)
             hidden = last_hidden(lm, cache, inputs_embeds=step_embeds)
     return torch.cat(codes).cpu()
