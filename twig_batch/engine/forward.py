@@ -9,8 +9,8 @@ the same layer with one matmul for q/k/v and one for gate/up and compiled elemen
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,29 @@ import torch.nn.functional as F
 from twig_batch.engine.fp8_kv import decode_attention, quantize, reference_attention
 from twig_batch.engine.fused import FUSED_ATTR, KERNELS, JoinedProjections
 
-if TYPE_CHECKING:
-    from twig_batch.engine.static_decoder import CacheTensors
+
+@dataclass(frozen=True)
+class CacheTensors:
+    """What a forward pass reads of a cache, without the cache (and its hold on the arena)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def rows(self, first: int, end: int) -> "CacheTensors":
+        """The same cache restricted to rows first..end-1 (views: writes land in the cache)."""
+        scales = [None if t is None else t[:, first:end] for t in (self.k_scale, self.v_scale)]
+        return CacheTensors(self.k[:, first:end], self.v[:, first:end], self.valid[first:end], self.heads,
+                            self.kv_heads, self.head_dim, *scales)
+
+    def addresses(self) -> tuple:
+        # Strides too: a compacted cache is a view with another row stride at the same address.
+        tensors = (self.k, self.v, self.valid, self.k_scale, self.v_scale)
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors if t is not None)
 
 
 def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,9 @@ from collections import OrderedDict
 
 import torch
 
-from twig_batch.engine.forward import forward_at
+from twig_batch.engine.forward import CacheTensors, forward_at
 from twig_batch.engine.repeatable import attention_backends
-from twig_batch.engine.static_decoder import CacheTensors, StaticKVCache, attend_width
+from twig_batch.engine.static_decoder import StaticKVCache, attend_width
 
 KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embedding in use)
 

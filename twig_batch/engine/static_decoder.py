@@ -14,11 +14,9 @@ images costs those images' tokens, not the whole batch's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from twig_batch.engine.forward import forward_at
+from twig_batch.engine.forward import CacheTensors, forward_at
 from twig_batch.engine.fp8_kv import FP8
 from twig_batch.engine.kv_arena import KVArenas
 
@@ -110,30 +108,6 @@ class StaticKVCache:
     def tensors(self) -> "CacheTensors":
         return CacheTensors(self.k, self.v, self.valid, self.heads, self.kv_heads, self.head_dim, self.k_scale,
                             self.v_scale)
-
-
-@dataclass(frozen=True)
-class CacheTensors:
-    """What a forward pass reads of a cache, without the cache (and its hold on the arena)."""
-    k: torch.Tensor
-    v: torch.Tensor
-    valid: torch.Tensor
-    heads: int
-    kv_heads: int
-    head_dim: int
-    k_scale: torch.Tensor | None = None
-    v_scale: torch.Tensor | None = None
-
-    def rows(self, first: int, end: int) -> "CacheTensors":
-        """The same cache restricted to rows first..end-1 (views: writes land in the cache)."""
-        scales = [None if t is None else t[:, first:end] for t in (self.k_scale, self.v_scale)]
-        return CacheTensors(self.k[:, first:end], self.v[:, first:end], self.valid[first:end], self.heads,
-                            self.kv_heads, self.head_dim, *scales)
-
-    def addresses(self) -> tuple:
-        # Strides too: a compacted cache is a view with another row stride at the same address.
-        tensors = (self.k, self.v, self.valid, self.k_scale, self.v_scale)
-        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors if t is not None)
 
 
 def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
