@@ -16,6 +16,7 @@ from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.engine import static_decoder
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.hooks import Injection
 from twig_batch.reference.image_tokens import reference_image_tokens, reference_plain
 from twig_batch.model import load_janus
@@ -39,7 +40,7 @@ class _NoArena:
 @pytest.fixture(autouse=True)
 def exact_caches(monkeypatch):
     """No KV arena: it lends caches as wide as its buffer, wider than asked."""
-    monkeypatch.setattr(static_decoder, "arena_for", lambda device, dtype: _NoArena())
+    monkeypatch.setattr(KVArenas, "for_dtype", lambda arenas, dtype: _NoArena())
 
 
 @pytest.fixture(scope="module")

@@ -179,18 +179,17 @@ def test_a_text_call_whose_cache_fits_in_the_idle_kv_arena_runs_at_once(tiny64, 
     arena = 40 * row + PREFILL_CHUNK_TOKENS * prefill_bytes_per_token(lm)  # set aside by the worker already
 
     def device_holding(own: int, other: int):  # idle arenas: the text cache's dtype, and another one
-        monkeypatch.setattr(fast_text, "arena_for", lambda device, dtype: SimpleNamespace(lent=lambda: False,
-                                                                                           nbytes=own))
-        monkeypatch.setattr(fast_text, "idle_arena_bytes", lambda device: own + other)
-        monkeypatch.setattr(fast_text, "free_device_bytes", lambda device: own + other)  # nothing else free
+        monkeypatch.setattr(fast_text, "free_device_bytes", lambda device, arenas: own + other)  # nothing else free
+        return SimpleNamespace(for_dtype=lambda dtype: SimpleNamespace(lent=lambda: False, nbytes=own),
+                               idle_bytes=lambda: own + other)
 
-    device_holding(own=arena, other=0)
-    assert fast_text._rows_that_fit(tiny64, prompts, budget) == 40
-    device_holding(own=0, other=10 * arena)  # an fp8 cache's arena stays allocated: no room for a text cache
-    assert fast_text._rows_that_fit(tiny64, prompts, budget) == 1
+    arenas = device_holding(own=arena, other=0)
+    assert fast_text._rows_that_fit(tiny64, prompts, budget, arenas) == 40
+    arenas = device_holding(own=0, other=10 * arena)  # an fp8 cache's arena stays allocated: no room for a text cache
+    assert fast_text._rows_that_fit(tiny64, prompts, budget, arenas) == 1
     # Memory outside the arenas keeps its headroom: the same bytes, all of them free, fit fewer rows.
-    device_holding(own=0, other=0)
-    monkeypatch.setattr(fast_text, "free_device_bytes", lambda device: arena)
-    assert fast_text._rows_that_fit(tiny64, prompts, budget) < 40
+    arenas = device_holding(own=0, other=0)
+    monkeypatch.setattr(fast_text, "free_device_bytes", lambda device, arenas: arena)
+    assert fast_text._rows_that_fit(tiny64, prompts, budget, arenas) < 40
     assert planning_budget(1000, 600) == 600 + int(400 * HEADROOM)
     assert planning_budget(1000, 0, 600) == int(400 * HEADROOM)
