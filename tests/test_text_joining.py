@@ -58,8 +58,8 @@ class _Watch:
         watch = self
 
         class RecordedCache(StaticKVCache):
-            def __init__(self, lm, rows, max_len):
-                super().__init__(lm, rows, max_len)
+            def __init__(self, lm, rows, max_len, **kwargs):
+                super().__init__(lm, rows, max_len, **kwargs)
                 watch.caches.append((rows, max_len))
 
         def recorded_place_rows(cache, slots, source):
