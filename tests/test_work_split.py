@@ -1,4 +1,5 @@
-"""How a run's work is cut into actor calls on GPUs: every actor gets work, and the calls stay big."""
+"""How a run's work is cut into actor calls on GPUs: every actor gets work, the same amount, in calls
+as big as they may be."""
 import math
 
 import pytest
@@ -6,17 +7,23 @@ import pytest
 from twig_batch.distributed.run_config import RunConfig
 
 
-@pytest.mark.parametrize("items", [1, 31, 64, 128, 1000, 1024, 4096, 100_000])
+@pytest.mark.parametrize("items", [1, 7, 64, 100, 128, 600, 1000, 1024, 4096, 100_001])
 @pytest.mark.parametrize("actors", [1, 2, 3, 8])
-def test_gpu_calls_reach_every_actor_and_stay_whole_parts(items, actors):
+def test_gpu_calls_share_the_run_evenly_and_stay_big(items, actors):
     per_call = RunConfig("in.parquet", "out").work_batch(1.0, items, actors)
     calls = math.ceil(items / per_call)
-    assert 32 <= per_call <= 256  # never below one twig part, never above the largest batch
-    # Enough calls that every actor draws several (when the run has that many twig parts' worth of work)...
-    assert calls >= min(4 * actors, math.ceil(items / 32))
-    # ...and no more calls than needed for that: big runs keep the largest calls.
-    if items >= 4 * actors * 256:
-        assert per_call == 256
+    assert 1 <= per_call <= 256  # never above the largest batch
+    # Handed out in turn, every actor gets the same number of calls, give or take the last one's rest...
+    if items >= actors:
+        shares = [0] * actors
+        for call in range(calls):
+            shares[call % actors] += min(per_call, items - call * per_call)
+        assert max(shares) - min(shares) <= per_call
+        assert min(shares) > 0  # ...and no actor is left out
+    # No more calls than the largest batch needs: one actor with a short run draws it in one call.
+    assert calls <= actors * math.ceil(items / (actors * 256))
+    if actors == 1 and items <= 256:
+        assert per_call == items
 
 
 def test_an_explicit_size_and_a_cpu_keep_their_calls():

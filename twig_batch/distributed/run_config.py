@@ -10,10 +10,6 @@ from twig_batch.settings import GenerationSettings
 
 GPU_WORK_BATCH = 256
 CPU_BATCH = 16
-# A run hands each actor at least this many calls, so a small run still reaches every GPU and the
-# last calls end close together; a call is never smaller than one twig part (its smallest part).
-CALLS_PER_ACTOR = 4
-SMALLEST_GPU_WORK_BATCH = 32
 
 if TYPE_CHECKING:
     from twig_batch.distributed.faults import FaultPlan
@@ -98,18 +94,21 @@ class RunConfig:
 
     def work_batch(self, gpus_per_actor: float, items: int | None = None, actors: int = 1) -> int:
         """Work items per actor call. Left to the GPU, a call brings enough work for the largest batch
-        that fits (the actor draws it in memory-sized parts), but a run of `items` gives each of its
-        `actors` several calls; on a CPU a call is one small batch."""
+        that fits (the actor draws it in memory-sized parts), at most 256, and a run of `items` is cut into
+        equal calls, the same number for each of its `actors`; on a CPU a call is one small batch."""
         if self.work_batch_size is not None:
             return self.work_batch_size
         if self.images_per_call is not None:
             return self.images_per_call
         if gpus_per_actor <= 0:
             return CPU_BATCH
-        if items is None:
+        if items is None or items <= 0:
             return GPU_WORK_BATCH
-        share = -(-items // (max(actors, 1) * CALLS_PER_ACTOR))
-        return min(GPU_WORK_BATCH, max(SMALLEST_GPU_WORK_BATCH, share))
+        # Calls of one size, as many for each actor: a short run reaches every GPU, and no actor is
+        # left drawing a last call alone while the others wait.
+        actors = max(actors, 1)
+        calls = actors * -(-items // (actors * GPU_WORK_BATCH))
+        return -(-items // calls)
 
     def retry_policy(self):
         """How storage calls are retried, on the driver and on every actor."""
