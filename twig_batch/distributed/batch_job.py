@@ -121,6 +121,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             if checked.text_lengths is not None:
                 echo(checked.text_lengths.describe())
             events = RunEvents(storage, info, progress.say)
+            progress.steady_rate = events.steady_images_per_s
             board = new_board()
             storage.retry_watcher = WriteWatcher(board, "driver")
             retries = RetryWatch(board, config.storage_retry_s, progress.say)

@@ -32,6 +32,9 @@ class Progress:
     interval_s: float = 10.0
     live: bool = False
     status: callable = None  # a note on how the run fares (writes being retried), or ''; appended to the line
+    # Images/s once the actors run (None until known). The ETA uses it: the rate since the start still
+    # carries the actors' start, which would put a first ETA of a long run hours off.
+    steady_rate: callable = None
     ok: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -50,7 +53,8 @@ class Progress:
         return (self.ok + self.errors) / elapsed if elapsed > 0 else 0.0
 
     def eta_s(self) -> float | None:
-        rate = self.rate()
+        steady = self.steady_rate() if self.steady_rate is not None else None
+        rate = steady if steady else self.rate()
         return (self.total - self.done) / rate if rate > 0 else None
 
     def update(self, ok: int, errors: int) -> None:

@@ -1,0 +1,18 @@
+"""The ETA of a run whose actors took a minute to start: it follows the rate once they run."""
+import time
+
+from twig_batch.distributed.progress import Progress
+
+
+def test_the_eta_follows_the_running_rate_once_it_is_known():
+    lines = []
+    progress = Progress(total=1000, echo=lines.append, started=time.monotonic() - 70)  # 60 s start, 10 s drawing
+    running = None
+    progress.steady_rate = lambda: running
+    progress.update(100, 0)
+    # Before the actors' rate is known, the rate since the start is all there is: 100 images in 70 s.
+    assert 600 < progress.eta_s() < 700 and "ETA 10m" in lines[-1]
+    running = 10.0  # images/s once the actors run
+    progress.report()
+    assert progress.eta_s() == 90.0 and "ETA 1m30s" in lines[-1]
+    assert "1.43 images/s" in lines[-1]  # the rate shown is still the run's own, start included
