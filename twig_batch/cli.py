@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from twig_batch.cli_help import NamedValuesCommand, NamedValuesGroup
 from twig_batch.errors import InputError, TwigBatchError
 from twig_batch.io.row_errors import ErrorAllowance
 
@@ -20,55 +20,8 @@ class Mode(str, Enum):
     seed = "seed"
 
 
-_VALUE_NAMES = {"int": "N", "integer": "N", "float": "NUMBER", "str": "TEXT", "text": "TEXT", "Path": "PATH",
-                "path": "PATH", "list[str]": "TEXT"}
-
-
-class _Command(TyperCommand):
-    """Help that names a value (N, TEXT, PATH) rather than its Python type (<int>, <list[str]>), and
-    shows a flag without one."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _name_the_value(param)
-
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _name_the_value(option)
-        return option
-
-
-class _Group(TyperGroup):
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _name_the_value(option)
-        return option
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=NamedValuesGroup,
                   help="Batch text-to-image with Janus-Pro and Thinking-while-Generating.")
-
-
-def _name_the_value(param) -> None:
-    if isinstance(param, TyperArgument):
-        param.display_type_rich = lambda ctx: None  # the argument's name says it
-        return
-    is_choice, type_name = _value_type(param)
-    if param.metavar is None and not is_choice:  # a choice lists its values
-        param.metavar = "" if getattr(param, "is_flag", False) else _VALUE_NAMES.get(type_name, "VALUE")
-
-
-def _value_type(param) -> tuple[bool, str]:
-    """(is the value a choice, its type's name) through whichever parameter API this typer release
-    has: recent releases describe types themselves, earlier ones hand click's types through."""
-    descriptor = getattr(param, "type_descriptor", None)
-    if descriptor is not None:
-        return descriptor.is_choice, param.bare_type()
-    name = param.type.name  # click's: "integer", "float", "text", "path", "choice", ...
-    return name == "choice", name
 
 
 def _version(value: bool) -> None:
@@ -98,7 +51,7 @@ DETERMINISTIC_HELP = ("The same bits on every GPU run for the same seeds (attent
                       "themselves; bf16 decode steps ~35% slower). CPU runs always repeat.")
 
 
-@app.command("make-tiny-model", cls=_Command)
+@app.command("make-tiny-model", cls=NamedValuesCommand)
 def make_tiny_model_cmd(
     folder: Path = typer.Argument(..., metavar="FOLDER", help="Where to write the checkpoint."),
     layout: str = typer.Option("hf", help="hf (transformers layout) or deepseek (DeepSeek's original layout)."),
@@ -147,7 +100,7 @@ def _generation_settings(mode: Mode, flags: dict, pairs: list[str], controller):
     return GenerationSettings.from_dict({"mode": mode.value, **values})
 
 
-@app.command(cls=_Command)
+@app.command(cls=NamedValuesCommand)
 def generate(
     prompt: str = typer.Argument(..., metavar="PROMPT", help="The text prompt."),
     model: str = typer.Option("tiny", help=MODEL_HELP),
@@ -238,7 +191,7 @@ BATCH_SIZE_DEPRECATED = ("--batch-size is deprecated: it is --images-per-call no
 GENERATION, CONTROLLER, RAY = "Generation (any other setting: --set)", "Latent controller", "Ray and recovery"
 
 
-@app.command("run", cls=_Command)
+@app.command("run", cls=NamedValuesCommand)
 def run_cmd(
     input: str = typer.Argument(..., metavar="INPUT",
                                 help="Prompts: a Parquet file, folder or glob, local or s3://bucket/key."),
@@ -385,7 +338,7 @@ def _end_with_row_errors(errors: int, rows: int, causes: list, allowance, retry:
     raise typer.Exit(code=ROW_ERRORS_EXIT_CODE)
 
 
-@app.command("report", cls=_Command)
+@app.command("report", cls=NamedValuesCommand)
 def report_cmd(
     dest: str = typer.Argument(..., metavar="DEST", help="A run's output: a local folder or s3://bucket/prefix."),
     out: Optional[Path] = typer.Option(None, help="The HTML file to write.",
@@ -405,7 +358,7 @@ def report_cmd(
                f"{written['bytes'] / 1e6:.1f} MB); open it in a browser")
 
 
-@app.command("verify", cls=_Command)
+@app.command("verify", cls=NamedValuesCommand)
 def verify_cmd(
     dest: str = typer.Argument(..., metavar="DEST", help="A run's output: a local folder or s3://bucket/prefix."),
     input: Optional[str] = typer.Option(None, "--input", help="The run's input, to check that every prompt x "
