@@ -1,0 +1,66 @@
+"""Where an actor's start goes, step by step: imports, the tokenizer, the model build, the engine's
+kernels. Run it twice on one machine to see the kernels compiled (first) and read back from
+PyTorch's cache on disk (second); the engine's construction is also profiled by function.
+
+    python3 benchmarks/startup_profile.py --model random-7b --out startup.json [--profile 30]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+started = time.perf_counter()
+marks: dict[str, float] = {}
+
+
+def mark(name: str, since: float) -> float:
+    now = time.perf_counter()
+    marks[name] = round(now - since, 3)
+    return now
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random-7b")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", type=int, default=30, help="functions listed from the engine's profile")
+    args = parser.parse_args()
+    now = started
+    import torch
+    now = mark("import_torch", now)
+    import transformers  # noqa: F401
+    now = mark("import_transformers", now)
+    import twig_batch.distributed.image_generator  # noqa: F401 (what an actor's process imports first)
+    now = mark("import_actor_module", now)
+    from twig_batch.model.tiny import train_tiny_tokenizer
+    train_tiny_tokenizer()
+    now = mark("tokenizer", now)
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    now = mark("cuda_context", now)
+    from twig_batch.model import load_janus
+    bundle = load_janus(args.model, torch.device("cuda"), torch.bfloat16)
+    torch.cuda.synchronize()
+    now = mark("model", now)
+    from twig_batch.engine.runner import Engine
+    profile = cProfile.Profile()
+    profile.enable()
+    Engine(bundle)
+    profile.disable()
+    now = mark("engine", now)
+    marks["total"] = round(now - started, 3)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(args.profile)
+    print(json.dumps(marks))
+    print(text.getvalue())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "marks": marks, "engine_profile": text.getvalue()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
