@@ -42,13 +42,19 @@ def read_manifest(dest: Path) -> pa.Table:
     return pq.read_table(dest / "manifest.parquet")
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int = 4):
-    """A fresh local Ray cluster in this process (3-4 logical CPUs keep read tasks from starving)."""
+def _start_local_ray(num_cpus: int):
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 4):
+    """A fresh local Ray cluster in this process (3-4 logical CPUs keep read tasks from starving), for
+    a module that needs one of its own; the others share `SHARED_CLUSTER`."""
+    ray = _start_local_ray(num_cpus)
     try:
         yield ray
     finally:
@@ -103,8 +109,19 @@ def restartable_s3_server():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = RestartableS3(free_port())
     server.start()
+    try:
+        with aws_settings(server.url):
+            yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def aws_settings(url: str):
+    """The standard AWS variables pointing at the S3 server at `url`, with the test credentials and
+    nothing of this machine's own AWS configuration."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ENDPOINT_URL", server.url)
+        patch.setenv("AWS_ENDPOINT_URL", url)
         patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -113,10 +130,54 @@ def restartable_s3_server():
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/twig-batch-test-aws-credentials")
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             patch.delenv(name, raising=False)
-        try:
-            yield server
-        finally:
-            server.stop()
+        yield
+
+
+class SharedCluster:
+    """The local Ray cluster (4 logical CPUs) and moto S3 server that the batch-job test modules share,
+    started on first use: starting a cluster and its first workers costs tens of seconds on a two-core
+    machine, once per session instead of once per module. The cluster starts with the S3 server's
+    variables set, so its workers inherit them as a cluster started inside `s3_server()` does; the
+    driver gets them only in the modules that ask for S3 (`aws_settings`). conftest.py keeps it
+    running only where a module's own cluster would run, and stops it before any other test."""
+
+    NUM_CPUS = 4
+
+    def __init__(self):
+        self.s3: RestartableS3 | None = None
+        self._ray = None
+
+    @property
+    def running(self) -> bool:
+        return self._ray is not None and self._ray.is_initialized()
+
+    def s3_url(self) -> str:
+        if self.s3 is None:
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
+            self.s3 = RestartableS3(free_port())
+            self.s3.start()
+        return self.s3.url
+
+    def start(self):
+        if not self.running:
+            url = self.s3_url()
+            with aws_settings(url):
+                self._ray = _start_local_ray(self.NUM_CPUS)
+        return self._ray
+
+    def stop_ray(self) -> None:
+        if self._ray is not None:
+            self._ray.shutdown()
+            self._ray = None
+
+    def close(self) -> None:
+        self.stop_ray()
+        if self.s3 is not None:
+            self.s3.stop()
+            self.s3 = None
+
+
+SHARED_CLUSTER = SharedCluster()
 
 
 def s3_client():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -38,3 +39,59 @@ def tiny64(tiny_hf_dir):
     from twig_batch.model import load_janus
 
     return load_janus(str(tiny_hf_dir), "cpu", torch.float64)
+
+
+# ---- the local Ray cluster the batch-job modules share (batch_support.SharedCluster) -------------
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """A local Ray cluster of 4 logical CPUs, started with the S3 server's variables; yields `ray`."""
+    from batch_support import SHARED_CLUSTER
+
+    return SHARED_CLUSTER.start()
+
+
+@pytest.fixture(scope="module")
+def shared_ray_s3(shared_ray):
+    """`shared_ray`, with the standard AWS variables pointing at its S3 server for this module; yields
+    the server's URL."""
+    from batch_support import SHARED_CLUSTER, aws_settings
+
+    url = SHARED_CLUSTER.s3_url()
+    with aws_settings(url):
+        yield url
+
+
+def _uses_shared_ray(item) -> bool:
+    return "shared_ray" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules on the shared cluster run one after another (where the first of them would), so that
+    it starts once; every other module keeps its place, and each module its own order."""
+    sharing = {getattr(item, "module", None) for item in items if _uses_shared_ray(item)}
+    if len(sharing) < 2:
+        return
+    first = next(index for index, item in enumerate(items) if getattr(item, "module", None) in sharing)
+    together = [item for item in items if getattr(item, "module", None) in sharing]
+    rest = [item for item in items if getattr(item, "module", None) not in sharing]
+    items[:] = rest[:first] + together + rest[first:]
+
+
+_MODULES_ON_THE_SHARED_CLUSTER: set = set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Ray runs in this process exactly where a module's own cluster would: from the first test of a
+    module that asks for the cluster to the end of that module. Before any other test it is stopped,
+    so a test that expects no Ray here, or starts a cluster of its own, gets just that."""
+    if _uses_shared_ray(item):
+        _MODULES_ON_THE_SHARED_CLUSTER.add(item.module)
+    elif getattr(item, "module", None) not in _MODULES_ON_THE_SHARED_CLUSTER and "batch_support" in sys.modules:
+        sys.modules["batch_support"].SHARED_CLUSTER.stop_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "batch_support" in sys.modules:
+        sys.modules["batch_support"].SHARED_CLUSTER.close()

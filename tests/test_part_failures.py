@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest
+from batch_support import read_manifest
 from twig_batch.cli import app
 from twig_batch.distributed.parts import PartDrawer
 
@@ -91,9 +91,8 @@ def test_a_cuda_error_is_raised_for_ray_to_restart_the_actor():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_ray(num_cpus=4):
-        yield
+def cluster(shared_ray):
+    return shared_ray
 
 
 def write_work(path, count, poisoned=None):

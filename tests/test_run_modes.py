@@ -8,16 +8,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, write_prompts
+from batch_support import read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed import ImageGenerator
 from twig_batch.seeds import derive_seed
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    with local_ray(num_cpus=4) as ray:
-        yield ray
+def ray_cluster(shared_ray):
+    return shared_ray
 
 
 def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
