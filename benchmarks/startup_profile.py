@@ -2,7 +2,10 @@
 kernels. Run it twice on one machine to see the kernels compiled (first) and read back from
 PyTorch's cache on disk (second); the engine's construction is also profiled by function.
 
-    python3 benchmarks/startup_profile.py --model random-7b --out startup.json [--profile 30]
+    python3 benchmarks/startup_profile.py --model random-7b --out startup.json [--profile 30] [--first-call 16]
+
+`--first-call N` then draws N plain images twice through the pipeline, as an actor's first two parts
+would, and profiles the first: what a worker's first part pays that later parts do not.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--model", default="random-7b")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", type=int, default=30, help="functions listed from the engine's profile")
+    parser.add_argument("--first-call", type=int, default=0, help="images of the two parts drawn after the start")
     args = parser.parse_args()
     now = started
     import torch
@@ -47,19 +51,42 @@ def main() -> None:
     torch.cuda.synchronize()
     now = mark("model", now)
     from twig_batch.engine.runner import Engine
-    profile = cProfile.Profile()
-    profile.enable()
-    Engine(bundle)
-    profile.disable()
+    engine, profiles = profiled(lambda: Engine(bundle), args.profile, "engine")
     now = mark("engine", now)
     marks["total"] = round(now - started, 3)
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(args.profile)
+    if args.first_call:
+        from twig_batch.pipeline import ImageRequest, generate_images
+        from twig_batch.settings import GenerationSettings
+
+        settings = GenerationSettings(mode="plain")
+        for part in ("first_part", "second_part"):
+            requests = [ImageRequest(f"{part}-{i}", f"a red fox in the snow, study {i}", 0, 1000 + i)
+                        for i in range(args.first_call)]
+            if part == "first_part":
+                _, found = profiled(lambda: generate_images(bundle, requests, settings, engine=engine), args.profile,
+                                    part)
+                profiles.update(found)
+            else:
+                generate_images(bundle, requests, settings, engine=engine)
+            torch.cuda.synchronize()
+            now = mark(part, now)
     print(json.dumps(marks))
-    print(text.getvalue())
+    for name, text in profiles.items():
+        print(f"--- {name}\n{text}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "marks": marks, "engine_profile": text.getvalue()}, f, indent=1)
+            json.dump({"model": args.model, "marks": marks, "profiles": profiles}, f, indent=1)
+
+
+def profiled(fn, lines: int, name: str):
+    """fn's result, and its profile (the `lines` costliest functions, cumulative) under `name`."""
+    profile = cProfile.Profile()
+    profile.enable()
+    out = fn()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(lines)
+    return out, {name: text.getvalue()}
 
 
 if __name__ == "__main__":
