@@ -9,7 +9,7 @@ from markupsafe import escape
 from PIL import Image
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, s3_client, s3_server
+from batch_support import read_manifest, s3_client
 from browser_support import load, screenshot
 from twig_batch.cli import app
 from twig_batch.distributed import RunConfig, run_batch
@@ -20,19 +20,17 @@ PROMPTS = {"p0": "a red cube on a table", "p1": "a green <sphere> & \"friends\""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(shared_ray_s3, tmp_path_factory):
     """One twig run written locally and one to S3 (moto), by the batch job on a 4-CPU local Ray."""
     root = tmp_path_factory.mktemp("report-runs")
     prompts = root / "prompts.parquet"
     pq.write_table(pa.table({"id": list(PROMPTS), "prompt": pa.array(list(PROMPTS.values()), pa.string())}), prompts)
     config = dict(input=str(prompts), model="tiny", samples_per_prompt=2, images_per_call=4, progress_interval_s=1e9,
                   settings={"mode": "twig", "think_max_tokens": 4, "controller": {"force_every": 40}})
-    with s3_server():
-        s3_client().create_bucket(Bucket="runs")
-        with local_ray(num_cpus=4):
-            run_batch(RunConfig(output=str(root / "out"), **config), echo=lambda *_: None)
-            run_batch(RunConfig(output="s3://runs/nightly/twig", **config), echo=lambda *_: None)
-        yield root / "out", "s3://runs/nightly/twig"
+    s3_client().create_bucket(Bucket="runs")
+    run_batch(RunConfig(output=str(root / "out"), **config), echo=lambda *_: None)
+    run_batch(RunConfig(output="s3://runs/nightly/twig", **config), echo=lambda *_: None)
+    return root / "out", "s3://runs/nightly/twig"
 
 
 def expected_images(rows) -> int:

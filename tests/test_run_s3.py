@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from batch_support import ACCESS_KEY, SECRET_KEY, local_ray, s3_client, s3_server, upload_parquet, write_prompts
+from batch_support import ACCESS_KEY, SECRET_KEY, s3_client, upload_parquet, write_prompts
 from twig_batch.cli import app
 
 runner = CliRunner()
@@ -14,22 +14,20 @@ PROMPTS = 200  # the same 200 x 2 run as the local test, to S3 (on the micro mod
 
 
 @pytest.fixture(scope="module")
-def s3_run(tmp_path_factory):
-    # The server and its variables come first: Ray's workers inherit the environment they start with.
-    with s3_server(), local_ray(num_cpus=4):
-        client = s3_client()
-        client.create_bucket(Bucket="prompts")
-        client.create_bucket(Bucket="results")
-        table_path = write_prompts(tmp_path_factory.mktemp("s3") / "p.parquet", PROMPTS)
-        import pyarrow.parquet as pq
+def s3_run(shared_ray_s3, tmp_path_factory):
+    client = s3_client()
+    client.create_bucket(Bucket="prompts")
+    client.create_bucket(Bucket="results")
+    table_path = write_prompts(tmp_path_factory.mktemp("s3") / "p.parquet", PROMPTS)
+    import pyarrow.parquet as pq
 
-        source = upload_parquet("prompts", "batches/2026/p.parquet", pq.read_table(table_path))
-        args = ["run", "s3://prompts/batches/2026/", "--output", "s3://results/runs/first", "--actors", 2,
-                "--samples-per-prompt", 2, "--images-per-call", 25, "--model", "tiny-micro"]
-        first = runner.invoke(app, list(map(str, args)))
-        objects_after_first = _objects("results")
-        second = runner.invoke(app, list(map(str, args + ["--resume"])))
-        yield source, first, objects_after_first, second, _objects("results")
+    source = upload_parquet("prompts", "batches/2026/p.parquet", pq.read_table(table_path))
+    args = ["run", "s3://prompts/batches/2026/", "--output", "s3://results/runs/first", "--actors", 2,
+            "--samples-per-prompt", 2, "--images-per-call", 25, "--model", "tiny-micro"]
+    first = runner.invoke(app, list(map(str, args)))
+    objects_after_first = _objects("results")
+    second = runner.invoke(app, list(map(str, args + ["--resume"])))
+    return source, first, objects_after_first, second, _objects("results")
 
 
 def _objects(bucket):

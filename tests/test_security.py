@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import (ACCESS_KEY, HOSTILE_IDS, SECRET_KEY, local_ray, read_manifest, s3_client, s3_server,
-                           strict_s3_server, upload_parquet)
+from batch_support import (ACCESS_KEY, HOSTILE_IDS, SECRET_KEY, read_manifest, s3_client, strict_s3_server,
+                           upload_parquet)
 from twig_batch.cli import app
 from twig_batch.io import layout
 from twig_batch.io.s3 import S3Endpoint
@@ -29,14 +29,12 @@ def hostile_table() -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """The S3 server's variables come first (Ray's workers inherit them); yields Ray's log folder, if found."""
-    with s3_server(), local_ray(num_cpus=4) as ray:
-        try:
-            logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-        except Exception:  # a private API: the log scan is skipped when it moves
-            logs = None
-        yield logs
+def cluster(shared_ray, shared_ray_s3):
+    """Ray's log folder, if found (the cluster's workers have the S3 server's variables, keys included)."""
+    try:
+        return Path(shared_ray._private.worker.global_worker.node.get_logs_dir_path())
+    except Exception:  # a private API: the log scan is skipped when it moves
+        return None
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, s3_client, s3_server, upload_parquet, write_prompts
+from batch_support import read_manifest, s3_client, upload_parquet, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed.verify_run import verify_run
 from twig_batch.io import verify as verify_module
@@ -22,10 +22,8 @@ ITEMS = PROMPTS * SAMPLES
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # The S3 server's variables come first: Ray's workers inherit the environment they start with.
-    with s3_server(), local_ray(num_cpus=4):
-        yield
+def cluster(shared_ray_s3):
+    return shared_ray_s3
 
 
 def run(prompts, output):
