@@ -258,8 +258,12 @@ def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | No
 LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
 
 
-def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, lengths: str, log,
+def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: bool, lengths: str, log,
             actors: int | None = None) -> dict:
+    """One `twig-batch run` into `dest` (a folder or an s3:// URI, read back through the run's own
+    storage layer) and its record."""
+    from twig_batch.io.storage import open_storage
+
     env = dict(os.environ)
     env.pop(LENGTHS_VAR, None)
     if lengths == "realistic":
@@ -275,11 +279,11 @@ def run_cli(prompts: str, dest: Path, model: str, mode: str, controller: bool, l
     log.flush()
     record = {"exit_code": done.returncode, "wall_s": round(wall, 2),
               "last_line": (done.stdout.strip().splitlines() or [""])[-1]}
-    marker = dest / "_COMPLETE.json"
-    if done.returncode != 0 or not marker.exists():
+    storage = open_storage(str(dest))
+    if done.returncode != 0 or not storage.exists("_COMPLETE.json"):
         return record
-    summary = json.loads(marker.read_text())
-    attempt = json.loads((dest / "run.json").read_text())["attempts"][-1]
+    summary = json.loads(storage.get("_COMPLETE.json"))
+    attempt = json.loads(storage.get("run.json"))["attempts"][-1]
     stats = attempt.get("actor_stats", {}).values()
     engine = [(a["images"] - a["first_part_images"]) / (a["busy_s"] - a["first_part_s"])
               for a in stats if a.get("parts", 0) > 1 and a["busy_s"] > a["first_part_s"]]

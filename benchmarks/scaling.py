@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,twig+controller:1024]
                                     [--model random-7b] [--lengths limit|realistic]
+                                    [--output-root s3://bucket/prefix]
 
 Each run is job_speed.py's CLI run (`bench_common.run_cli`: default settings but the mode,
 `--controller` and `--actors N`) on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
@@ -9,7 +10,8 @@ steady images/s, the slowest actor's start, each actor's busy share (its own tim
 over the run's wall time), and the efficiency against one GPU in the same invocation:
 images/s on N GPUs / (N x images/s on 1); `--gpus 2` alone compares with the latest one-GPU record of
 the same run already in DIR/scaling.json. Writes DIR/scaling.json (a list of records) and
-DIR/scaling.md.
+DIR/scaling.md. `--output-root` puts the runs' outputs there instead of a temporary folder (an
+s3:// URI: the actors write every image to S3; the records say where).
 """
 from __future__ import annotations
 
@@ -29,11 +31,14 @@ def efficiency(record: dict, one_gpu: dict | None, key: str) -> float | None:
     return round(record[key] / (record["gpus"] * one_gpu[key]), 3)
 
 
-def earlier_one_gpu(records: list[dict], run: str, images: int, model: str, lengths: str) -> dict | None:
-    """The latest one-GPU record of the same run in DIR/scaling.json: a machine call too short for both
-    runs can measure one GPU first and two GPUs later on the same hardware."""
+def earlier_one_gpu(records: list[dict], run: str, images: int, model: str, lengths: str,
+                    to_s3: bool = False) -> dict | None:
+    """The latest one-GPU record of the same run (and the same kind of destination) in DIR/scaling.json:
+    a machine call too short for both runs can measure one GPU first and two GPUs later on the same
+    hardware."""
     same = [r for r in records if r["gpus"] == 1 and r["run"] == run and r["images"] == images
-            and r["model"] == model and r.get("lengths", "limit") == lengths and r.get("ok")]
+            and r["model"] == model and r.get("lengths", "limit") == lengths and r.get("ok")
+            and str(r.get("output", "")).startswith("s3://") == to_s3]
     return same[-1] if same else None
 
 
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--runs", default="plain:4096,twig+controller:1024")
     parser.add_argument("--model", default="random-7b")
     parser.add_argument("--lengths", default="limit", choices=["limit", "realistic"])
+    parser.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "scaling.json"
@@ -66,12 +72,15 @@ def main() -> None:
             name, images = run.split(":")
             mode, controller = name.split("+")[0], name.endswith("+controller")
             prompts = write_prompts(str(work / f"prompts-{images}.parquet"), int(images))
-            one_gpu = earlier_one_gpu(records, name, int(images), args.model, args.lengths)
+            one_gpu = earlier_one_gpu(records, name, int(images), args.model, args.lengths,
+                                      to_s3=str(args.output_root or "").startswith("s3://"))
             for gpus in [int(g) for g in args.gpus.split(",")]:
                 record = {"gpus": gpus, "run": name, "mode": mode, "controller": controller, "images": int(images),
                           "lengths": args.lengths, "model": args.model, "date": time.strftime("%Y-%m-%d")}
-                record.update(run_cli(prompts, work / f"{name}-{gpus}", args.model, mode, controller, args.lengths,
-                                      log, actors=gpus))
+                dest = f"{args.output_root.rstrip('/')}/{name}-{gpus}" if args.output_root else work / f"{name}-{gpus}"
+                if args.output_root:
+                    record["output"] = dest
+                record.update(run_cli(prompts, dest, args.model, mode, controller, args.lengths, log, actors=gpus))
                 if gpus == 1:
                     one_gpu = record
                 record["efficiency_total"] = efficiency(record, one_gpu, "total_img_s")

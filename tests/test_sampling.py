@@ -1,7 +1,8 @@
 import torch
 
 from twig_batch.engine.sampling import filter_top_k_top_p, sample_tokens
-from twig_batch.seeds import derive_seed, uniform_noise
+from twig_batch.engine.noise import uniform_noise
+from twig_batch.seeds import derive_seed
 
 
 def test_noise_is_per_row_and_reproducible():

@@ -70,7 +70,7 @@ def make_tiny_model_cmd(
 
 def _controller_config(enabled: Optional[bool], weights: Optional[Path], pairs: list[str], numbers: dict):
     """The generate command's controller switches -> a ControllerConfig, or None when it is off."""
-    from twig_batch.controller import ControllerConfig
+    from twig_batch.settings import ControllerConfig
 
     if enabled is None:
         enabled = weights is not None

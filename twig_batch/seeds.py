@@ -1,20 +1,13 @@
-"""Deterministic seeds and counter-based random numbers.
+"""Deterministic seeds: one per (prompt id, sample), and the streams that keep noise apart.
 
-Sampling noise is a pure function of (row seed, step, stream, vocabulary index), so an image never
-depends on which other prompts share its batch, on the device, or on the order rows were scheduled.
-Every integer stays below 2**63 (32-bit values times constants below 2**31), so int64 arithmetic
-never overflows on any backend.
+A row's seed is a pure function of (base seed, prompt id, sample index), so an image never depends
+on which other prompts share its batch, on the device, or on the order rows were scheduled. The
+per-step random numbers drawn from a seed are `engine/noise.py`'s. No torch here: the batch driver
+derives seeds without importing it.
 """
 from __future__ import annotations
 
 import hashlib
-
-import torch
-
-_MASK32 = 0xFFFFFFFF
-_M1 = 0x7FEB352D
-_M2 = 0x5BD1E995
-_GOLDEN = 0x1E3779B9
 
 # Distinct streams keep image sampling, text sampling and controller noise independent.
 STREAM_IMAGE = 1
@@ -25,32 +18,3 @@ def derive_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
     """Seed for one (prompt id, sample) pair: stable across runs, machines and Python versions."""
     digest = hashlib.blake2b(f"{base_seed}\x1f{prompt_id}\x1f{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * _M1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _M2) & _MASK32
-    return x ^ (x >> 16)
-
-
-def row_keys(seeds: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """One 32-bit key per row for this step; seeds is an int64 tensor [B]."""
-    lo = seeds & _MASK32
-    hi = (seeds >> 32) & _MASK32
-    key = _mix32(torch.full_like(seeds, (stream * _GOLDEN + step) & _MASK32))
-    key = _mix32(key ^ hi)
-    return _mix32(key ^ lo)
-
-
-def uniform_noise(seeds: torch.Tensor, step: int, width: int, stream: int = STREAM_IMAGE) -> torch.Tensor:
-    """Uniform numbers in (0, 1), shape [B, width], float64, one independent stream per row."""
-    return noise_from_keys(row_keys(seeds, step, stream), width)
-
-
-def noise_from_keys(keys: torch.Tensor, width: int) -> torch.Tensor:
-    """`uniform_noise` from the rows' keys [B] (split out so a GPU can fuse it with its use)."""
-    index = torch.arange(width, device=keys.device, dtype=torch.int64).unsqueeze(0)
-    bits = _mix32(_mix32(keys.unsqueeze(1) ^ ((index * _GOLDEN) & _MASK32)) ^ index)
-    return (bits.to(torch.float64) + 0.5) / 4294967296.0

@@ -345,22 +345,23 @@ def quiet_ray_data() -> None:
 def _check_mode_available(mode: str) -> None:
     if mode == "plain":
         return
-    try:
-        import twig_batch.pipeline.staged  # noqa: F401
-    except ImportError:
-        raise InputError(f"mode {mode!r} is not available in this installation of twig-batch") from None
+    from importlib.util import find_spec
+
+    if find_spec("twig_batch.pipeline.staged") is None:  # looked up, not imported: the driver never loads torch
+        raise InputError(f"mode {mode!r} is not available in this installation of twig-batch")
 
 
 def _check_model_reference(ref: str, settings: GenerationSettings) -> None:
     """Catch a checkpoint with missing files, bands that do not divide its image grid, or controller
     weights that do not fit it here, from its config alone, rather than once per actor."""
-    from twig_batch.controller.weights import check_weights_file
-    from twig_batch.model.loading import check_checkpoint
-    from twig_batch.pipeline.bands import BandSchedule
+    from twig_batch.model.checkpoint import check_checkpoint
 
     model_config = check_checkpoint(ref)
     if model_config is None:  # a Hugging Face id (or random-*): the actors check it once they have it
         return
+    from twig_batch.controller.weights import check_weights_file  # torch: loaded with the config already
+    from twig_batch.pipeline.bands import BandSchedule
+
     BandSchedule(model_config.vq_config.num_patches, settings.bands)  # bands that do not divide its rows fail here
     if settings.controller is not None and settings.controller.weights is not None:
         check_weights_file(settings.controller.weights, model_config.text_config.hidden_size, settings.controller)

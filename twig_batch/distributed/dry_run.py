@@ -69,8 +69,7 @@ def _earlier(checked) -> str:
 
 def _model(ref: str) -> str:
     from twig_batch.distributed.worker_checks import missing_on_this_machine
-    from twig_batch.model.loading import check_checkpoint, detect_layout
-    from twig_batch.model.tiny import BUILTIN_GRIDS
+    from twig_batch.model.checkpoint import BUILTIN_GRIDS, check_checkpoint, detect_layout
 
     if ref in BUILTIN_GRIDS:
         grid = BUILTIN_GRIDS[ref]
@@ -97,7 +96,7 @@ def _model(ref: str) -> str:
 
 def _changed_settings(settings: GenerationSettings) -> dict:
     """The settings that differ from the defaults, as they would be recorded."""
-    from twig_batch.controller import ControllerConfig
+    from twig_batch.settings import ControllerConfig
 
     default = json.loads(json.dumps(GenerationSettings(mode=settings.mode).to_dict(), default=str))
     current = json.loads(json.dumps(settings.to_dict(), default=str))
@@ -110,7 +109,7 @@ def _changed_settings(settings: GenerationSettings) -> dict:
 
 
 def _estimate(ref: str, settings: GenerationSettings, images: int) -> str:
-    from twig_batch.model.tiny import BUILTIN_GRIDS
+    from twig_batch.model.checkpoint import BUILTIN_GRIDS
 
     if images == 0:
         return "nothing to draw"

@@ -26,14 +26,17 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from twig_batch.distributed.actor_report import attach_events, describe_event
 from twig_batch.distributed.parts import Drawn, PartDrawer, breaks_the_device, describe
 from twig_batch.io.manifest import SCHEMA, error_row
-from twig_batch.pipeline import ImageRequest
 from twig_batch.settings import GenerationSettings
+
+if TYPE_CHECKING:  # the actor imports the pipeline (and torch) when it starts, the driver never does
+    from twig_batch.pipeline import ImageRequest
 
 WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
@@ -123,6 +126,7 @@ class ImageGenerator:
     def _request(self, item: dict) -> tuple[ImageRequest, str | None]:
         from twig_batch.distributed.work_items import as_work_item
         from twig_batch.io.prompt_checks import text_problem
+        from twig_batch.pipeline import ImageRequest
 
         item = as_work_item(item, self.base_seed)
         prompt = item.get("prompt")

@@ -17,9 +17,9 @@ from twig_batch.errors import ModelLoadError, OutputError
 def missing_on_this_machine(ref: str) -> bool:
     """A model reference that can only be a folder (not a built-in model, not a Hugging Face
     `org/name`), and no folder here."""
-    from twig_batch.model.tiny import BUILTIN_GRIDS
+    from twig_batch.model.checkpoint import BUILTIN_GRIDS, RANDOM_MODELS
 
-    if ref in BUILTIN_GRIDS or ref in ("random-7b", "random-1b"):
+    if ref in BUILTIN_GRIDS or ref in RANDOM_MODELS:
         return False
     hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     return not hub_id and not Path(ref).expanduser().exists()
@@ -47,7 +47,7 @@ def check_model_on_a_worker(ref: str, plan) -> None:
 def _checkpoint_problem(ref: str) -> str | None:
     import socket
 
-    from twig_batch.model.loading import check_checkpoint
+    from twig_batch.model.checkpoint import check_checkpoint
 
     try:
         check_checkpoint(ref)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.fused import KERNELS
-from twig_batch.seeds import STREAM_IMAGE, noise_from_keys, row_keys
+from twig_batch.engine.noise import noise_from_keys, row_keys
+from twig_batch.seeds import STREAM_IMAGE
 
 
 def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor:

@@ -41,16 +41,20 @@ def run_identity(model: str, settings, base_seed: int, templates, prompt_column:
 
 
 def software_versions() -> dict:
-    import pyarrow
-    import ray
-    import torch
-    import transformers
+    """The installed releases, read from the packages' metadata: nothing is imported (the driver
+    does not load torch)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import twig_batch
 
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     return {"twig_batch": twig_batch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__}
+            **{name: installed(name) for name in ("torch", "transformers", "ray", "pyarrow")}}
 
 
 def read_run_info(storage) -> dict | None:

@@ -7,7 +7,6 @@ local Hugging Face cache / hub). Every failure becomes one `ModelLoadError` with
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -15,16 +14,14 @@ import torch
 from twig_batch.errors import ModelLoadError
 from twig_batch.model import bundle as tokens_mod
 from twig_batch.model.building import build_model
+from twig_batch.model.checkpoint import (RANDOM_MODELS, detect_layout, local_folder, read_json, tokenizer_file,
+                                         weight_files)
 from twig_batch.model.bundle import JanusBundle, SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_state_to_hf, janus_config_from_deepseek
 
-_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin")
-
-
 def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> JanusBundle:
     """Load Janus-Pro from `ref` onto `device` in `dtype`."""
-    if ref in ("random-7b", "random-1b"):  # full-size random weights: speed runs without downloads
+    if ref in RANDOM_MODELS:  # full-size random weights: speed runs without downloads
         from twig_batch.model.random_full import random_janus
 
         return random_janus(ref.split("-")[1], device, dtype)
@@ -35,7 +32,7 @@ def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     else:
         folder = _resolve_folder(ref)
     layout = detect_layout(folder)
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     tokenizer = _load_tokenizer(folder, layout)
     special = _special_tokens(tokenizer, folder)
     if layout == "hf":
@@ -55,70 +52,8 @@ def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
                        image_mean=mean, image_std=std)
 
 
-def detect_layout(folder: Path) -> str:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"model folder {folder} has no config.json: not a Janus checkpoint")
-    raw = _read_json(config_path)
-    if raw.get("model_type") == "janus":
-        return "hf"
-    if "language_config" in raw and "gen_vision_config" in raw:
-        return "deepseek"
-    raise ModelLoadError(
-        f"unknown checkpoint layout in {config_path} (model_type={raw.get('model_type')!r}): expected transformers' "
-        "Janus layout (model_type 'janus') or DeepSeek's original layout (language_config + gen_vision_config)"
-    )
-
-
-def check_checkpoint(ref: str):
-    """Check a model reference without loading any weights and return its JanusConfig.
-
-    A local folder must hold config.json, a tokenizer and its weights (every shard its index names);
-    the first missing piece is named. Returns None where only a download would tell (Hugging Face
-    ids), for a path this machine does not have (on a cluster it may exist on the GPU nodes only;
-    the actors then report it) and for the random-* speed models (Janus-Pro's own geometry).
-    """
-    from twig_batch.model.tiny import BUILTIN_GRIDS, tiny_config
-
-    if ref in BUILTIN_GRIDS:  # built offline on first use: its config is known without building it
-        return tiny_config(1024, 0, {}, grid=BUILTIN_GRIDS[ref])
-    if ref in ("random-7b", "random-1b"):
-        return None
-    if not Path(ref).expanduser().exists():  # a Hugging Face id, or a folder on the workers' disks only
-        return None
-    folder = _local_folder(ref)
-    if folder is None:
-        return None
-    layout = detect_layout(folder)
-    _tokenizer_file(folder)
-    _weight_files(folder)
-    raw = _read_json(folder / "config.json")
-    try:
-        if layout == "hf":
-            from transformers import JanusConfig
-
-            return JanusConfig.from_dict(raw)
-        return janus_config_from_deepseek(raw, 0, {})
-    except Exception as exc:  # a config that transformers cannot read fails the same way on every actor
-        raise ModelLoadError(f"cannot read the model config {folder / 'config.json'}: {type(exc).__name__}: "
-                             f"{exc}") from None
-
-
-def _local_folder(ref: str) -> Path | None:
-    """The checkpoint folder `ref` names, or None for a Hugging Face id that is not a local path."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model reference {ref} is a file; pass the checkpoint folder")
-        return path
-    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise ModelLoadError(f"model folder {ref} does not exist")
-    return None
-
-
 def _resolve_folder(ref: str) -> Path:
-    path = _local_folder(ref)
+    path = local_folder(ref)
     if path is not None:
         return path
     try:
@@ -132,24 +67,10 @@ def _resolve_folder(ref: str) -> Path:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
-
-
-def _tokenizer_file(folder: Path) -> Path:
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (folder / name).is_file():
-            return folder / name
-    raise ModelLoadError(f"model folder {folder} has no tokenizer (neither tokenizer.json nor tokenizer.model)")
-
-
 def _load_tokenizer(folder: Path, layout: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    _tokenizer_file(folder)
+    tokenizer_file(folder)
     try:
         # AutoTokenizer would consult DeepSeek's config.json, whose model type it does not know.
         loader = AutoTokenizer if layout == "hf" else PreTrainedTokenizerFast
@@ -167,23 +88,9 @@ def _special_tokens(tokenizer, folder: Path) -> SpecialTokens:
     return SpecialTokens.from_vocab(vocab)
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for name in _WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            if name.endswith(".index.json"):
-                shards = sorted(set(_read_json(path)["weight_map"].values()))
-                absent = [s for s in shards if not (folder / s).is_file()]
-                if absent:
-                    raise ModelLoadError(f"model folder {folder} is missing weight shards: {', '.join(absent[:5])}")
-                return [folder / s for s in shards]
-            return [path]
-    raise ModelLoadError(f"model folder {folder} has no weights (looked for {', '.join(_WEIGHT_FILES)})")
-
-
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -252,5 +159,5 @@ def _untie(model) -> None:
 
 def _image_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     path = folder / "preprocessor_config.json"
-    raw = _read_json(path) if path.is_file() else {}
+    raw = read_json(path) if path.is_file() else {}
     return tuple(raw.get("image_mean", (0.5,) * 3)), tuple(raw.get("image_std", (0.5,) * 3))

@@ -18,12 +18,11 @@ import torch
 
 from twig_batch.model import bundle as names
 from twig_batch.model.building import build_model, default_cache_dir
+from twig_batch.model.checkpoint import BUILTIN_GRIDS
 from twig_batch.model.bundle import SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
 
 TINY_VERSION = 2  # 2: the saved generation config is the one transformers' own image generate needs
-# Built-in model references -> token grid (image tokens per side).
-BUILTIN_GRIDS = {"tiny": 24, "tiny-micro": 6}
 _WORDS = (
     "a an the red green blue yellow white black orange purple small large tiny huge old new bright dark cube "
     "sphere cat dog bird tree house car boat mountain river sky cloud sun moon star city street forest field "
