@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, write_prompts
+from batch_support import read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed.work_items import sample_seed
 
@@ -248,7 +248,7 @@ SAMPLES = 2
 
 
 @pytest.fixture(scope="module")
-def row_level_run(tmp_path_factory):
+def row_level_run(shared_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("rows")
     # Seeds beyond int64 need an unsigned column and negative ones a signed column: several files, one input.
     elsewhere = {i for ids, _, _ in OTHER_FILES.values() for i in ids}
@@ -263,9 +263,8 @@ def row_level_run(tmp_path_factory):
               schema=pa.schema([("id", id_type), ("prompt", pa.string()), ("seed", seed_type),
                                 ("source", pa.string())]))
     dest = root / "dest"
-    with local_ray(num_cpus=4):
-        result = runner.invoke(app, ["run", str(root / "input"), "--output", str(dest), "--actors", "1",
-                                     "--images-per-call", "8", "--samples-per-prompt", str(SAMPLES)])
+    result = runner.invoke(app, ["run", str(root / "input"), "--output", str(dest), "--actors", "1",
+                                 "--images-per-call", "8", "--samples-per-prompt", str(SAMPLES)])
     # Error rows are expected here: the run finishes with exit status 3 (finished with row errors).
     rows = {(r["id"], r["sample_index"]): r for r in read_manifest(dest).to_pylist()} if result.exit_code == 3 else {}
     return root, dest, result, rows
