@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, s3_client, s3_server, write_prompts
+from batch_support import read_manifest, s3_client, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed import faults
 from twig_batch.distributed.verify_run import verify_run
@@ -17,11 +17,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # The S3 server's variables come first: Ray's workers inherit the environment they start with.
-    with s3_server(), local_ray(num_cpus=4):
-        s3_client().create_bucket(Bucket="faulty")
-        yield
+def cluster(shared_ray_s3):
+    s3_client().create_bucket(Bucket="faulty")
 
 
 def run(*args):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, write_prompts
+from batch_support import read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed import faults
 from twig_batch.distributed.verify_run import verify_run
@@ -18,16 +18,15 @@ BATCH = 32
 
 
 @pytest.fixture(scope="module")
-def killed_run(tmp_path_factory):
+def killed_run(shared_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("kills")
     prompts = write_prompts(root / "prompts.parquet", PROMPTS)
     dest, state = root / "out", root / "fault-state"
     # Each actor start dies after a seeded 150..300 rows until the run's four kills are used up.
     plan = {"kill_worker_after_rows": 300, "max_kills": KILLS, "seed": 1, "state_dir": str(state)}
-    with local_ray(num_cpus=4):
-        result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--model", "tiny-micro",
-                                          "--actors", "2", "--images-per-call", str(BATCH), "--journal-every", "500",
-                                          "--faults", json.dumps(plan)])
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--model", "tiny-micro",
+                                      "--actors", "2", "--images-per-call", str(BATCH), "--journal-every", "500",
+                                      "--faults", json.dumps(plan)])
     return prompts, dest, state, result
 
 
