@@ -14,8 +14,8 @@ import torch
 from twig_batch.errors import ModelLoadError
 from twig_batch.model import bundle as tokens_mod
 from twig_batch.model.building import build_model
-from twig_batch.model.checkpoint import (RANDOM_MODELS, check_checkpoint, detect_layout, local_folder, read_json,
-                                         tokenizer_file, weight_files)
+from twig_batch.model.checkpoint import (RANDOM_MODELS, detect_layout, local_folder, read_json, tokenizer_file,
+                                         weight_files)
 from twig_batch.model.bundle import JanusBundle, SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_state_to_hf, janus_config_from_deepseek
 
@@ -50,17 +50,6 @@ def load_janus(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     mean, std = _image_normalisation(folder)
     return JanusBundle(model=model, tokenizer=tokenizer, tokens=special, ref=ref, layout=layout,
                        image_mean=mean, image_std=std)
-
-
-def language_config(ref: str):
-    """The config of `ref`'s language model, from its files alone (no weights read): what an engine
-    can compile its kernels for while the weights load. None where only a download would tell."""
-    if ref in RANDOM_MODELS:
-        from twig_batch.model.random_full import random_config
-
-        return random_config(ref.split("-")[1]).text_config
-    config = check_checkpoint(ref)
-    return None if config is None else config.text_config
 
 
 def _resolve_folder(ref: str) -> Path:

@@ -16,31 +16,22 @@ SIZES = {
 }
 
 
-def random_config(size: str, special: SpecialTokens | None = None):
-    """Janus-Pro's geometry at `size` ("7b", "1b") with the tiny tokenizer's special ids."""
+def random_janus(size: str, device, dtype: torch.dtype, seed: int = 0) -> JanusBundle:
     from transformers import JanusConfig, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
     from twig_batch.model.tiny import train_tiny_tokenizer
 
-    if special is None:
-        special = SpecialTokens.from_vocab(train_tiny_tokenizer().get_vocab())
     dims = SIZES[size.lower()]
+    tokenizer = train_tiny_tokenizer()
+    special = SpecialTokens.from_vocab(tokenizer.get_vocab())
     text = LlamaConfig(vocab_size=102400, num_key_value_heads=dims["num_attention_heads"],
                        max_position_embeddings=16384, rms_norm_eps=1e-6, bos_token_id=special.bos,
                        eos_token_id=special.eos, pad_token_id=special.pad, **dims)
     vision = JanusVisionConfig(projection_dim=dims["hidden_size"])
     vq = JanusVQVAEConfig(projection_dim=dims["hidden_size"], image_token_embed_dim=dims["hidden_size"])
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=special.image,
-                       tie_word_embeddings=False)
-
-
-def random_janus(size: str, device, dtype: torch.dtype, seed: int = 0) -> JanusBundle:
-    from twig_batch.model.tiny import train_tiny_tokenizer
-
-    tokenizer = train_tiny_tokenizer()
-    special = SpecialTokens.from_vocab(tokenizer.get_vocab())
-    config = random_config(size, special)
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=special.image,
+                         tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = build_model(config, special, device, dtype, init_weights=True)
     return JanusBundle(model=model, tokenizer=tokenizer, tokens=special, ref=f"random-{size.lower()}",
