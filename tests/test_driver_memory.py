@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_support import local_ray, write_prompts
+from batch_support import write_prompts
 from twig_batch.distributed import RunConfig, run_batch
 from twig_batch.distributed.verify_run import verify_run
 
@@ -43,17 +43,16 @@ class RssSampler(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def sampled_run(tmp_path_factory):
+def sampled_run(shared_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("memory")
     prompts = write_prompts(root / "prompts.parquet", PROMPTS)
     dest = root / "out"
     sampler = RssSampler()
-    with local_ray(num_cpus=4):
-        sampler.start()
-        summary = run_batch(RunConfig(input=str(prompts), output=str(dest), model="tiny-micro", actors=2,
-                                      images_per_call=64, progress_interval_s=0.5), echo=sampler.echo)
-        sampler.stopped.set()
-        sampler.join()
+    sampler.start()
+    summary = run_batch(RunConfig(input=str(prompts), output=str(dest), model="tiny-micro", actors=2,
+                                  images_per_call=64, progress_interval_s=0.5), echo=sampler.echo)
+    sampler.stopped.set()
+    sampler.join()
     return prompts, dest, summary, sampler.samples
 
 
