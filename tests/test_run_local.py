@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from batch_support import HOSTILE_IDS, local_ray, read_manifest, write_prompts
+from batch_support import HOSTILE_IDS, read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.seeds import derive_seed
 
@@ -20,9 +20,8 @@ MANIFEST_COLUMNS = {"id", "prompt", "sample_index", "seed", "mode", "model", "st
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    with local_ray(num_cpus=4) as ray:
-        yield ray
+def ray_cluster(shared_ray):
+    return shared_ray
 
 
 def run(*args):

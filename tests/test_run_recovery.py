@@ -11,7 +11,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, write_prompts
+from batch_support import read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed.verify_run import verify_run
 
@@ -19,9 +19,8 @@ PROMPTS = 32
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    with local_ray(num_cpus=4) as ray:
-        yield ray
+def ray_cluster(shared_ray):
+    return shared_ray
 
 
 def journal_parts(dest):
