@@ -4,7 +4,7 @@ finished ones mid-call, and every prompt still writes exactly what the one-row r
 import pytest
 import torch
 
-from twig_batch.engine import fast_text
+from twig_batch.engine import fast_text, text_scheduler
 from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.engine.memory import kv_bytes_per_token, text_rows_that_fit
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
@@ -44,7 +44,7 @@ def ragged(request, tiny64):
     stop = _ragged_stop(generate_text_fast(tiny64, prompts, BUDGET, temperature))
     alone = [reference_text(tiny64, p, BUDGET, temperature, stop_id=stop) for p in prompts]
     lengths = sorted(map(len, alone))
-    assert lengths[0] < fast_text.CHECK_EVERY and lengths[-1] == BUDGET and len(set(lengths)) >= 4
+    assert lengths[0] < text_scheduler.CHECK_EVERY and lengths[-1] == BUDGET and len(set(lengths)) >= 4
     return temperature, stop, alone
 
 
@@ -88,7 +88,7 @@ def test_waiting_prompts_take_finished_rows_and_write_what_they_would_alone(tiny
 def test_joiners_at_many_steps_keep_their_own_token_index(tiny64, ragged, monkeypatch):
     # Frequent checks let prompts join at many different steps of the call, each its own cohort.
     temperature, stop, alone = ragged
-    monkeypatch.setattr(fast_text, "CHECK_EVERY", 4)
+    monkeypatch.setattr(text_scheduler, "CHECK_EVERY", 4)
     prompts = _prompts(tiny64)
     watch = _Watch(monkeypatch, max(len(p.ids) for p in prompts))
     assert generate_text_fast(tiny64, prompts, BUDGET, temperature, stop_id=stop, max_rows=3) == alone

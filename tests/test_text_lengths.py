@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from twig_batch.engine import fast_text
+from twig_batch.engine import fast_text, text_scheduler
 from twig_batch.engine.fast_text import generate_text_fast
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
@@ -159,7 +159,7 @@ def test_rows_that_reach_their_length_leave_the_cache_like_stopped_rows(tiny64, 
     kept.clear()
     steps.clear()
     generate_text_fast(tiny64, _prompts(tiny64, [3, 5, 2, 6, 4, 8, 1, 7]), 64)
-    assert len(steps) < fast_text.CHECK_EVERY and not kept
+    assert len(steps) < text_scheduler.CHECK_EVERY and not kept
 
 
 def test_waiting_prompts_take_the_rows_of_texts_that_reached_their_length(tiny64, monkeypatch):
@@ -167,8 +167,8 @@ def test_waiting_prompts_take_the_rows_of_texts_that_reached_their_length(tiny64
     real_place, real_init = fast_text.place_rows, fast_text._Round.__init__
     monkeypatch.setattr(fast_text, "place_rows", lambda cache, slots, scratch: placed.append(slots.tolist())
                         or real_place(cache, slots, scratch))
-    monkeypatch.setattr(fast_text._Round, "__init__", lambda self, call, rows: rounds.append(rows)
-                        or real_init(self, call, rows))
+    monkeypatch.setattr(fast_text._Round, "__init__", lambda self, call, plan: rounds.append(plan)
+                        or real_init(self, call, plan))
     prompts = _prompts(tiny64, [2, 3, 4, 2, 3, 4, 2, 3])
     written = generate_text_fast(tiny64, prompts, 40, 1.0, max_rows=3)
     assert written == [reference_text(tiny64, p, 40, 1.0) for p in prompts]

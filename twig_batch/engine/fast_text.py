@@ -1,19 +1,17 @@
-"""Text generation (thoughts, reflections, stage plans) over the static KV cache.
+"""Text generation (thoughts, reflections, stage plans) over the static KV cache: the runner.
 
 Same contract as `reference.texts.generate_text_batch` and token-exact to its one-row
 reference, but with fixed shapes: rows that finished keep a slot (their further tokens are thrown
-away) so that on a GPU every step replays one captured CUDA graph. Tokens stay on the device; every
-few steps the host asks how many rows are done. Finished rows are handed to prompts still waiting
-for a row (continuous batching, when a call has more prompts than rows); with nobody waiting, all
-rows done ends the call and half of them done (with enough steps left) drops the finished rows
-from the cache, so ragged texts cost what they use. A prompt's `stop_after` ends its row exactly
-as a stop token would (the row is done at that step), never by planning around it: the emulated
-lengths of `pipeline/text_lengths.py` must cost what real short texts would.
+away) so that on a GPU every step replays one captured CUDA graph. Tokens stay on the device.
+What runs where and when (checks, prompts joining freed rows, compaction, rounds) is decided by
+`text_scheduler.TextScheduler` on plain data; this module prefills, decodes, samples and moves
+rows as it says, and tells it which rows drew the stop token. A prompt's `stop_after` ends its row
+exactly as a stop token would (the row is done at that step), never by planning around it: the
+emulated lengths of `pipeline/text_lengths.py` must cost what real short texts would.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +24,9 @@ from twig_batch.engine.memory import free_device_bytes, planning_budget, text_ro
 from twig_batch.engine.sampling import sample_tokens
 from twig_batch.engine.shared_prefix import prefill_shared, sharing_plan
 from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS, StaticKVCache, forward_static
+from twig_batch.engine.text_scheduler import RoundPlan, TextScheduler
 from twig_batch.engine.text_slots import place_rows
 from twig_batch.seeds import STREAM_TEXT
-
-# Steps between checks whether rows have finished: each check waits for the device, so a finished
-# row idles (or its slot stays empty) for up to CHECK_EVERY - 1 steps before a waiting prompt takes it.
-CHECK_EVERY = 16
-COMPACT_MIN_STEPS = 32  # steps that must remain for dropping finished rows to pay
-_NEVER = 2**62  # the stop step of a row whose prompt has no `stop_after`
 
 
 @torch.no_grad()
@@ -53,12 +46,12 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
         use_graphs = bundle.device.type == "cuda"
     if max_rows is None:
         max_rows = _rows_that_fit(bundle, prompts, max_new_tokens, arenas)
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
-    call = _Call(bundle, prompts, max_new_tokens, temperature, bundle.tokens.eos if stop_id is None else stop_id,
-                 use_graphs, arenas, kept, waiting=list(range(len(prompts))), written=[[] for _ in prompts])
-    while call.waiting:
-        _Round(call, max_rows).run()
+    scheduler = TextScheduler([len(p.ids) for p in prompts], [p.budget(max_new_tokens) for p in prompts],
+                              max_new_tokens, max_rows, prefill_tokens=PREFILL_CHUNK_TOKENS)
+    call = _Call(bundle, prompts, temperature, bundle.tokens.eos if stop_id is None else stop_id,
+                 use_graphs, arenas, kept, scheduler, written=[[] for _ in prompts])
+    while (plan := scheduler.next_round()) is not None:
+        _Round(call, plan).run()
     # A row keeps computing after its budget or stop until a check notices (or its round ends).
     return [_until_stop(row[:prompt.budget(max_new_tokens)], call.stop)
             for prompt, row in zip(prompts, call.written)]
@@ -68,43 +61,37 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
 class _Call:
     bundle: object
     prompts: list
-    max_new_tokens: int
     temperature: float
     stop: int
     use_graphs: bool
     arenas: KVArenas | None  # the engine's, which the round's cache borrows from
     kept: KeptGraphs | None  # the engine's graph sets kept over arena caches
-    waiting: list[int]  # prompts not started yet, in the order they take rows
+    scheduler: TextScheduler
     written: list[list[int]]  # tokens drawn so far per prompt, stop token and beyond included
 
 
 class _Round:
-    """One cache: up to `max_rows` waiting prompts prefilled together, then decoded a token per step;
-    prompts still waiting take the rows of finished ones for as long as their budget fits."""
+    """One cache, as the scheduler plans it: prompts prefilled together, then decoded a token per
+    step; at its checks, finished rows are handed to waiting prompts or dropped. The device state
+    per row (next position, noise seed, stop token drawn) follows the scheduler's rows."""
 
-    def __init__(self, call: _Call, max_rows: int):
-        self.call = call
-        first, call.waiting = call.waiting[:max_rows], call.waiting[max_rows:]
-        # A joiner's prompt goes into the columns just before the current one, so the prefill is as
-        # wide as every waiting prompt and the cache has room for a second budget of tokens.
-        width = max(len(call.prompts[i].ids) for i in first + call.waiting)
-        # The round's own width, even in a wider cache (the KV arena may lend one): every step
-        # attends to all columns written so far, so a round that ran on would slow every row.
-        self.columns = width + call.max_new_tokens * (2 if call.waiting else 1)
-        self.cache, self.hidden, positions, first = _prefill(call, first, width, self.columns, share=True)
-        self.rows = _Rows.starting(call, first, positions, step=0)
+    def __init__(self, call: _Call, plan: RoundPlan):
+        self.call, self.scheduler = call, call.scheduler
+        self.cache, self.hidden, self.positions, first = _prefill(call, plan.prompts, plan.width, plan.columns,
+                                                                  share=True)
+        self.scheduler.started(first)
+        self._follow_rows()
         self.graphed = self._graphed()
-        self.done = torch.zeros(len(first), dtype=torch.bool, device=call.bundle.device)
+        self.stopped = torch.zeros(len(first), dtype=torch.bool, device=call.bundle.device)
         self.drawn: list[torch.Tensor] = []
 
     def run(self) -> None:
         call, step = self.call, 0
         while True:
-            self.tokens = self.rows.sample(call.bundle.text_logits(self.hidden), step, call.temperature)
+            self.tokens = self._sample(call.bundle.text_logits(self.hidden), step)
             self.drawn.append(self.tokens)
-            self.done |= (self.tokens == call.stop) | self.rows.stopping(step)
-            checking = step == self.rows.last_step(call.max_new_tokens) or step % CHECK_EVERY == CHECK_EVERY - 1
-            if checking and not self._check(step):
+            self.stopped |= self.tokens == call.stop
+            if self.scheduler.checks_at(step) and not self._check(step):
                 break
             self._decode()
             step += 1
@@ -112,66 +99,84 @@ class _Round:
         self.cache.close()  # the next call may have the KV arena now
 
     def _check(self, step: int) -> bool:
-        """Hands finished rows to waiting prompts, or drops them; False when no row has work left."""
-        call = self.call
-        done = self.done | self.rows.past_budget(step, call.max_new_tokens)
-        finished = int(done.sum())  # waits for the device
-        while finished and call.waiting and self._room_for_joiners():
-            # Joiners are prefilled in a cache of their own before moving in: a slice of rows at a
-            # time keeps that cache small beside the round's.
-            group = max(1, PREFILL_CHUNK_TOKENS // max(len(call.prompts[i].ids) for i in call.waiting))
-            self._join(done.nonzero().flatten()[:min(len(call.waiting), group)], step)
-            done = self.done | self.rows.past_budget(step, call.max_new_tokens)
-            finished = int(done.sum())
-        self.done = done
-        if finished == len(done):
+        """Does what the scheduler decides at this check; False when the round is over."""
+        scheduler = self.scheduler
+        scheduler.note_stopped(self.stopped.tolist())  # waits for the device
+        while True:
+            rows, prompts = scheduler.joiners(step, self.cache.used)
+            if not rows:
+                break
+            self._join(rows, prompts, step)
+        if scheduler.round_over(step):
             return False
-        steps_left = self.rows.last_step(call.max_new_tokens) - step
-        joining_later = call.waiting and self._room_for_joiners()  # they need the rows, not a smaller cache
-        if not joining_later and _worth_compacting(len(done), finished, steps_left):
-            self._compact()
+        keep = scheduler.rows_to_keep(step, self.cache.used)
+        if keep is not None:
+            self._compact(keep)
         return True
 
-    def _room_for_joiners(self) -> bool:
-        # A joiner's first token is written at column `used`, its last before `used + budget`.
-        return self.cache.used + self.call.max_new_tokens <= self.columns
-
-    def _join(self, slots: torch.Tensor, step: int) -> None:
-        """The next waiting prompts take rows `slots`: prefilled on their own, their K/V copied into
-        those rows and their first token drawn (with their own token index 0) in place of the
-        finished rows' tokens of this step."""
+    def _join(self, rows: list[int], prompts: list[int], step: int) -> None:
+        """`prompts` take cache rows `rows`: prefilled on their own (a cache small beside the round's),
+        their K/V copied into those rows and their first token drawn (with their own token index 0)
+        in place of the finished rows' tokens of this step."""
         call = self.call
         self._flush()
-        joining, call.waiting = call.waiting[:len(slots)], call.waiting[len(slots):]
-        width = max(len(call.prompts[i].ids) for i in joining)
-        scratch, hidden, positions, joining = _prefill(call, joining, width, width)
-        joiners = _Rows.starting(call, joining, positions, step)
-        first = joiners.sample(call.bundle.text_logits(hidden), step, call.temperature)
+        width = max(len(call.prompts[i].ids) for i in prompts)
+        scratch, hidden, positions, prompts = _prefill(call, prompts, width, width)
+        first = sample_tokens(call.bundle.text_logits(hidden), self._seeds(prompts), 0, call.temperature,
+                              stream=STREAM_TEXT)
+        slots = torch.tensor(rows, device=call.bundle.device)
         place_rows(self.cache, slots, scratch)
         scratch.close()
-        self.rows = self.rows.joined(slots, joiners)
+        self.positions = self.positions.index_copy(0, slots, positions)
         self.tokens[slots] = first
-        self.done[slots] = (first == call.stop) | joiners.stopping(step)
-        for prompt, token in zip(joining, first.tolist()):
+        self.stopped[slots] = first == call.stop
+        tokens = first.tolist()
+        self.scheduler.joined(rows, prompts, step, [token == call.stop for token in tokens])
+        self._follow_rows()
+        for prompt, token in zip(prompts, tokens):
             call.written[prompt].append(token)
 
-    def _compact(self) -> None:
+    def _compact(self, keep: list[int]) -> None:
         self._flush()
-        keep = (~self.done).nonzero().flatten()
-        self.cache.keep_rows(keep)
-        self.rows, self.tokens, self.done = self.rows.select(keep), self.tokens[keep], self.done[keep]
+        self.scheduler.kept(keep)
+        rows = torch.tensor(keep, device=self.call.bundle.device)
+        self.cache.keep_rows(rows)
+        self.positions, self.tokens, self.stopped = self.positions[rows], self.tokens[rows], self.stopped[rows]
+        self._follow_rows()
         self.graphed = self._graphed()
+
+    def _follow_rows(self) -> None:
+        """The rows' seeds and cohorts on the device, after the scheduler's rows changed."""
+        self.seeds = self._seeds(self.scheduler.prompts_by_row())
+        self.cohorts = None  # built when first sampled with noise
+
+    def _seeds(self, prompts: list[int]) -> torch.Tensor:
+        return torch.tensor([self.call.prompts[i].seed for i in prompts], dtype=torch.int64,
+                            device=self.call.bundle.device)
+
+    def _sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Each row's next token, its noise keyed by the row's seed and its own token index."""
+        if self.cohorts is None:
+            self.cohorts = [(start, torch.tensor(rows, device=self.seeds.device))
+                            for start, rows in self.scheduler.cohorts()]
+        temperature = self.call.temperature
+        if temperature == 0 or len(self.cohorts) == 1:  # greedy draws no noise: one call for all rows
+            return sample_tokens(logits, self.seeds, step - self.cohorts[0][0], temperature, stream=STREAM_TEXT)
+        tokens = torch.empty(len(self.seeds), dtype=torch.long, device=logits.device)
+        for start, rows in self.cohorts:
+            tokens[rows] = sample_tokens(logits[rows], self.seeds[rows], step - start, temperature,
+                                         stream=STREAM_TEXT)
+        return tokens
 
     def _decode(self) -> None:
         if self.graphed is not None:
-            self.hidden = self.graphed(self.tokens, self.rows.positions)
+            self.hidden = self.graphed(self.tokens, self.positions)
         else:
             bundle = self.call.bundle
             step_embeds = bundle.embed_text(self.tokens).unsqueeze(1)
             valid = torch.ones((len(self.tokens), 1), dtype=torch.bool, device=bundle.device)
-            self.hidden = forward_static(bundle.language_model, self.cache, step_embeds, self.rows.positions,
-                                         valid)[:, -1]
-        self.rows.positions = self.rows.positions + 1
+            self.hidden = forward_static(bundle.language_model, self.cache, step_embeds, self.positions, valid)[:, -1]
+        self.positions = self.positions + 1
 
     def _graphed(self) -> GraphedDecodeStep | None:
         if not self.call.use_graphs:
@@ -179,7 +184,11 @@ class _Round:
         return GraphedDecodeStep(self.call.bundle, self.cache, self.call.bundle.embed_text, "text", self.call.kept)
 
     def _flush(self) -> None:
-        self.rows.record(self.call.written, self.drawn)
+        """The tokens drawn since the last flush, to the prompts of the rows that drew them."""
+        if not self.drawn:
+            return
+        for prompt, tokens in zip(self.scheduler.prompts_by_row(), torch.stack(self.drawn, dim=1).tolist()):
+            self.call.written[prompt].extend(tokens)
         self.drawn = []
 
 
@@ -201,73 +210,6 @@ def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: b
     return cache, hidden, positions[:, -1:] + 1, indices
 
 
-class _Rows:
-    """Which prompt each cache row is, with its noise seed, next position, the step of the call at
-    which it drew its first token (its token index is the call's step minus that) and the step at
-    which it draws the last token its prompt's `stop_after` allows (_NEVER without one)."""
-
-    def __init__(self, index: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, starts: list[int],
-                 stops: torch.Tensor):
-        self.index, self.seeds, self.positions, self.starts, self.stops = index, seeds, positions, starts, stops
-
-    @classmethod
-    def starting(cls, call: _Call, indices: list[int], positions: torch.Tensor, step: int) -> "_Rows":
-        device = call.bundle.device
-        seeds = torch.tensor([call.prompts[i].seed for i in indices], dtype=torch.int64, device=device)
-        stops = [_NEVER if call.prompts[i].stop_after is None else step + call.prompts[i].stop_after - 1
-                 for i in indices]
-        return cls(torch.tensor(indices, device=device), seeds, positions, [step] * len(indices),
-                   torch.tensor(stops, dtype=torch.int64, device=device))
-
-    def select(self, keep: torch.Tensor) -> "_Rows":
-        return _Rows(self.index[keep], self.seeds[keep], self.positions[keep], [self.starts[i] for i in keep.tolist()],
-                     self.stops[keep])
-
-    def joined(self, slots: torch.Tensor, joiners: "_Rows") -> "_Rows":
-        """These rows with rows `slots` taken over by `joiners` (in that order)."""
-        starts = list(self.starts)
-        for slot, start in zip(slots.tolist(), joiners.starts):
-            starts[slot] = start
-        return _Rows(self.index.index_copy(0, slots, joiners.index), self.seeds.index_copy(0, slots, joiners.seeds),
-                     self.positions.index_copy(0, slots, joiners.positions), starts,
-                     self.stops.index_copy(0, slots, joiners.stops))
-
-    def stopping(self, step: int) -> torch.Tensor:
-        """Which rows have drawn, by `step`, as many tokens as their `stop_after` allows."""
-        return self.stops <= step
-
-    @cached_property
-    def cohorts(self) -> list[tuple[int, torch.Tensor]]:
-        """Rows grouped by the step they started at: (start, row indices)."""
-        by_start: dict[int, list[int]] = {}
-        for row, start in enumerate(self.starts):
-            by_start.setdefault(start, []).append(row)
-        return [(start, torch.tensor(rows, device=self.seeds.device)) for start, rows in by_start.items()]
-
-    def sample(self, logits: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
-        """Each row's next token, its noise keyed by the row's seed and its own token index."""
-        if temperature == 0 or len(self.cohorts) == 1:  # greedy draws no noise: one call for all rows
-            return sample_tokens(logits, self.seeds, step - self.starts[0], temperature, stream=STREAM_TEXT)
-        tokens = torch.empty(len(self.starts), dtype=torch.long, device=logits.device)
-        for start, rows in self.cohorts:
-            tokens[rows] = sample_tokens(logits[rows], self.seeds[rows], step - start, temperature,
-                                         stream=STREAM_TEXT)
-        return tokens
-
-    def past_budget(self, step: int, budget: int) -> torch.Tensor:
-        """Which rows have drawn `budget` tokens by `step`."""
-        return torch.tensor([step - start + 1 >= budget for start in self.starts], device=self.seeds.device)
-
-    def last_step(self, budget: int) -> int:
-        return max(self.starts) + budget - 1
-
-    def record(self, written: list[list[int]], drawn: list[torch.Tensor]) -> None:
-        if not drawn:
-            return
-        for prompt, tokens in zip(self.index.tolist(), torch.stack(drawn, dim=1).tolist()):
-            written[prompt].extend(tokens)
-
-
 def _rows_that_fit(bundle, prompts, max_new_tokens: int, arenas: KVArenas | None) -> int:
     """All prompts at once off a GPU or when their cache fits in its free memory; otherwise as many
     rows as fit with a cache that leaves joiners room for their budget."""
@@ -283,13 +225,6 @@ def _rows_that_fit(bundle, prompts, max_new_tokens: int, arenas: KVArenas | None
     if text_rows_that_fit(lm, budget, width + max_new_tokens, width) >= len(prompts):
         return len(prompts)
     return text_rows_that_fit(lm, budget, width + 2 * max_new_tokens, width)
-
-
-def _worth_compacting(rows: int, finished: int, steps_left: int) -> bool:
-    """Rows that finished keep computing until dropped; dropping costs a copy of the live rows'
-    cache (and, on a GPU, fresh graph captures), so do it when at least half the rows are idle and
-    enough steps remain to earn it back."""
-    return finished * 2 >= rows and steps_left >= COMPACT_MIN_STEPS
 
 
 def _until_stop(tokens: list[int], stop: int) -> list[int]:
