@@ -12,12 +12,13 @@ from twig_batch.settings import GenerationSettings
 
 @pytest.mark.parametrize("bands", [1, 2, 3, 4, 6, 8])
 def test_band_image_after_band_j_has_rows_for_bands_0_to_j(tiny64, bands):
-    schedule = BandSchedule(tiny64.grid, bands)
-    assert schedule.rows_per_band * bands == 24 and schedule.tokens_per_band == 24 * 24 // bands
+    schedule, grid = BandSchedule(tiny64.grid, bands), tiny64.grid
     codes = torch.randint(0, 512, (1, 576), generator=torch.Generator().manual_seed(bands))
-    for j in range(bands):
-        rows = (24 // bands) * (j + 1)
-        assert schedule.rows_after(j) == rows and schedule.start(j) == j * schedule.tokens_per_band
+    # The bands tile the grid in order: equal whole token rows, each starting where the rows before
+    # it end, the last one ending the image.
+    ends = [schedule.rows_after(j) for j in range(bands)]
+    assert ends[-1] == grid and len({after - before for before, after in zip([0] + ends, ends)}) == 1
+    assert [schedule.start(j) for j in range(bands)] == [rows * grid for rows in [0] + ends[:-1]]
     for j in sorted({0, bands // 2, bands - 1}):  # decoding is the slow part: first, a middle and the last band
         pixels = band_pixels(tiny64, codes, schedule, j)
         assert pixels.shape == (1, schedule.rows_after(j) * tiny64.downsample, tiny64.image_px, 3)

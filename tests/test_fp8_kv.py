@@ -29,13 +29,20 @@ def test_each_vector_keeps_its_own_scale_within_e4m3_rounding():
     assert not back[1, 1, 1].any()
 
 
+def _cache_bytes(cache):
+    tensors = [cache.k, cache.v, cache.k_scale, cache.v_scale]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def test_fp8_halves_the_cache_and_is_refused_for_unknown_names(tiny64):
     lm = tiny64.language_model
-    full, half = kv_bytes_per_token(lm), kv_bytes_per_token(lm, fp8=True)
-    head_dim = lm.config.hidden_size // lm.config.num_attention_heads
-    assert half == full * (head_dim + 4) // (head_dim * 8)  # float64 model: 8 bytes per element before
     cache = StaticKVCache(lm, rows=2, max_len=12, fp8=True)
+    full = StaticKVCache(lm, rows=2, max_len=12)
     assert cache.k.dtype == torch.float8_e4m3fn and cache.k_scale.shape == cache.k.shape[:4]
+    # What the memory planner counts per token is what the fp8 cache allocates, scales included,
+    # and less than half the model-dtype cache.
+    assert _cache_bytes(cache) == kv_bytes_per_token(lm, fp8=True) * 2 * 12
+    assert 2 * _cache_bytes(cache) < _cache_bytes(full)
     with pytest.raises(InputError, match="kv cache"):
         GenerationSettings(kv_cache="int4")
 

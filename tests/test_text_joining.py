@@ -154,9 +154,15 @@ def test_text_rows_that_fit_counts_each_rows_cache_and_one_prefill_slice(tiny64)
     from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
 
     lm = tiny64.language_model
-    per_row = text_rows_that_fit(lm, 10**12, 100, 0)
-    assert per_row == 10**12 // (100 * kv_bytes_per_token(lm))
-    assert text_rows_that_fit(lm, 10**12, 100, 50) < per_row
+
+    def allocated(rows):  # a cache of its own: exactly as wide as asked
+        cache = StaticKVCache(lm, rows, 100)
+        return cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
+
+    budget = allocated(10) + allocated(1) // 2
+    per_row = text_rows_that_fit(lm, budget, 100, 0)
+    assert allocated(per_row) <= budget < allocated(per_row + 1)  # the rows it allows fit, one more would not
+    assert text_rows_that_fit(lm, budget, 100, 50) < per_row  # each row's prefill output counts too
     assert text_rows_that_fit(lm, 0, 100, 50) == 1
     # Prefills run a slice of rows at a time: their activations do not grow with the rows, only the
     # hidden states they hand back do (twig's 700-token picture prompts at 7B once ran in two rounds).
@@ -168,7 +174,7 @@ def test_text_rows_that_fit_counts_each_rows_cache_and_one_prefill_slice(tiny64)
 def test_a_text_call_whose_cache_fits_in_the_idle_kv_arena_runs_at_once(tiny64, monkeypatch):
     from types import SimpleNamespace
 
-    from twig_batch.engine.memory import HEADROOM, planning_budget, prefill_bytes_per_token
+    from twig_batch.engine.memory import prefill_bytes_per_token
     from twig_batch.engine.static_decoder import PREFILL_CHUNK_TOKENS
 
     lm = tiny64.language_model
@@ -191,5 +197,3 @@ def test_a_text_call_whose_cache_fits_in_the_idle_kv_arena_runs_at_once(tiny64, 
     arenas = device_holding(own=0, other=0)
     monkeypatch.setattr(fast_text, "free_device_bytes", lambda device, arenas: arena)
     assert fast_text._rows_that_fit(tiny64, prompts, budget, arenas) < 40
-    assert planning_budget(1000, 600) == 600 + int(400 * HEADROOM)
-    assert planning_budget(1000, 0, 600) == int(400 * HEADROOM)
