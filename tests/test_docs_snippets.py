@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, s3_client, s3_server, upload_parquet, write_prompts
+from batch_support import s3_client, upload_parquet, write_prompts
 from twig_batch.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +63,14 @@ def substituted(text: str, tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(shared_ray_s3, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("docs")
     (tmp / "examples").mkdir()
     shutil.copy(REPO / "examples" / "prompts.parquet", tmp / "examples" / "prompts.parquet")
     write_prompts(tmp / "prompts.parquet", 2)
-    # The S3 server first: Ray's workers inherit the environment they start with. The random tiny
-    # model never ends a text by itself: its thoughts stop after 8 tokens (the benchmark-only emulation).
-    with pytest.MonkeyPatch.context() as patch, s3_server(), local_ray(num_cpus=4):
+    # The random tiny model never ends a text by itself: its thoughts stop after 8 tokens (the
+    # benchmark-only emulation).
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TWIG_BATCH_EMULATE_TEXT_LENGTHS", "thought=8,reflection=8,plan=8")
         for bucket in ("bucket", "my-bucket"):
             s3_client().create_bucket(Bucket=bucket)
