@@ -37,16 +37,17 @@ def _tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.softmax(a, -1) - torch.softmax(b, -1)).abs().sum(-1)
 
 
-def distribution_check(bundle, rows: list[list[int]], steps: int = 16, prefixes=(0, 192, 384)) -> dict:
+def distribution_check(engine, rows: list[list[int]], steps: int = 16, prefixes=(0, 192, 384)) -> dict:
     """TV(fast, reference) per step while both paths have drawn the same tokens; TV between prompts."""
+    bundle = engine.bundle
     settings = GenerationSettings()
     same, across = [], []
     for band_start in prefixes:
         prefix = torch.randint(0, bundle.model.config.vq_config.num_embeddings, (len(rows), band_start),
                                generator=torch.Generator().manual_seed(band_start))
         fast_log = LogitsRecorder()
-        fast = draw_image_tokens_fast(bundle, rows, list(range(len(rows))), settings, steps, prefix_codes=prefix,
-                                      first_step=band_start, observer=fast_log)
+        fast = engine.draw_image_tokens(rows, list(range(len(rows))), settings, steps, prefix_codes=prefix,
+                                        first_step=band_start, observer=fast_log)
         fast_logits = torch.stack(fast_log.steps, 1)  # [B, steps, V]
         for b, row in enumerate(rows):
             ref_log = LogitsRecorder()
@@ -60,18 +61,19 @@ def distribution_check(bundle, rows: list[list[int]], steps: int = 16, prefixes=
             "tv_positions_compared": len(same), "tv_between_prompts_min": min(across)}
 
 
-def greedy_agreement(bundle, rows: list[list[int]], n: int = 32) -> dict:
+def greedy_agreement(engine, rows: list[list[int]], n: int = 32) -> dict:
     """Greedy tokens of both paths at the start of each band. Where the first tokens differ, how close
     the reference's own logits had the two picks (`reference_gap`) against how far the two paths'
     logits are apart at that step (`logit_noise`): a gap below the noise is a tie bf16 cannot break."""
+    bundle = engine.bundle
     settings = GenerationSettings(temperature=0)
     agree, disagreements = [], []
     for band in range(3):
         codebook = bundle.model.config.vq_config.num_embeddings
         prefix = torch.randint(0, codebook, (len(rows), band * 192), generator=torch.Generator().manual_seed(band))
         fast_log = LogitsRecorder()
-        fast = draw_image_tokens_fast(bundle, rows, [0] * len(rows), settings, n, prefix_codes=prefix,
-                                      first_step=band * 192, observer=fast_log)
+        fast = engine.draw_image_tokens(rows, [0] * len(rows), settings, n, prefix_codes=prefix,
+                                        first_step=band * 192, observer=fast_log)
         for b in range(len(rows)):
             ref_log = LogitsRecorder()
             ref = reference_image_tokens(bundle, rows[b], 0, settings, n, prefix_codes=prefix[b],
@@ -88,7 +90,7 @@ def greedy_agreement(bundle, rows: list[list[int]], n: int = 32) -> dict:
             "greedy_first_token_disagreements": disagreements}
 
 
-def graph_vs_eager(bundle, rows: list[list[int]]) -> dict:
+def graph_vs_eager(engine, rows: list[list[int]]) -> dict:
     """The same 130 steps replayed from CUDA graphs and run eagerly: tokens, and where they part.
     Each path also runs twice, with the same observer (it widens the cache): if a path does not
     repeat itself, the two cannot be expected to agree."""
@@ -97,7 +99,8 @@ def graph_vs_eager(bundle, rows: list[list[int]]) -> dict:
     runs = {}
     for name, graphs in (("graph", True), ("eager", False), ("graph_again", True), ("eager_again", False)):
         log = LogitsRecorder()
-        runs[name] = (draw_image_tokens_fast(bundle, rows, seeds, settings, 130, use_graphs=graphs, observer=log), log)
+        runs[name] = (draw_image_tokens_fast(engine.bundle, rows, seeds, settings, 130, use_graphs=graphs, observer=log,
+                                             model=engine.model), log)
     (a, graph_log), (b, eager_log) = runs["graph"], runs["eager"]
     (a2, graph_log2), (b2, eager_log2) = runs["graph_again"], runs["eager_again"]
     second = (graph_log.steps[1] - eager_log.steps[1]).abs().max().item()  # step 1 is the first decode step

@@ -20,7 +20,6 @@ import torch
 from bench_common import requests_for, start_fresh
 from twig_batch.controller import ControllerConfig
 from twig_batch.engine.runner import Engine
-from twig_batch.engine.warm_up import warm_up
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
 from twig_batch.pipeline.sequences import call_shape
@@ -55,7 +54,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
-    warm_up(bundle)
     base = GenerationSettings(mode=args.mode)
     variants = {"controller off": base,
                 "evaluated every step, never fires": dataclasses.replace(base, controller=NEVER_FIRES),

@@ -68,14 +68,14 @@ def prefill_repeats(backend, rows: int = 16, length: int = 700, tries: int = 5) 
 def engine_repeats(bundle, images: int, deterministic: bool = False, kv_cache: str = "model") -> dict:
     """The plain engine's tokens over 130 steps, run twice with the same seeds."""
     from bench_common import prompts_of_length
-    from twig_batch.engine.fast import draw_image_tokens_fast
+    from twig_batch.engine.runner import Engine
     from twig_batch.settings import GenerationSettings
 
     rows = prompts_of_length(bundle, images)
     seeds = list(range(images))
     settings = GenerationSettings(kv_cache=kv_cache)
-    with attention_for(deterministic):
-        a, b = (draw_image_tokens_fast(bundle, rows, seeds, settings, 130) for _ in range(2))
+    engine = Engine(bundle, kv_cache=kv_cache, deterministic=deterministic)  # its calls allow the kernels chosen
+    a, b = (engine.draw_image_tokens(rows, seeds, settings, 130) for _ in range(2))
     differs = (a != b).any(dim=0).nonzero()
     return {"images": images, "deterministic": deterministic, "kv_cache": kv_cache,
             "tokens_repeat": bool(torch.equal(a, b)), "first_differing_step": int(differs[0]) if len(differs) else None}
@@ -120,11 +120,9 @@ def main() -> None:
         for rows, width in ((256, 384), (256, 640), (512, 384), (768, 300)):
             result[f"decode_{name}_ms_per_layer_{rows}x{width}"] = attention_ms(rows, width, backend)
         print(json.dumps({k: v for k, v in result.items() if name in k}), flush=True)
-    from twig_batch.engine.fused import fuse_decoder
     from twig_batch.model import load_janus
 
-    bundle = load_janus("random-7b", "cuda", torch.bfloat16)
-    fuse_decoder(bundle.language_model)
+    bundle = load_janus("random-7b", "cuda", torch.bfloat16)  # each engine below joins its projections
     cases = [(4, False, "model"), (128, False, "model"), (128, True, "model"), (128, False, "fp8")]
     result["engine"] = [engine_repeats(bundle, *case) for case in cases]
     print(json.dumps(result["engine"]), flush=True)

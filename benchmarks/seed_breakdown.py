@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from bench_common import run_staged, start_fresh, workload_settings
-from twig_batch.engine.fused import fuse_decoder
 from twig_batch.model import load_janus
 
 
@@ -25,7 +24,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
-    fuse_decoder(bundle.language_model)
     seed = workload_settings("seed")
     silent = dataclasses.replace(seed.controller, force_every=0)  # evaluated every step, never fires
     variants = {"controller off": dataclasses.replace(seed, controller=None),

@@ -21,7 +21,7 @@ import torch
 from bench_common import (device_anchors, native_generate_anchor, plain_workload, prompts_of_length, run_staged,
                           seed_style_anchor, start_fresh, workload_settings)
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
-from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.runner import Engine
 from twig_batch.engine.memory import free_device_bytes
 from twig_batch.pipeline.sequences import images_per_call
 from twig_batch.model import load_janus
@@ -113,11 +113,12 @@ def main() -> None:
         os.environ["TWIG_BATCH_FUSED"] = "0"
         workload(result, out, "plain (unfused step)", lambda: plain_workload(bundle, args.images))
         os.environ.pop("TWIG_BATCH_FUSED")
-    fuse_decoder(bundle.language_model)
+    engine = Engine(bundle)  # joined projections, compiled kernels: what every workload below runs
     checks_rows = prompts_of_length(bundle, 4)
-    step(result, out, "greedy", greedy_agreement(bundle, checks_rows))
-    step(result, out, "distribution", distribution_check(bundle, checks_rows))
-    step(result, out, "graphs", graph_vs_eager(bundle, checks_rows))
+    step(result, out, "greedy", greedy_agreement(engine, checks_rows))
+    step(result, out, "distribution", distribution_check(engine, checks_rows))
+    step(result, out, "graphs", graph_vs_eager(engine, checks_rows))
+    del engine
     workload(result, out, "plain", lambda: plain_workload(bundle, args.images))
     for mode in ("twig", "seed"):
         workload(result, out, mode, lambda mode=mode: run_staged(bundle, mode, args.images))

@@ -19,29 +19,30 @@ import torch.nn.functional as F
 from bench_common import cuda_ms
 from twig_batch.engine.fp8_kv import quantize
 from twig_batch.engine.fp8_triton import fp8_decode_attention_kernel
-from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.graphs import GraphedDecodeStep
 from twig_batch.engine.sampling import guided_logits, sample_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.seeds import STREAM_TEXT
 
 
-def filled_cache(bundle, rows: int, columns: int, embed):
+def filled_cache(model: FastModel, rows: int, columns: int, embed, kind: str):
     """A cache with `columns` columns written (random prompt embeddings), and its graphed step."""
-    lm = bundle.language_model
+    lm = model.lm
     cache = StaticKVCache(lm, rows, columns + 64)
     embeds = torch.randn(rows, columns, lm.config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
     positions = torch.arange(columns, device="cuda").expand(rows, columns)
-    forward_static(lm, cache, embeds, positions, torch.ones(rows, columns, dtype=torch.bool, device="cuda"))
-    return cache, GraphedDecodeStep(bundle, cache, embed), positions[:, -1:] + 1
+    forward_static(model, cache, embeds, positions, torch.ones(rows, columns, dtype=torch.bool, device="cuda"))
+    return cache, GraphedDecodeStep(model, cache, embed, kind), positions[:, -1:] + 1
 
 
-def image_steps(bundle, rows: int) -> dict:
+def image_steps(bundle, model: FastModel, rows: int) -> dict:
     out = {}
     tokens = torch.zeros(rows, dtype=torch.long, device="cuda")
     for width in (128, 384, 640):
-        cache, step, positions = filled_cache(bundle, rows, width, bundle.embed_image_codes)
+        cache, step, positions = filled_cache(model, rows, width, bundle.embed_image_codes, "image")
 
         def one():
             cache.used = width
@@ -50,15 +51,16 @@ def image_steps(bundle, rows: int) -> dict:
         hidden = step(tokens, positions)
         seeds = torch.arange(rows // 2, device="cuda")
         out[f"image_sampling_ms_at_{width}"] = cuda_ms(
-            lambda: sample_tokens(guided_logits(bundle.image_logits(hidden), 5.0), seeds, 7, 1.0))
+            lambda: sample_tokens(guided_logits(bundle.image_logits(hidden), 5.0), seeds, 7, 1.0,
+                                  kernels=model.kernels))
         if width == 384:
             out["image_step_profile"] = profile(one)
         del cache, step, one, hidden  # the next width borrows the KV arena
     return out
 
 
-def text_step(bundle, rows: int = 384, width: int = 250) -> dict:
-    cache, step, positions = filled_cache(bundle, rows, width, bundle.embed_text)
+def text_step(bundle, model: FastModel, rows: int = 384, width: int = 250) -> dict:
+    cache, step, positions = filled_cache(model, rows, width, bundle.embed_text, "text")
     tokens = torch.zeros(rows, dtype=torch.long, device="cuda")
 
     def one():
@@ -69,7 +71,7 @@ def text_step(bundle, rows: int = 384, width: int = 250) -> dict:
     return {"text_rows": rows, "text_width": width, "text_step_ms": cuda_ms(one),
             "text_logits_ms": cuda_ms(lambda: bundle.text_logits(hidden)),
             "text_sampling_ms": cuda_ms(lambda: sample_tokens(bundle.text_logits(hidden), seeds, 3, 1.0,
-                                                              stream=STREAM_TEXT))}
+                                                              stream=STREAM_TEXT, kernels=model.kernels))}
 
 
 def profile(fn) -> str:
@@ -118,9 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
-    fuse_decoder(bundle.language_model)
+    model = Engine(bundle, use_graphs=True).model  # joined projections, kernels compiled as a worker's are
     with torch.no_grad():
-        report = attention_alone(args.rows) | image_steps(bundle, args.rows) | text_step(bundle)
+        report = attention_alone(args.rows) | image_steps(bundle, model, args.rows) | text_step(bundle, model)
     (args.out / "step_profile_kernels.txt").write_text(report.pop("image_step_profile"))
     (args.out / "step_profile.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

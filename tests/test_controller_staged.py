@@ -125,9 +125,9 @@ def test_think_step_reads_the_clean_prompt_through_the_processor_tokenizer(grid6
     seen, thinks = [], []
 
     class SpyContext(controller_module.ThinkContext):
-        def __init__(self, bundle, texts, memory_tokens):
+        def __init__(self, bundle, texts, memory_tokens, model=None):
             seen.extend(t.clone() for t in texts)
-            super().__init__(bundle, texts, memory_tokens)
+            super().__init__(bundle, texts, memory_tokens, model)
 
         def latents(self, rows, memory):
             thinks.append(len(rows))

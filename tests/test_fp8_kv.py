@@ -7,6 +7,7 @@ import torch
 
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fp8_kv import FP8_MAX, dequantize, quantize, reference_attention
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.memory import kv_bytes_per_token
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.errors import InputError
@@ -58,8 +59,9 @@ def test_the_fp8_engine_is_batch_invariant_and_close_to_the_full_cache(tiny64):
     embeds = tiny64.embed_text(ids)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     valid = torch.ones_like(ids, dtype=torch.bool)
-    exact = forward_static(lm, StaticKVCache(lm, 1, ids.shape[1]), embeds, positions, valid)
-    rounded = forward_static(lm, StaticKVCache(lm, 1, ids.shape[1], fp8=True), embeds, positions, valid)
+    model = FastModel.plain(lm)
+    exact = forward_static(model, StaticKVCache(lm, 1, ids.shape[1]), embeds, positions, valid)
+    rounded = forward_static(model, StaticKVCache(lm, 1, ids.shape[1], fp8=True), embeds, positions, valid)
     gap = (rounded - exact).norm() / exact.norm()
     assert 0 < gap < 0.1  # fp8 rounding shows, but only as rounding
 

@@ -11,7 +11,7 @@ from twig_batch.settings import GenerationSettings
 
 
 def image_graphs(engine, bundle, cache):
-    return engine.graphs.graph_set(bundle, cache, bundle.embed_image_codes, "image")
+    return engine.graphs.graph_set(engine.model, cache, bundle.embed_image_codes, "image")
 
 
 def test_one_holder_at_a_time_and_the_same_addresses_for_the_next(tiny64):

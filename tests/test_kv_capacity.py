@@ -15,7 +15,7 @@ import torch
 from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.engine import static_decoder
 from twig_batch.engine.fast import draw_image_tokens_fast
-from twig_batch.engine.fused import fuse_decoder
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.hooks import Injection
 from twig_batch.reference.image_tokens import reference_image_tokens, reference_plain
@@ -45,9 +45,10 @@ def exact_caches(monkeypatch):
 
 @pytest.fixture(scope="module")
 def fused64(tiny_hf_dir):
-    bundle = load_janus(str(tiny_hf_dir), "cpu", torch.float64)  # its own copy: fusing changes the modules
-    fuse_decoder(bundle.language_model)
-    return bundle
+    """Its own copy of the model (joining makes the modules' weights views of the joined ones) and the
+    model with joined projections the engine would run."""
+    bundle = load_janus(str(tiny_hf_dir), "cpu", torch.float64)
+    return bundle, FastModel.compiled(bundle.language_model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,29 +79,29 @@ class Staggered:
         return []
 
 
-def _draw(bundle, settings, images, prefix, first_step, observe=True, plan=PLAN):
+def _draw(bundle, settings, images, prefix, first_step, observe=True, plan=PLAN, model=None):
     rows = [t2i_prompt_ids(bundle, PROMPTS[b]) for b in images]
     hidden = bundle.model.config.text_config.hidden_size
     observer = Staggered(hidden, first_step, images, plan) if observe else None
     return draw_image_tokens_fast(bundle, rows, [20 + b for b in images], settings, N_TOKENS,
                                   prefix_codes=None if prefix is None else prefix[images], first_step=first_step,
-                                  observer=observer)
+                                  observer=observer, model=model)
 
 
 @pytest.mark.parametrize("cache, prefix_tokens", [("model", 0), ("model", 12), ("fused", 12), ("fp8", 12)],
                          ids=["first-band", "re-prefill", "fused-re-prefill", "fp8-re-prefill"])
 def test_images_firing_at_different_steps_fit_and_each_is_what_it_is_alone(tiny64, fused64, cache, prefix_tokens):
-    bundle = fused64 if cache == "fused" else tiny64
+    bundle, model = fused64 if cache == "fused" else (tiny64, None)
     # Near-greedy: a changed cache shows in the tokens.
     settings = GenerationSettings(temperature=0.05, kv_cache="fp8" if cache == "fp8" else "model")
     everyone = list(range(len(PROMPTS)))
     prefix = None
     if prefix_tokens:  # a later band: the image so far is re-prefilled after the text
         prefix = torch.randint(0, 512, (len(PROMPTS), prefix_tokens), generator=torch.Generator().manual_seed(3))
-    together = _draw(bundle, settings, everyone, prefix, prefix_tokens)
-    untouched = _draw(bundle, settings, everyone, prefix, prefix_tokens, observe=False)
+    together = _draw(bundle, settings, everyone, prefix, prefix_tokens, model=model)
+    untouched = _draw(bundle, settings, everyone, prefix, prefix_tokens, observe=False, model=model)
     for b in everyone:
-        assert torch.equal(together[b], _draw(bundle, settings, [b], prefix, prefix_tokens)[0])
+        assert torch.equal(together[b], _draw(bundle, settings, [b], prefix, prefix_tokens, model=model)[0])
         # The injections are felt, and not before the token after the first one.
         first = PLAN[b][0] + 1 if PLAN[b] else N_TOKENS
         assert torch.equal(together[b, :first], untouched[b, :first])

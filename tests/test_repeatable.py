@@ -33,12 +33,12 @@ def test_kept_graphs_are_not_shared_between_the_two_kernel_choices(tiny64):
     gc.collect()
     cache = StaticKVCache(tiny64.language_model, rows=2, max_len=16, arenas=engine.arenas)
     assert cache.arena
-    fast = engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image")
+    fast = engine.graphs.graph_set(engine.model, cache, tiny64.embed_image_codes, "image")
     with attention_for(True):
-        repeatable = engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image")
+        repeatable = engine.graphs.graph_set(engine.model, cache, tiny64.embed_image_codes, "image")
         assert repeatable is not fast
-        assert engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image") is repeatable
-    assert engine.graphs.graph_set(tiny64, cache, tiny64.embed_image_codes, "image") is fast
+        assert engine.graphs.graph_set(engine.model, cache, tiny64.embed_image_codes, "image") is repeatable
+    assert engine.graphs.graph_set(engine.model, cache, tiny64.embed_image_codes, "image") is fast
     cache.close()
 
 

@@ -6,6 +6,7 @@ import torch
 
 from twig_batch.engine import fast_text, text_scheduler
 from twig_batch.engine.fast_text import generate_text_fast
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.memory import kv_bytes_per_token, text_rows_that_fit
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 from twig_batch.engine.text_slots import place_rows
@@ -137,7 +138,8 @@ def test_placing_rows_writes_in_place_and_invalidates_the_rest_of_the_row(tiny64
     cache.used = 10
     source = StaticKVCache(lm, 1, 4)
     embeds = torch.randn(1, 4, lm.config.hidden_size, dtype=torch.float64)
-    forward_static(lm, source, embeds, torch.arange(4).view(1, 4), torch.tensor([[False, True, True, True]]))
+    forward_static(FastModel.plain(lm), source, embeds, torch.arange(4).view(1, 4),
+                   torch.tensor([[False, True, True, True]]))
     k, v, valid = cache.k, cache.v, cache.valid
     untouched = cache.k[:, [0, 2]].clone()
 

@@ -21,6 +21,7 @@ from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.controller.trigger_log import TriggerLog
 from twig_batch.controller.weights import ControllerNet, build_controller_net
 from twig_batch.engine.hooks import Injection
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.sampling import entropy
 
 
@@ -79,8 +80,11 @@ NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
 
 class LatentController:
     def __init__(self, bundle, prompts: list[str], config: ControllerConfig | None = None,
-                 weights: ControllerNet | str | os.PathLike | None = None):
+                 weights: ControllerNet | str | os.PathLike | None = None, model: FastModel | None = None):
         self.bundle = bundle
+        # The engine's model (`Engine.model`: its joined projections and compiled kernels) runs the
+        # thinks and the entropy; without one, the model as written.
+        self.model = model or FastModel.plain(bundle.language_model)
         self.config = config or ControllerConfig()
         hidden_size = bundle.model.config.text_config.hidden_size
         if isinstance(weights, ControllerNet):
@@ -135,7 +139,7 @@ class LatentController:
         memory, m_vec = self.net.condenser(band.window[:, : min(band.filled, cfg.window)])
         p_vec = self.p_vecs[band.images]
         s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
-        u = entropy(logits)
+        u = entropy(logits, self.model.kernels)
         delta, var = band.history.update(s, evaluated)
         fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
         allowed = (band.injections < cfg.max_injections_per_band) & (step - band.last_injection >= cfg.min_gap)
@@ -192,7 +196,7 @@ class LatentController:
         if band.think is None:
             texts = [self.bundle.embed_text(torch.tensor(self.think_ids[i], dtype=torch.long, device=self.bundle.device))
                      for i in band.images]
-            band.think = ThinkContext(self.bundle, texts, self.config.memory_tokens)
+            band.think = ThinkContext(self.bundle, texts, self.config.memory_tokens, self.model)
         z_vec = band.think.latents(rows, memory)
         c_vec = self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale)
         return self.net.shaper(c_vec)

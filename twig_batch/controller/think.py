@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 
 
@@ -60,11 +61,12 @@ class ThinkContext:
     A think is one causal pass over text then memory, so the text part (its cache entries and final
     hidden states) is the same at every think of a band: computing it once turns a pass over
     T + M tokens per injection into one over M. `latents` equals `think_latents` on the same inputs
-    (up to float rounding).
+    (up to float rounding). Its passes run `model` (the engine's `FastModel`; None: the model as written).
     """
 
-    def __init__(self, bundle, texts: list[torch.Tensor], memory_tokens: int):
+    def __init__(self, bundle, texts: list[torch.Tensor], memory_tokens: int, model: FastModel | None = None):
         lm = bundle.language_model
+        self.model = model or FastModel.plain(lm)
         n, d = len(texts), bundle.model.config.text_config.hidden_size
         self.bundle, self.memory_tokens = bundle, memory_tokens
         self.lengths = torch.tensor([t.shape[0] for t in texts], device=bundle.device)
@@ -79,7 +81,7 @@ class ThinkContext:
                 inputs[row, width - text.shape[0]:] = text.to(inputs.dtype)
             valid = torch.arange(width, device=bundle.device) >= (width - self.lengths).unsqueeze(1)
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = forward_static(lm, self.cache, inputs, positions, valid)
+            hidden = forward_static(self.model, self.cache, inputs, positions, valid)
             self.text_sum = (hidden.to(self.sum_dtype) * valid.unsqueeze(-1)).sum(1)
         self.width = width
 
@@ -96,7 +98,7 @@ class ThinkContext:
         positions = lengths.unsqueeze(1) + torch.arange(m, device=rows.device)
         valid = torch.ones((len(rows), m), dtype=torch.bool, device=rows.device)
         self.cache.used = self.width
-        hidden = forward_static(self.bundle.language_model, self.cache, inputs, positions, valid, columns=columns,
+        hidden = forward_static(self.model, self.cache, inputs, positions, valid, columns=columns,
                                 rows=rows)
         z = (self.text_sum[rows] + hidden.to(self.sum_dtype).sum(1)) / (lengths + m).unsqueeze(1)
         return z.to(hidden.dtype)

@@ -17,6 +17,13 @@ seed, a generation error) comes back with status `error` and the reason; the res
 still goes through. How failing parts are split and isolated is `parts.py`'s; with
 `report_events=True` (the batch driver) every batch also carries the actor's startup and part
 events for the driver to show and record (`actor_report.py`).
+
+The actor owns one `Engine` (`engine/runner.py`), built in `__init__` (kernels compiled there). Its
+sizing step (`Engine.reserve`: the KV arena, and the CUDA graphs of the image decode step) runs on
+a GPU as soon as the call size is known: in `__init__` when `images_per_call` is given, else at the
+first part of the first batch (the size then comes from the free memory and the batch's prompts).
+Each batch's first part sizes again for its own part size (equal parts may be smaller than the
+most that fit): only what is missing is captured, before that part is drawn.
 """
 from __future__ import annotations
 
@@ -74,6 +81,8 @@ class ImageGenerator:
         self.base_seed = base_seed  # for rows without a seed; None: every row must carry one (the batch job's do)
         self.templates = templates  # a `prompts.Templates`, or None for the defaults
         self.images_per_call = images_per_call  # None: as many as fit in the GPU's free memory
+        if images_per_call is not None:  # the call size is known: size the engine now, not in the first part
+            self._reserve(images_per_call)
         self.report_events = report_events
         self._writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="twig-writer")
         # The model runs on a thread of its own, so that a part's images are written and handed back
@@ -172,6 +181,7 @@ class ImageGenerator:
         if first:
             most = self._part_size(waiting)
             self._size = even_parts(len(waiting), most)
+            self._reserve(most, self._size)  # the graphs of this batch's calls, before its first part
             if getattr(self, "_reported", None) != (self._size, most):
                 self._reported = (self._size, most)
                 self._event({"kind": "part_size", "actor": self.name, "images": self._size, "most": most,
@@ -206,8 +216,6 @@ class ImageGenerator:
             torch.cuda.empty_cache()
 
     def _part_size(self, requests: list[ImageRequest]) -> int:
-        from twig_batch.pipeline.sequences import call_shape
-
         free = None
         if self.images_per_call is None and self.bundle.device.type == "cuda":
             import torch
@@ -215,11 +223,16 @@ class ImageGenerator:
             torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
             free = self.engine.free_bytes()
         size = part_size(self.bundle, self.settings, [r.prompt for r in requests], self.images_per_call, free)
-        size = min(size, self._parts.cap or size)
+        return min(size, self._parts.cap or size)
+
+    def _reserve(self, most: int, call_images: int | None = None) -> None:
+        """The engine's sizing step (on a GPU): its arena for parts of up to `most` images, once, so
+        later parts reuse it and the graphs over it; the image step's graphs for parts of
+        `call_images` (None: `most`)."""
+        from twig_batch.pipeline.sequences import call_shape
+
         if self.bundle.device.type == "cuda":
-            # the engine's sizing step, once: later parts reuse its arena, graphs and all
-            self.engine.reserve(call_shape(self.bundle, self.settings), size)
-        return size
+            self.engine.reserve(call_shape(self.bundle, self.settings), most, call_images)
 
     def _event(self, event: dict) -> None:
         """Kept for the driver (`report_events`), else said in the actor's own log."""

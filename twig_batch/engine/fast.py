@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.fused import fuse_for_device
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.graphs import GraphedDecodeStep, KeptGraphs
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import both_rows, cfg_prefill_inputs, cfg_rows
@@ -34,43 +34,44 @@ def draw_image_tokens_fast(
     bundle, cond_rows: list[list[int]], seeds: list[int], settings: GenerationSettings, n_tokens: int,
     prefix_codes: torch.Tensor | None = None, first_step: int = 0, observer: ImageTokenObserver | None = None,
     use_graphs: bool | None = None, fp8: bool | None = None, arenas: KVArenas | None = None,
-    kept: KeptGraphs | None = None,
+    kept: KeptGraphs | None = None, model: FastModel | None = None,
 ) -> torch.Tensor:
     """Codes [B, n_tokens]; image b matches `reference_image_tokens(bundle, cond_rows[b], seeds[b], ...)`.
 
-    An engine (`runner.py`) passes its KV `arenas` and `kept` graph sets, and its cache kind as
-    `fp8` (None: `settings.kv_cache`); without them the call's cache and graphs are its own."""
+    An engine (`runner.py`) passes its `model` (joined projections, compiled kernels), KV `arenas`
+    and `kept` graph sets, and its cache kind as `fp8` (None: `settings.kv_cache`); without them the
+    call runs the model's own modules, nothing compiled, and its cache and graphs are its own."""
     device = bundle.device
     embeds, valid, positions = cfg_prefill_inputs(bundle, cond_rows, prefix_codes)
     rows = embeds.shape[0]
     lm = bundle.language_model
+    model = model or FastModel.plain(lm)
     slack = getattr(observer, "max_control_slots", CONTROL_SLACK) if observer is not None else 0
-    fuse_for_device(lm)
     # The prefill, the slots, then a column per decode step: every token but the last is fed back.
     columns = embeds.shape[1] + slack + max(n_tokens - 1, 0)
     if fp8 is None:
         fp8 = settings.kv_cache == "fp8"
     with StaticKVCache(lm, rows, columns, fp8=fp8, arenas=arenas) as cache:
-        hidden = forward_static(lm, cache, embeds, positions, valid)[:, -1]
+        hidden = forward_static(model, cache, embeds, positions, valid)[:, -1]
         next_position = positions[:, -1:] + 1
         slots = ControlSlots(cache.used, slack, len(cond_rows))
         cache.used += slack  # decode steps write after the slots
         if use_graphs is None:
             use_graphs = device.type == "cuda"
-        graphed = GraphedDecodeStep(bundle, cache, bundle.embed_image_codes, "image", kept) if use_graphs else None
+        graphed = GraphedDecodeStep(model, cache, bundle.embed_image_codes, "image", kept) if use_graphs else None
         all_valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
 
         def step_forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if graphed is not None:
                 return graphed(both_rows(tokens), positions)
-            return _decode_step(bundle, cache, tokens, positions, all_valid)
+            return _decode_step(bundle, model, cache, tokens, positions, all_valid)
 
         row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
         codes = []
         decide = _decider(observer)
         for i in range(n_tokens):
             step = first_step + i
-            logits, tokens = draw_image_step(bundle, hidden, row_seeds, step, settings)
+            logits, tokens = draw_image_step(bundle, hidden, row_seeds, step, settings, model.kernels)
             codes.append(tokens)
             decision = decide(step, hidden[0::2], logits, tokens)
             if i + 1 == n_tokens:
@@ -85,8 +86,8 @@ def draw_image_tokens_fast(
             hidden = step_forward(tokens, next_position)
             injection = decision.resolve() if decision is not None else None
             if injection is not None and bool(injection.rows.any()):
-                hidden, next_position = _redo_behind_control(bundle, cache, slots, column, tokens, next_position,
-                                                             hidden, injection)
+                hidden, next_position = _redo_behind_control(bundle, model, cache, slots, column, tokens,
+                                                             next_position, hidden, injection)
             next_position = next_position + 1
         return torch.stack(codes, dim=1).cpu()
 
@@ -109,9 +110,9 @@ class _Resolved:
         return self.injection
 
 
-def _decode_step(bundle, cache, tokens, positions, valid):
+def _decode_step(bundle, model: FastModel, cache, tokens, positions, valid):
     step_embeds = bundle.embed_image_codes(both_rows(tokens)).unsqueeze(1)
-    return forward_static(bundle.language_model, cache, step_embeds, positions, valid)[:, -1]
+    return forward_static(model, cache, step_embeds, positions, valid)[:, -1]
 
 
 class ControlSlots:
@@ -142,7 +143,8 @@ class ControlSlots:
 INJECTION_ROWS = 64
 
 
-def _redo_behind_control(bundle, cache, slots: ControlSlots, column: int, tokens, next_position, hidden, injection):
+def _redo_behind_control(bundle, model: FastModel, cache, slots: ControlSlots, column: int, tokens, next_position,
+                         hidden, injection):
     """The step just taken, taken again for the injected images behind their control tokens.
 
     One pass over both CFG rows of each injected image: its K control tokens into its own slots, then
@@ -165,6 +167,6 @@ def _redo_behind_control(bundle, cache, slots: ControlSlots, column: int, tokens
                              torch.full((len(rows), 1), column, dtype=torch.long, device=device)], dim=1)
         positions = next_position[rows] + torch.arange(k + 1, device=device)
         valid = torch.ones(columns.shape, dtype=torch.bool, device=device)
-        hidden[rows] = forward_static(bundle.language_model, cache, embeds, positions, valid, columns=columns,
+        hidden[rows] = forward_static(model, cache, embeds, positions, valid, columns=columns,
                                       rows=rows)[:, -1]
     return hidden, next_position + both_rows(injection.rows.to(device)).long().unsqueeze(1) * k

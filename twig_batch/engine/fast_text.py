@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from twig_batch.engine.fused import fuse_for_device
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.graphs import GraphedDecodeStep, KeptGraphs
 from twig_batch.engine.inputs import text_prefill_inputs
 from twig_batch.engine.kv_arena import KVArenas
@@ -32,16 +32,16 @@ from twig_batch.seeds import STREAM_TEXT
 @torch.no_grad()
 def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float = 0.0, stop_id: int | None = None,
                        use_graphs: bool | None = None, max_rows: int | None = None, arenas: KVArenas | None = None,
-                       kept: KeptGraphs | None = None) -> list[list[int]]:
+                       kept: KeptGraphs | None = None, model: FastModel | None = None) -> list[list[int]]:
     """New token ids per prompt (`TextPrompt`s); the stop token is not included.
 
     At most `max_rows` prompts are written at once (None: all of them, or on a GPU as many as fit in
     its free memory); the others wait in order and take the rows of prompts that finish. An engine
-    (`runner.py`) passes its KV `arenas` and `kept` graph sets; without them the caches are the call's own.
+    (`runner.py`) passes its `model`, KV `arenas` and `kept` graph sets; without them the model's own
+    modules run, nothing compiled, and the caches are the call's own.
     """
     if not prompts:
         return []
-    fuse_for_device(bundle.language_model)
     if use_graphs is None:
         use_graphs = bundle.device.type == "cuda"
     if max_rows is None:
@@ -49,7 +49,8 @@ def generate_text_fast(bundle, prompts, max_new_tokens: int, temperature: float 
     scheduler = TextScheduler([len(p.ids) for p in prompts], [p.budget(max_new_tokens) for p in prompts],
                               max_new_tokens, max_rows, prefill_tokens=PREFILL_CHUNK_TOKENS)
     call = _Call(bundle, prompts, temperature, bundle.tokens.eos if stop_id is None else stop_id,
-                 use_graphs, arenas, kept, scheduler, written=[[] for _ in prompts])
+                 use_graphs, arenas, kept, model or FastModel.plain(bundle.language_model), scheduler,
+                 written=[[] for _ in prompts])
     while (plan := scheduler.next_round()) is not None:
         _Round(call, plan).run()
     # A row keeps computing after its budget or stop until a check notices (or its round ends).
@@ -66,6 +67,7 @@ class _Call:
     use_graphs: bool
     arenas: KVArenas | None  # the engine's, which the round's cache borrows from
     kept: KeptGraphs | None  # the engine's graph sets kept over arena caches
+    model: FastModel  # the engine's (joined projections, compiled kernels), else the model as written
     scheduler: TextScheduler
     written: list[list[int]]  # tokens drawn so far per prompt, stop token and beyond included
 
@@ -123,7 +125,7 @@ class _Round:
         width = max(len(call.prompts[i].ids) for i in prompts)
         scratch, hidden, positions, prompts = _prefill(call, prompts, width, width)
         first = sample_tokens(call.bundle.text_logits(hidden), self._seeds(prompts), 0, call.temperature,
-                              stream=STREAM_TEXT)
+                              stream=STREAM_TEXT, kernels=call.model.kernels)
         slots = torch.tensor(rows, device=call.bundle.device)
         place_rows(self.cache, slots, scratch)
         scratch.close()
@@ -161,11 +163,12 @@ class _Round:
                             for start, rows in self.scheduler.cohorts()]
         temperature = self.call.temperature
         if temperature == 0 or len(self.cohorts) == 1:  # greedy draws no noise: one call for all rows
-            return sample_tokens(logits, self.seeds, step - self.cohorts[0][0], temperature, stream=STREAM_TEXT)
+            return sample_tokens(logits, self.seeds, step - self.cohorts[0][0], temperature, stream=STREAM_TEXT,
+                                 kernels=self.call.model.kernels)
         tokens = torch.empty(len(self.seeds), dtype=torch.long, device=logits.device)
         for start, rows in self.cohorts:
             tokens[rows] = sample_tokens(logits[rows], self.seeds[rows], step - start, temperature,
-                                         stream=STREAM_TEXT)
+                                         stream=STREAM_TEXT, kernels=self.call.model.kernels)
         return tokens
 
     def _decode(self) -> None:
@@ -175,13 +178,13 @@ class _Round:
             bundle = self.call.bundle
             step_embeds = bundle.embed_text(self.tokens).unsqueeze(1)
             valid = torch.ones((len(self.tokens), 1), dtype=torch.bool, device=bundle.device)
-            self.hidden = forward_static(bundle.language_model, self.cache, step_embeds, self.positions, valid)[:, -1]
+            self.hidden = forward_static(self.call.model, self.cache, step_embeds, self.positions, valid)[:, -1]
         self.positions = self.positions + 1
 
     def _graphed(self) -> GraphedDecodeStep | None:
         if not self.call.use_graphs:
             return None
-        return GraphedDecodeStep(self.call.bundle, self.cache, self.call.bundle.embed_text, "text", self.call.kept)
+        return GraphedDecodeStep(self.call.model, self.cache, self.call.bundle.embed_text, "text", self.call.kept)
 
     def _flush(self) -> None:
         """The tokens drawn since the last flush, to the prompts of the rows that drew them."""
@@ -201,12 +204,13 @@ def _prefill(call: _Call, indices: list[int], width: int, columns: int, share: b
         indices = [indices[j] for j in plan.order]
     embeds, mask, positions = text_prefill_inputs(call.bundle, [call.prompts[i] for i in indices])
     if plan is not None:
-        return (*prefill_shared(call.bundle, plan, embeds, mask, width, columns, call.arenas), indices)
+        return (*prefill_shared(call.bundle, plan, embeds, mask, width, columns, call.arenas, call.model),
+                indices)
     extra = width - embeds.shape[1]  # masked columns with zero embeddings: nobody attends to them
     embeds, mask, positions = F.pad(embeds, (0, 0, extra, 0)), F.pad(mask, (extra, 0)), F.pad(positions, (extra, 0))
     lm = call.bundle.language_model
     cache = StaticKVCache(lm, len(indices), columns, arenas=call.arenas)
-    hidden = forward_static(lm, cache, embeds, positions, mask.bool())[:, -1]
+    hidden = forward_static(call.model, cache, embeds, positions, mask.bool())[:, -1]
     return cache, hidden, positions[:, -1:] + 1, indices
 
 

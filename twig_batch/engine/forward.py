@@ -4,8 +4,9 @@
 the cache's columns and attending through a mask built from the cache's validity flags, so every row
 keeps its own positions and padding while all rows share the cache's shape. The write column is a
 device tensor and the attended width a plain int, so one captured CUDA graph (`graphs.py`) serves
-every decode step whose columns fall in the same bucket. A model joined by `fused.fuse_decoder` runs
-the same layer with one matmul for q/k/v and one for gate/up and compiled element-wise kernels.
+every decode step whose columns fall in the same bucket. The model comes as a `fused.FastModel`
+(the engine's): with joined projections the same layer runs one matmul for q/k/v and one for gate/up,
+and its element-wise work through the model's own `kernels` (compiled on a GPU).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.engine.fp8_kv import decode_attention, quantize, reference_attention
-from twig_batch.engine.fused import FUSED_ATTR, KERNELS, JoinedProjections
+from twig_batch.engine.fused import FastModel, JoinedProjections
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,15 @@ def _rotary(lm, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
-def forward_at(lm, cache: CacheTensors, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-               start: torch.Tensor, attend: int, columns: torch.Tensor | None = None,
+def forward_at(model: FastModel, cache: CacheTensors, embeds: torch.Tensor, positions: torch.Tensor,
+               valid: torch.Tensor, start: torch.Tensor, attend: int, columns: torch.Tensor | None = None,
                row_index: torch.Tensor | None = None) -> torch.Tensor:
     """The forward pass proper. The write column `start` is a device tensor and `attend` a plain
     int, so one captured CUDA graph serves every step whose columns fall in the same bucket.
     `columns` [R, T], when given, are per-row write columns, and `row_index` [R] the cache rows the
-    input rows are (see `static_decoder.forward_static`). On a model joined by `fused.fuse_decoder`
-    each layer runs its joined projections and compiled element-wise kernels; otherwise the model's
-    own modules: the same layer either way (`_layer`)."""
+    input rows are (see `static_decoder.forward_static`). With `model.joined` each layer runs its
+    joined projections and `model.kernels`; otherwise the model's own modules: the same layer either
+    way (`_layer`)."""
     rows, length, _ = embeds.shape
     device = embeds.device
     if columns is None:
@@ -76,27 +77,27 @@ def forward_at(lm, cache: CacheTensors, embeds: torch.Tensor, positions: torch.T
         row_valid = cache.valid[row_index].scatter_(1, write, valid)  # a copy: written back below
         cache.valid[row_index] = row_valid
         mask = _own_column_mask(row_valid, write, start, attend)
+    lm = model.lm
     cos, sin = _rotary(lm, positions, embeds.dtype)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if cache.k_scale is not None:
-            return _attend_fp8(cache, i, q, k, v, write, start, attend, mask, row_index)
+            return _attend_fp8(model, cache, i, q, k, v, write, start, attend, mask, row_index)
         _write_columns(cache.k[i], write, k, row_index)
         _write_columns(cache.v[i], write, v, row_index)
         return F.scaled_dot_product_attention(q, _read(cache.k[i], attend, row_index),
                                               _read(cache.v[i], attend, row_index), attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
-    joined = getattr(lm, FUSED_ATTR, None)
     shape = (cache.heads, cache.kv_heads, cache.head_dim)
     x, delta = embeds, None
     for i, layer in enumerate(lm.layers):
-        x, delta = _layer(layer, joined, i, x, delta, cos, sin, shape, partial(attend_kv, i))
-    return _residual_norm(x, delta, lm.norm, joined is not None)[1]
+        x, delta = _layer(layer, model.joined, model.kernels, i, x, delta, cos, sin, shape, partial(attend_kv, i))
+    return _residual_norm(x, delta, lm.norm, None if model.joined is None else model.kernels)[1]
 
 
-def _layer(layer, joined: JoinedProjections | None, index: int, x: torch.Tensor, delta: torch.Tensor | None,
+def _layer(layer, joined: JoinedProjections | None, kernels, index: int, x: torch.Tensor, delta: torch.Tensor | None,
            cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, int, int], attend_kv):
     """One decoder layer over the residual stream `x` plus the previous layer's pending `delta`.
 
@@ -104,14 +105,15 @@ def _layer(layer, joined: JoinedProjections | None, index: int, x: torch.Tensor,
     when fused), the last one with the model's final norm. `shape` is (heads, kv_heads, head_dim);
     `attend_kv(q, k, v)` writes k, v to the cache and returns the attention output [R, H, T, d].
     With `joined` the q/k/v and gate/up projections are one matmul each and the element-wise work
-    runs compiled (on a GPU); without, the layer's own modules do the same arithmetic.
+    runs through `kernels` (compiled on a GPU); without, the layer's own modules do the same arithmetic.
     """
     rows, length, _ = x.shape
     heads, kv_heads, head_dim = shape
     fused = joined is not None
     attn, mlp = layer.self_attn, layer.mlp
-    rotate = KERNELS.get("rotate", _rotate, x.device) if fused else _rotate
-    x, h = _residual_norm(x, delta, layer.input_layernorm, fused)
+    fused_kernels = kernels if fused else None
+    rotate = kernels.get("rotate", _rotate, x.device) if fused else _rotate
+    x, h = _residual_norm(x, delta, layer.input_layernorm, fused_kernels)
     if fused:
         q, k, v = F.linear(h, joined.qkv[index]).split([joined.q_size, joined.kv_size, joined.kv_size], dim=-1)
     else:
@@ -120,22 +122,23 @@ def _layer(layer, joined: JoinedProjections | None, index: int, x: torch.Tensor,
     k = rotate(k.view(rows, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
     v = v.view(rows, length, kv_heads, head_dim).transpose(1, 2)
     out = attn.o_proj(attend_kv(q, k, v).transpose(1, 2).reshape(rows, length, -1))
-    x, h = _residual_norm(x, out, layer.post_attention_layernorm, fused)
+    x, h = _residual_norm(x, out, layer.post_attention_layernorm, fused_kernels)
     if not fused:
         return x, mlp(h)
-    silu_mul = KERNELS.get("silu_mul", _silu_mul, x.device)
+    silu_mul = kernels.get("silu_mul", _silu_mul, x.device)
     return x, mlp.down_proj(silu_mul(F.linear(h, joined.gate_up[index]), joined.intermediate))
 
 
-def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_module, fused: bool):
-    """(x + delta, its RMSNorm): one compiled kernel when fused, else the add and the model's module."""
-    if not fused:
+def _residual_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_module, kernels):
+    """(x + delta, its RMSNorm): one kernel of `kernels` when fused (given), else the add and the
+    model's module."""
+    if kernels is None:
         x = x if delta is None else x + delta
         return x, norm_module(x)
     device = x.device
     if delta is None:
-        return x, KERNELS.get("rms_norm", _rms_norm, device)(x, norm_module.weight, norm_module.variance_epsilon)
-    return KERNELS.get("add_rms_norm", _add_rms_norm, device)(x, delta, norm_module.weight,
+        return x, kernels.get("rms_norm", _rms_norm, device)(x, norm_module.weight, norm_module.variance_epsilon)
+    return kernels.get("add_rms_norm", _add_rms_norm, device)(x, delta, norm_module.weight,
                                                               norm_module.variance_epsilon)
 
 
@@ -202,11 +205,11 @@ def _read(values: torch.Tensor, attend: int, row_index: torch.Tensor | None) -> 
     return values[:, :, :attend] if row_index is None else values[row_index, :, :attend]
 
 
-def _attend_fp8(cache, i: int, q, k, v, write, start, attend: int, mask, row_index=None):
+def _attend_fp8(model: FastModel, cache, i: int, q, k, v, write, start, attend: int, mask, row_index=None):
     """attend_kv over an fp8 cache: quantize the new columns, then read fp8 (a kernel for one query)."""
     if cache.kv_heads != cache.heads:
         raise ValueError("the fp8 KV cache does not support grouped-query attention")
-    quant = KERNELS.get("quantize_kv", quantize, q.device)
+    quant = model.kernel("quantize_kv", quantize, q.device)
     for values, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
         new8, new_scale = quant(new)
         # byte copies: any fp8 build

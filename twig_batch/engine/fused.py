@@ -1,12 +1,19 @@
-"""Fewer, bigger kernels for the decode step: joined projections and compiled element-wise work.
+"""The language model as the fast forward runs it (`FastModel`): joined projections, compiled kernels.
 
 A decode step of a 7B model at a few hundred rows spends a third of its time in small element-wise
 kernels (RMSNorm's five, rotary's six, SiLU-times-up, residual adds) and in launching three q/k/v
-and two gate/up matmuls where one each would do. `fuse_decoder(lm)` joins the projection weights
+and two gate/up matmuls where one each would do. `FastModel.compiled(lm)` joins the projection weights
 (the original modules keep working: their weights become views of the joined ones, so no memory is
-added) and marks the model; `forward.forward_at` then runs the joined matmuls. On a GPU `KERNELS` compiles
-each element-wise helper of `forward.py` once into one kernel; elsewhere it runs as written, which
-is the same arithmetic transformers' Llama uses (RMSNorm in float32, rotary in the model's dtype).
+added; nothing else on the model changes) and holds them beside the model with a `Kernels` registry
+of its own, which on a GPU compiles each element-wise helper of `forward.py` once into one kernel;
+elsewhere the helpers run as written, the same arithmetic transformers' Llama uses (RMSNorm in
+float32, rotary in the model's dtype).
+
+Who owns what: the engine (`runner.py`) builds one `FastModel` when a worker starts and hands it to
+every pass it runs (`forward.forward_at`, the graphs, sampling, the controller's think pass); no
+module-level registry and no mark on the model. A caller without an engine gets
+`FastModel.plain(lm)`: the model's own modules, nothing compiled. The compiled kernels themselves
+live in PyTorch's on-disk compile cache too, so a second worker on the machine loads them.
 """
 from __future__ import annotations
 
@@ -14,8 +21,6 @@ import os
 import warnings
 
 import torch
-
-FUSED_ATTR = "_twig_fused_projections"
 
 
 class JoinedProjections:
@@ -27,44 +32,9 @@ class JoinedProjections:
         self.q_size, self.kv_size, self.intermediate = q_size, kv_size, intermediate
 
 
-def fuse_decoder(lm) -> JoinedProjections | None:
-    """Join each layer's projections in place; returns None (and changes nothing) for biased layers."""
-    existing = getattr(lm, FUSED_ATTR, None)
-    if existing is not None:
-        return existing
-    layers = list(lm.layers)
-    if any(_has_bias(layer) for layer in layers):
-        return None
-    qkv, gate_up = [], []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv.append(_join([attn.q_proj, attn.k_proj, attn.v_proj]))
-        gate_up.append(_join([mlp.gate_proj, mlp.up_proj]))
-    first = layers[0]
-    joined = JoinedProjections(qkv, gate_up, first.self_attn.q_proj.out_features,
-                               first.self_attn.k_proj.out_features, first.mlp.gate_proj.out_features)
-    setattr(lm, FUSED_ATTR, joined)
-    return joined
-
-
-def _has_bias(layer) -> bool:
-    modules = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-               layer.mlp.up_proj)
-    return any(m.bias is not None for m in modules) or getattr(layer.mlp, "act_fn", None) is None
-
-
-def _join(linears) -> torch.Tensor:
-    joined = torch.cat([m.weight.data for m in linears], dim=0)
-    start = 0
-    for m in linears:  # the modules now read slices of the joined weight: one copy in memory
-        rows = m.weight.shape[0]
-        m.weight.data = joined[start:start + rows]
-        start += rows
-    return joined
-
-
-class _Kernels:
-    """The helpers, compiled on first use on a GPU (dynamic shapes: one compile serves every batch)."""
+class Kernels:
+    """One model's element-wise helpers, compiled on first use on a GPU (dynamic shapes: one compile
+    serves every batch); off a GPU each helper runs as written."""
 
     def __init__(self):
         self._compiled: dict[str, object] = {}
@@ -93,11 +63,94 @@ class _Kernels:
         return first_call
 
 
-KERNELS = _Kernels()
+class _AsWritten:
+    """The helpers as written, never compiled (a model without an engine)."""
+
+    def get(self, name: str, fn, device: torch.device):
+        return fn
 
 
-def fuse_for_device(lm) -> None:
-    """The fast engines fuse on a GPU (where kernel count is the cost); TWIG_BATCH_FUSED=0 turns it off."""
-    weight = lm.embed_tokens.weight
-    if weight.device.type == "cuda" and os.environ.get("TWIG_BATCH_FUSED", "1") != "0":
-        fuse_decoder(lm)
+AS_WRITTEN = _AsWritten()  # stateless: holds nothing
+
+
+class FastModel:
+    """`lm` (the language model), its `joined` projections (None: the layers' own modules) and the
+    `kernels` its passes use."""
+
+    def __init__(self, lm, joined: JoinedProjections | None = None, kernels=AS_WRITTEN):
+        self.lm, self.joined, self.kernels = lm, joined, kernels
+
+    @classmethod
+    def plain(cls, lm) -> "FastModel":
+        """The model's own modules, nothing compiled."""
+        return cls(lm)
+
+    @classmethod
+    def compiled(cls, lm, join: bool = True) -> "FastModel":
+        """Kernels of its own (compiled on a GPU) and, with `join`, joined projections (when the layers
+        allow: none for biased layers)."""
+        return cls(lm, join_projections(lm) if join else None, Kernels())
+
+    @classmethod
+    def for_device(cls, lm) -> "FastModel":
+        """On a GPU (where kernel count is the cost) compiled kernels, and joined projections unless
+        TWIG_BATCH_FUSED=0 (sampling and the fp8 quantizer stay compiled); plain elsewhere."""
+        if lm.embed_tokens.weight.device.type != "cuda":
+            return cls.plain(lm)
+        return cls.compiled(lm, join=os.environ.get("TWIG_BATCH_FUSED", "1") != "0")
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.embed_tokens.weight.device
+
+    def kernel(self, name: str, fn, device: torch.device):
+        return self.kernels.get(name, fn, device)
+
+
+def join_projections(lm) -> JoinedProjections | None:
+    """Join each layer's projections in place (the modules then read slices of the joined weights);
+    None, and nothing changed, for biased layers. Joining a model joined before finds the same
+    weights again: no second copy."""
+    layers = list(lm.layers)
+    if any(_has_bias(layer) for layer in layers):
+        return None
+    qkv, gate_up = [], []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv.append(_join([attn.q_proj, attn.k_proj, attn.v_proj]))
+        gate_up.append(_join([mlp.gate_proj, mlp.up_proj]))
+    first = layers[0]
+    return JoinedProjections(qkv, gate_up, first.self_attn.q_proj.out_features,
+                             first.self_attn.k_proj.out_features, first.mlp.gate_proj.out_features)
+
+
+def _has_bias(layer) -> bool:
+    modules = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+               layer.mlp.up_proj)
+    return any(m.bias is not None for m in modules) or getattr(layer.mlp, "act_fn", None) is None
+
+
+def _join(linears) -> torch.Tensor:
+    weights = [m.weight.data for m in linears]
+    rows, columns = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    if _already_joined(weights, columns):
+        return weights[0].as_strided((rows, columns), (columns, 1), weights[0].storage_offset())
+    joined = torch.cat(weights, dim=0)
+    start = 0
+    for m in linears:  # the modules now read slices of the joined weight: one copy in memory
+        count = m.weight.shape[0]
+        m.weight.data = joined[start:start + count]
+        start += count
+    return joined
+
+
+def _already_joined(weights: list[torch.Tensor], columns: int) -> bool:
+    """The weights are consecutive row blocks of one buffer (an earlier join's views)."""
+    storage = weights[0].untyped_storage().data_ptr()
+    offset = weights[0].storage_offset()
+    for w in weights:
+        if (w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous()
+                or w.shape[1] != columns):
+            return False
+        offset += w.numel()
+    return True

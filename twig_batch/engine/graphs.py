@@ -1,13 +1,16 @@
 """CUDA-graph replay of the one-token decode step over the static KV cache.
 
-One graph per attention bucket (the cache width a step reads), captured the first time a step
-lands in that bucket; a step then costs one replay instead of hundreds of kernel launches.
+One graph per attention bucket (the cache width a step reads); a step then costs one replay instead
+of hundreds of kernel launches.
 
 A capture costs an eager warm-up step and a pass of Python over the whole model, a large share of
-a short call. Graphs over a cache lent by the engine's KV arena are therefore kept after the call
-in the engine's `KeptGraphs` (known by the embedding, the cache's addresses and shape, and the
-attention kernels allowed) and replayed by every later call that borrows the same shape; graphs
-over a cache of its own die with the call.
+a short call. Who owns what: graphs over a cache lent by the engine's KV arena belong to the
+engine's `KeptGraphs` (known by the embedding, the cache's addresses and shape, and the attention
+kernels allowed) and are replayed by every later call that borrows the same shape; graphs over a
+cache of its own die with the call. The engine captures the image step's graphs for its call size
+at its sizing step (`runner.Engine.reserve`: every bucket `decode_buckets` lists for the image
+call's columns), so a worker's first call replays; any other (row count, bucket) is captured the
+first time a step lands in it. Each graph set runs the engine's `fused.FastModel`.
 """
 from __future__ import annotations
 
@@ -16,20 +19,27 @@ from collections import OrderedDict
 import torch
 
 from twig_batch.engine.forward import CacheTensors, forward_at
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.repeatable import attention_backends
-from twig_batch.engine.static_decoder import StaticKVCache, attend_width
+from twig_batch.engine.static_decoder import StaticKVCache, attend_width, bucket_width
 
 KEPT_GRAPH_SETS = 8  # graph sets kept across calls (one per row count and embedding in use)
+
+
+def decode_buckets(first_column: int, steps: int, max_len: int) -> list[int]:
+    """The attention buckets, in order, that `steps` one-token decode steps read when the first
+    writes column `first_column` of a cache `max_len` wide (the steps' `attend_width`s)."""
+    return sorted({bucket_width(column + 1, max_len) for column in range(first_column, first_column + steps)})
 
 
 class GraphedDecodeStep:
     """`embed` maps a token id per row [R] to input embeddings [R, D] (image codes or text), `kind`
     names it; graphs over an arena cache are kept in `kept` (the engine's) when given."""
 
-    def __init__(self, bundle, cache: StaticKVCache, embed, kind: str, kept: KeptGraphs | None = None):
+    def __init__(self, model: FastModel, cache: StaticKVCache, embed, kind: str, kept: KeptGraphs | None = None):
         self.cache = cache
-        self.graphs = kept.graph_set(bundle, cache, embed, kind) if kept is not None else GraphSet(
-            bundle, cache.tensors(), embed)
+        self.graphs = kept.graph_set(model, cache, embed, kind) if kept is not None else GraphSet(
+            model, cache.tensors(), embed)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [R], positions [R, 1]: the last-layer hidden states [R, D] after this step."""
@@ -44,10 +54,10 @@ class GraphedDecodeStep:
 class GraphSet:
     """The captured steps over one cache's tensors, with the static inputs they read."""
 
-    def __init__(self, bundle, tensors: CacheTensors, embed):
+    def __init__(self, model: FastModel, tensors: CacheTensors, embed):
         rows = tensors.k.shape[1]
-        device = bundle.device
-        self.bundle, self.tensors, self.embed = bundle, tensors, embed
+        device = tensors.k.device
+        self.model, self.tensors, self.embed = model, tensors, embed
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.valid = torch.ones((rows, 1), dtype=torch.bool, device=device)
@@ -59,15 +69,19 @@ class GraphSet:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.start.fill_(start)
-        if attend not in self.graphs:
-            self.graphs[attend] = self._capture(attend)
+        self.capture(attend)
         graph, out = self.graphs[attend]
         graph.replay()
         return out.clone()
 
+    def capture(self, attend: int) -> None:
+        """The graph of bucket `attend`, captured now unless it already is."""
+        if attend not in self.graphs:
+            self.graphs[attend] = self._capture(attend)
+
     def _body(self, attend: int) -> torch.Tensor:
         embeds = self.embed(self.tokens).unsqueeze(1)
-        return forward_at(self.bundle.language_model, self.tensors, embeds, self.positions, self.valid, self.start,
+        return forward_at(self.model, self.tensors, embeds, self.positions, self.valid, self.start,
                           attend)[:, -1]
 
     def _capture(self, attend: int):
@@ -96,17 +110,20 @@ class KeptGraphs:
     def __len__(self) -> int:
         return len(self._sets)
 
+    def __iter__(self):
+        return iter(list(self._sets.values()))
+
     def __contains__(self, graph_set) -> bool:
         return any(kept is graph_set for kept in self._sets.values())
 
-    def graph_set(self, bundle, cache: StaticKVCache, embed, kind: str) -> GraphSet:
+    def graph_set(self, model: FastModel, cache: StaticKVCache, embed, kind: str) -> GraphSet:
         tensors = cache.tensors()
         if not cache.arena:
-            return GraphSet(bundle, tensors, embed)
+            return GraphSet(model, tensors, embed)
         key = (kind, tensors.addresses(), attention_backends())
         kept = self._sets.get(key)
         if kept is None:
-            kept = self._sets[key] = GraphSet(bundle, tensors, embed)
+            kept = self._sets[key] = GraphSet(model, tensors, embed)
         self._sets.move_to_end(key)
         while len(self._sets) > KEPT_GRAPH_SETS:
             self._sets.popitem(last=False)

@@ -38,11 +38,13 @@ def prefill_bytes_per_token(lm) -> int:
 class CallShape:
     """What one image takes in a call, in cache columns (the pipeline counts them per mode:
     `pipeline/sequences.py`): its rows in an image call, its rows in a text call, and the tokens of
-    the prefill's output it keeps; `fp8` when image calls keep an fp8 cache."""
+    the prefill's output it keeps; `fp8` when image calls keep an fp8 cache; `image_row`, the
+    columns one CFG row of an image call fills at most (the attention buckets its steps walk)."""
     image_call: int
     text_call: int
     prefill_tokens: int
     fp8: bool = False
+    image_row: int = 0
 
     def arena_columns(self) -> int:
         """Columns per image the model-dtype KV arena holds: text calls, and image calls unless fp8."""

@@ -1,12 +1,25 @@
 """`Engine`: one worker's fast engine, the only owner of its device state.
 
-Built once per worker from (bundle, KV cache kind, deterministic), it fuses the model once, compiles
-the decode step's kernels (`warm_up.py`), and owns the KV arenas its caches borrow (`kv_arena.py`)
-and the CUDA graph sets kept over them (`graphs.py`); nothing else holds either. `reserve` is its
-sizing step: given what one image takes in a call (`memory.CallShape`, which the pipeline counts
-per mode) and the row budget (images per call), the model-dtype arena is allocated once, so later
-calls reuse its addresses and the graphs captured over them. The graphs themselves are captured the
-first time a call lands in a (row count, attention bucket) and replayed after.
+Built once per worker from (bundle, KV cache kind, deterministic). Who owns what:
+
+- the model as the fast forward runs it: one `fused.FastModel` (`model`), built here, holding the
+  language model, its joined projections (on a GPU) and its own registry of compiled kernels, which
+  `warm_up.py` compiles now, not in the first call. Every pass of the engine gets it handed down
+  (fast.py, fast_text.py, graphs.py, sampling, and a controller built with `model=engine.model`);
+  nothing is marked on the model and no registry lives in a module;
+- the KV arenas its caches borrow (`kv_arena.KVArenas`) and the CUDA graph sets kept over them
+  (`graphs.KeptGraphs`); nothing else holds either.
+
+`reserve` is its sizing step: given what one image takes in a call (`memory.CallShape`, which the
+pipeline counts per mode) and the row budget (images per call), the model-dtype arena is allocated
+once, so later calls reuse its addresses and the graphs captured over them, and on a GPU the image
+decode step's graphs for that many images are captured over it at once, one per attention bucket an
+image call of that shape may walk (`graphs.decode_buckets` over the image row's columns): a worker's
+first call replays. Graphs of other row counts (a smaller last part, a redraw of some images) and
+every text call's graphs (a text call's row count is known only when it runs: prompts per call, rows
+that fit, rows dropped when they finish) are captured the first time a step lands in them, and kept.
+Images in an fp8 cache borrow arenas of their own dtypes, which `reserve` does not size: their graphs
+too are captured on first use.
 
 Two calls run: `draw_image_tokens` (`fast.py`, CFG row pairs: `inputs.py`) and `write_texts`
 (`fast_text.py`). As in nano-vllm's split, the pipeline decides what to draw and write and in which
@@ -18,13 +31,14 @@ import torch
 
 from twig_batch.engine.fast import draw_image_tokens_fast
 from twig_batch.engine.fast_text import generate_text_fast
-from twig_batch.engine.fused import fuse_for_device
-from twig_batch.engine.graphs import KeptGraphs
+from twig_batch.engine.fused import FastModel
+from twig_batch.engine.graphs import KeptGraphs, decode_buckets
 from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import TextPrompt
 from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.memory import CallShape, arena_bytes, free_device_bytes
 from twig_batch.engine.repeatable import attention_for
+from twig_batch.engine.static_decoder import StaticKVCache
 from twig_batch.engine.warm_up import warm_up
 
 KV_CACHE_KINDS = ("model", "fp8")
@@ -34,7 +48,9 @@ class Engine:
     """Draws image tokens and writes texts for one bundle on its device."""
 
     def __init__(self, bundle, kv_cache: str = "model", deterministic: bool = False,
-                 use_graphs: bool | None = None) -> None:
+                 use_graphs: bool | None = None, fused: bool | None = None) -> None:
+        """`fused`: joined projections and compiled kernels (True), compiled kernels only (False), or
+        as the device wants (None: `FastModel.for_device`; a CPU runs the model as written)."""
         if kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
         self.bundle, self.kv_cache, self.deterministic = bundle, kv_cache, deterministic
@@ -42,8 +58,9 @@ class Engine:
         self.graphs = KeptGraphs()
         # Before an arena drops its buffer, the graphs over it go (they would write to freed memory).
         self.arenas = KVArenas(bundle.device, on_release=self.graphs.forget)
-        fuse_for_device(bundle.language_model)
-        warm_up(bundle)  # kernels compile now, not during the first call (a no-op off a GPU)
+        lm = bundle.language_model
+        self.model = FastModel.for_device(lm) if fused is None else FastModel.compiled(lm, join=fused)
+        warm_up(bundle, self.model)  # kernels compile now, not during the first call (a no-op off a GPU)
 
     @classmethod
     def for_settings(cls, bundle, settings) -> "Engine":
@@ -54,11 +71,31 @@ class Engine:
         """Free device memory for the next call (its idle arenas included); None off a GPU."""
         return free_device_bytes(self.bundle.device, self.arenas)
 
-    def reserve(self, shape: CallShape, images: int) -> None:
-        """Size the model-dtype KV arena once for calls of `images` images of `shape`: it then never
-        grows, and the graphs kept over it live as long as the worker."""
+    def reserve(self, shape: CallShape, images: int, call_images: int | None = None) -> None:
+        """Size the model-dtype KV arena once for calls of up to `images` images of `shape`: it then
+        never grows, and the graphs kept over it live as long as the worker. With graphs, the image
+        decode step's for calls of `call_images` images (None: `images`) are captured now over that
+        arena, one per bucket `image_buckets` lists; those already captured are kept as they are."""
         wanted = arena_bytes(self.bundle.language_model, shape, images, self.free_bytes())
         self.arenas.for_dtype(self.bundle.dtype).reserve(wanted)
+        if self.use_graphs and not shape.fp8:
+            self._capture_image_steps(shape, images if call_images is None else call_images)
+
+    def image_buckets(self, shape: CallShape, max_len: int) -> list[int]:
+        """The attention buckets an image call of `shape` may walk in a cache `max_len` wide: every
+        bucket up to the image row's columns (its prompt, texts, control slots and image tokens)."""
+        return decode_buckets(0, shape.image_row, max_len)
+
+    @torch.no_grad()
+    def _capture_image_steps(self, shape: CallShape, images: int) -> None:
+        """The graph set a call of `images` images will look up (same arena views, same kernels
+        allowed), with a graph per bucket of `image_buckets`."""
+        with attention_for(self.deterministic), StaticKVCache(self.bundle.language_model, 2 * images, 1,
+                                                              arenas=self.arenas) as cache:
+            graphs = self.graphs.graph_set(self.model, cache, self.bundle.embed_image_codes, "image")
+            if cache.arena:  # else the arena was lent (never at a worker's sizing step): nothing to keep
+                for attend in self.image_buckets(shape, cache.max_len):
+                    graphs.capture(attend)
 
     def release(self) -> None:
         """Every kept graph and idle arena goes (after an out-of-memory error: start from an empty device)."""
@@ -74,7 +111,7 @@ class Engine:
         with attention_for(self.deterministic):
             return draw_image_tokens_fast(self.bundle, cond_rows, seeds, settings, n_tokens, prefix_codes, first_step,
                                           observer, use_graphs=self.use_graphs, fp8=self.kv_cache == "fp8",
-                                          arenas=self.arenas, kept=self.graphs)
+                                          arenas=self.arenas, kept=self.graphs, model=self.model)
 
     @torch.no_grad()
     def write_texts(self, prompts: list[TextPrompt], max_new_tokens: int, temperature: float = 0.0,
@@ -83,4 +120,4 @@ class Engine:
         with attention_for(self.deterministic):
             return generate_text_fast(self.bundle, prompts, max_new_tokens, temperature, stop_id,
                                       use_graphs=self.use_graphs, max_rows=max_rows, arenas=self.arenas,
-                                      kept=self.graphs)
+                                      kept=self.graphs, model=self.model)

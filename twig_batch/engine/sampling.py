@@ -1,9 +1,13 @@
-"""Classifier-free guidance and sampling over logits, batch-invariant by construction."""
+"""Classifier-free guidance and sampling over logits, batch-invariant by construction.
+
+Gumbel-max sampling and entropy run through the `kernels` of the caller's `fused.FastModel` (the
+engine's: compiled on a GPU); without, as written.
+"""
 from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.fused import KERNELS
+from twig_batch.engine.fused import AS_WRITTEN
 from twig_batch.engine.noise import noise_from_keys, row_keys
 from twig_batch.seeds import STREAM_IMAGE
 
@@ -14,11 +18,12 @@ def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor
     return uncond + cfg_weight * (cond - uncond)
 
 
-def draw_image_step(bundle, hidden: torch.Tensor, seeds: torch.Tensor, step: int, settings):
+def draw_image_step(bundle, hidden: torch.Tensor, seeds: torch.Tensor, step: int, settings, kernels=AS_WRITTEN):
     """One image token per image from the last hidden states of its CFG row pairs [2B, D]: the
     guided logits [B, V] and the sampled tokens [B] (noise keyed by each image's seed and `step`)."""
     logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
-    return logits, sample_tokens(logits, seeds, step, settings.temperature, settings.top_k, settings.top_p)
+    return logits, sample_tokens(logits, seeds, step, settings.temperature, settings.top_k, settings.top_p,
+                                 kernels=kernels)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -43,6 +48,7 @@ def sample_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     stream: int = STREAM_IMAGE,
+    kernels=AS_WRITTEN,
 ) -> torch.Tensor:
     """Gumbel-max sampling from softmax(logits / T) with per-row noise; T == 0 means greedy."""
     logits = logits.to(torch.float64)
@@ -50,7 +56,7 @@ def sample_tokens(
         return torch.argmax(logits, dim=-1)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
     keys = row_keys(seeds.to(logits.device), step, stream)
-    return KERNELS.get("gumbel_argmax", _gumbel_argmax, logits.device)(logits, keys)
+    return kernels.get("gumbel_argmax", _gumbel_argmax, logits.device)(logits, keys)
 
 
 def _gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -58,9 +64,9 @@ def _gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits + gumbel, dim=-1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
+def entropy(logits: torch.Tensor, kernels=AS_WRITTEN) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) per row."""
-    return KERNELS.get("entropy", _entropy, logits.device)(logits)
+    return kernels.get("entropy", _entropy, logits.device)(logits)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
 
 
@@ -49,13 +50,14 @@ def sharing_plan(bundle, prompts) -> SharingPlan | None:
                        distinct=len(members), source=[g for _, g in later])
 
 
-def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.Tensor, width: int,
-                   columns: int, arenas=None) -> tuple[StaticKVCache, torch.Tensor, torch.Tensor]:
+def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.Tensor, width: int, columns: int,
+                   arenas=None, model: FastModel | None = None) -> tuple[StaticKVCache, torch.Tensor, torch.Tensor]:
     """Prefill the prompts of `plan.order` (left-padded `embeds` [R, W0, D], `mask` [R, W0], rows in
-    that order). Returns a cache `columns` wide (borrowed from the engine's `arenas` when given)
-    filled to column `width` (>= every prompt's length), the last hidden states [R, D] and each row's
-    next position [R, 1]."""
+    that order) through `model` (the engine's `fused.FastModel`; None: the model as written). Returns a cache `columns` wide (borrowed from the
+    engine's `arenas` when given) filled to column `width` (>= every prompt's length), the last hidden
+    states [R, D] and each row's next position [R, 1]."""
     lm, device = bundle.language_model, embeds.device
+    model = model or FastModel.plain(lm)
     rows, w0, dim = embeds.shape
     prefix, distinct = plan.prefix, plan.distinct
     lengths = mask.sum(1).tolist()
@@ -63,7 +65,7 @@ def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.
     cache = StaticKVCache(lm, rows, columns, arenas=arenas)
     # The distinct prefixes, into cache rows 0..distinct-1.
     firsts = torch.stack([embeds[r, starts[r]:starts[r] + prefix] for r in range(distinct)])
-    forward_static(lm, cache, firsts, torch.arange(prefix, device=device).expand(distinct, prefix),
+    forward_static(model, cache, firsts, torch.arange(prefix, device=device).expand(distinct, prefix),
                    torch.ones((distinct, prefix), dtype=torch.bool, device=device), first_rows=True)
     source = torch.tensor(plan.source, dtype=torch.long, device=device)
     for layer in range(cache.k.shape[0]):  # a layer at a time: the copies stay small
@@ -80,6 +82,6 @@ def prefill_shared(bundle, plan: SharingPlan, embeds: torch.Tensor, mask: torch.
         real[r, tail - n:] = True
     cache.used = prefix
     positions = prefix + (real.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = forward_static(lm, cache, questions, positions, real)[:, -1]
+    hidden = forward_static(model, cache, questions, positions, real)[:, -1]
     return cache, hidden, positions[:, -1:] + 1
 

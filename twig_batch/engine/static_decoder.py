@@ -18,6 +18,7 @@ import torch
 
 from twig_batch.engine.forward import CacheTensors, forward_at
 from twig_batch.engine.fp8_kv import FP8
+from twig_batch.engine.fused import FastModel
 from twig_batch.engine.kv_arena import KVArenas
 
 # Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
@@ -110,10 +111,11 @@ class StaticKVCache:
                             self.v_scale)
 
 
-def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
+def forward_static(model: FastModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
                    valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Run `embeds` [R, T, D] at per-row `positions` [R, T], writing cache columns used..used+T.
+    """Run `embeds` [R, T, D] at per-row `positions` [R, T] through `model` (the engine's
+    `FastModel`, or `FastModel.plain(lm)`), writing cache columns used..used+T.
 
     `valid` [R, T] says which new columns other tokens may attend to (False: padding, or control
     tokens of a row that was not injected). Returns the final-norm hidden states [R, T, D].
@@ -137,15 +139,15 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
     if rows is not None:
         if columns is None:
             raise ValueError("a pass over some rows of the cache writes columns of its own (`columns`)")
-        return forward_at(lm, tensors, embeds, positions, valid, start, attend, columns, row_index=rows)
+        return forward_at(model, tensors, embeds, positions, valid, start, attend, columns, row_index=rows)
     rows = embeds.shape[0]
     if rows != cache.k.shape[1] and not first_rows:
         raise ValueError(f"{rows} rows of input for a cache of {cache.k.shape[1]}")
     chunk = max(1, PREFILL_CHUNK_TOKENS // length)
     if rows <= chunk:  # every decode step, and small prefills: one pass, no copy of the output
-        hidden = forward_at(lm, tensors.rows(0, rows), embeds, positions, valid, start, attend, columns)
+        hidden = forward_at(model, tensors.rows(0, rows), embeds, positions, valid, start, attend, columns)
     else:  # rows never see each other: a prefill in slices of rows bounds its activations
-        hidden = torch.cat([forward_at(lm, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
+        hidden = torch.cat([forward_at(model, tensors.rows(a, min(a + chunk, rows)), embeds[a:a + chunk],
                                        positions[a:a + chunk], valid[a:a + chunk], start, attend,
                                        None if columns is None else columns[a:a + chunk])
                             for a in range(0, rows, chunk)])
@@ -155,4 +157,9 @@ def forward_static(lm, cache: StaticKVCache, embeds: torch.Tensor, positions: to
 
 
 def attend_width(cache: StaticKVCache, end: int) -> int:
-    return min(cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+    """The columns a pass that ends at column `end` reads (its attention bucket)."""
+    return bucket_width(end, cache.max_len)
+
+
+def bucket_width(end: int, max_len: int) -> int:
+    return min(max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)

@@ -22,13 +22,13 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
     from twig_batch.engine.runner import Engine
     from twig_batch.pipeline.staged import generate_staged
 
+    engine = engine or Engine.for_settings(bundle, settings)
     if observer is None and settings.controller is not None:
         from twig_batch.controller import LatentController
         from twig_batch.controller.weights import shared_controller_net
 
         observer = LatentController(bundle, [r.prompt for r in requests], settings.controller,
-                                    weights=shared_controller_net(bundle, settings.controller))
+                                    weights=shared_controller_net(bundle, settings.controller), model=engine.model)
 
-    engine = engine or Engine.for_settings(bundle, settings)
     with attention_for(engine.deterministic):
         return generate_staged(bundle, requests, settings, observer, engine=engine, templates=templates)

@@ -45,8 +45,8 @@ def call_shape(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT
     think = 0
     if settings.controller is not None:  # one row, beside the call
         think = settings.controller.think_tokens + settings.controller.memory_tokens
-    image_call = 2 * (prompt_tokens + condition_text_tokens(settings) + bundle.image_tokens
-                      + control_tokens(settings)) + think
+    image_row = prompt_tokens + condition_text_tokens(settings) + bundle.image_tokens + control_tokens(settings)
+    image_call = 2 * image_row + think
     text_call = 0
     if settings.mode == "twig":
         text_call = 2 * (bundle.understanding_tokens + prompt_tokens + TEMPLATE_TOKENS
@@ -55,7 +55,7 @@ def call_shape(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT
         text_call = settings.bands * (prompt_tokens + TEMPLATE_TOKENS + settings.guidance_max_tokens)
     # Plain mode prefills the prompts only; the staged modes re-prefill drawn bands and read images.
     prefill = 2 * prompt_tokens if settings.mode == "plain" else max(image_call, text_call)
-    return CallShape(image_call, text_call, prefill, fp8=settings.kv_cache == "fp8")
+    return CallShape(image_call, text_call, prefill, fp8=settings.kv_cache == "fp8", image_row=image_row)
 
 
 def bytes_per_image(bundle, settings: GenerationSettings, prompt_tokens: int = PROMPT_TOKENS) -> int:
