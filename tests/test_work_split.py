@@ -29,4 +29,7 @@ def test_gpu_calls_share_the_run_evenly_and_stay_big(items, actors):
 def test_an_explicit_size_and_a_cpu_keep_their_calls():
     assert RunConfig("in.parquet", "out", work_batch_size=48).work_batch(1.0, 10_000, 2) == 48
     assert RunConfig("in.parquet", "out", images_per_call=8).work_batch(1.0, 10_000, 2) == 8
-    assert RunConfig("in.parquet", "out").work_batch(0, 10_000, 2) == 16
+    # On a CPU a call is one small batch, whatever the run: smaller than a GPU's calls, never the run's size.
+    on_cpu = RunConfig("in.parquet", "out").work_batch(0, 10_000, 2)
+    assert on_cpu == RunConfig("in.parquet", "out").work_batch(0, 300, 1)
+    assert 1 <= on_cpu < RunConfig("in.parquet", "out").work_batch(1.0, 10_000, 2)
