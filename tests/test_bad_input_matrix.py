@@ -83,7 +83,7 @@ def folder_of(tmp_path, *tables: dict):
 
 def checkpoint_folder(tmp_path, drop=(), extra=None):
     """A local checkpoint folder with the files a load looks for (their contents are never read here)."""
-    from twig_batch.model.tiny import tiny_config
+    from twig_batch.model.checkpoint import tiny_config
 
     folder = tmp_path / "checkpoint"
     folder.mkdir()

@@ -1,9 +1,10 @@
 """What a model reference names, told from its files alone: no torch, no weights read.
 
-A reference is a built-in tiny model (`BUILTIN_GRIDS`), a random Janus-Pro-sized model
-(`RANDOM_MODELS`), a local folder in transformers' or DeepSeek's layout, or a Hugging Face id. The
-batch driver checks references here before any actor starts, without importing torch; reading a
-local folder's config does import transformers (and torch with it), only then.
+A reference is a built-in tiny model (`BUILTIN_GRIDS`, `tiny_config` its geometry), a random
+Janus-Pro-sized model (`RANDOM_MODELS`), a local folder in transformers' or DeepSeek's layout, or a
+Hugging Face id. The batch driver checks references here before any actor starts, without
+importing torch; reading a config (a tiny model's, a local folder's) imports transformers, and
+torch with it, only then.
 """
 from __future__ import annotations
 
@@ -44,8 +45,6 @@ def check_checkpoint(ref: str):
     the actors then report it) and for the random-* speed models (Janus-Pro's own geometry).
     """
     if ref in BUILTIN_GRIDS:  # built offline on first use: its config is known without building it
-        from twig_batch.model.tiny import tiny_config
-
         return tiny_config(1024, 0, {}, grid=BUILTIN_GRIDS[ref])
     if ref in RANDOM_MODELS:
         return None
@@ -110,3 +109,27 @@ def weight_files(folder: Path) -> list[Path]:
                 return [folder / s for s in shards]
             return [path]
     raise ModelLoadError(f"model folder {folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsample: int = 4, grid: int = 24):
+    """The geometry of the built-in tiny models (`tiny.py` builds and saves them): `grid` image tokens a side."""
+    from transformers import JanusConfig, LlamaConfig
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    levels = {4: [1, 1, 1], 16: [1, 1, 2, 2, 4]}
+    if vq_downsample not in levels:
+        raise ValueError(f"vq_downsample must be 4 or 16, got {vq_downsample}")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    hidden = 64
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, **special)
+    # transformers derives the generation grid from the vision tower: image_size / patch_size tokens per side.
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=4 * grid,
+                               patch_size=4, projection_dim=hidden, num_image_tokens=grid * grid)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=512, base_channels=32, latent_channels=32,
+                          channel_multiplier=levels[vq_downsample], num_res_blocks=1, projection_dim=hidden,
+                          image_token_embed_dim=hidden)
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token_id,
+                       tie_word_embeddings=False)

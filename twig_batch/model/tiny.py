@@ -18,7 +18,7 @@ import torch
 
 from twig_batch.model import bundle as names
 from twig_batch.model.building import build_model, default_cache_dir
-from twig_batch.model.checkpoint import BUILTIN_GRIDS
+from twig_batch.model.checkpoint import BUILTIN_GRIDS, tiny_config
 from twig_batch.model.bundle import SpecialTokens
 from twig_batch.model.deepseek_layout import deepseek_config_from_janus, hf_state_to_deepseek
 
@@ -52,29 +52,6 @@ def train_tiny_tokenizer(vocab_size: int = 1024):
         tokenizer_object=tok, bos_token=names.BOS, eos_token=names.EOS, pad_token=names.PAD,
         extra_special_tokens={"image_token": names.IMAGE, "boi_token": names.BOI, "eoi_token": names.EOI},
     )
-
-
-def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsample: int = 4, grid: int = 24):
-    from transformers import JanusConfig, LlamaConfig
-    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
-
-    levels = {4: [1, 1, 1], 16: [1, 1, 2, 2, 4]}
-    if vq_downsample not in levels:
-        raise ValueError(f"vq_downsample must be 4 or 16, got {vq_downsample}")
-    if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
-    hidden = 64
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
-                       rms_norm_eps=1e-6, **special)
-    # transformers derives the generation grid from the vision tower: image_size / patch_size tokens per side.
-    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=4 * grid,
-                               patch_size=4, projection_dim=hidden, num_image_tokens=grid * grid)
-    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=512, base_channels=32, latent_channels=32,
-                          channel_multiplier=levels[vq_downsample], num_res_blocks=1, projection_dim=hidden,
-                          image_token_embed_dim=hidden)
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token_id,
-                       tie_word_embeddings=False)
 
 
 def make_tiny_model(folder: str | Path, layout: str = "hf", seed: int = 0, vq_downsample: int = 4,
