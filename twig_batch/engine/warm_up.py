@@ -3,12 +3,9 @@
 On a GPU the element-wise helpers of the engine's `fused.FastModel` are compiled on first use (its
 `kernels`, which it owns), once per shape class: a prefill and a one-token step, one row and several
 (a compiler specialises sizes 0 and 1). The engine (`runner.py`) calls `warm_up` once, with its
-model, when it is built: throw-away passes over a small cache of its own go through the classes of
-several rows, so their compilation is part of the worker's start (and said with it), and its first
-batch draws at once. A single row is left to its first use: an image call always has two (the CFG
-pair), only a text call down to its last row has one, and compiling those classes at every start
-would double its compilation (18 graphs instead of 9, ~5 s from the disk cache and ~20 s without
-it on an H200) for a class most runs meet once or never. The compiler keeps what it built on disk (PyTorch's cache folder), so a second
+model, when it is built: a few throw-away passes over a small cache of its own go through each
+class, so the compilation is part of the worker's start (and said with it), and its first batch
+draws at once. The compiler keeps what it built on disk (PyTorch's cache folder), so a second
 worker on the same machine, or the next run, loads it instead of compiling again. The CUDA graphs
 are not captured here but at the engine's sizing step (`Engine.reserve`), once the call size is known.
 """
@@ -29,7 +26,7 @@ def warm_up(bundle, model: FastModel) -> None:
         return
     lm = model.lm
     dim = lm.config.hidden_size
-    for rows in (2,):
+    for rows in (1, 2):
         embeds = torch.zeros(rows, WARM_PROMPT_TOKENS, dim, dtype=bundle.dtype, device=bundle.device)
         positions = torch.arange(WARM_PROMPT_TOKENS, device=bundle.device).expand(rows, -1)
         valid = torch.ones(rows, WARM_PROMPT_TOKENS, dtype=torch.bool, device=bundle.device)
