@@ -272,15 +272,23 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
                "--mode", mode, "--controller" if controller else "--no-controller"]
     if actors:
         command += ["--actors", str(actors)]
+    log.write(f"$ {' '.join(command)}\n")
     start = time.monotonic()
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Each output line is logged with the seconds since the command started: where a run's start goes.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append((round(time.monotonic() - start, 2), line.rstrip()))
+        log.write(f"{lines[-1][0]:8.2f} {lines[-1][1]}\n")
+    exit_code = process.wait()
     wall = time.monotonic() - start
-    log.write(f"$ {' '.join(command)}\n{done.stdout}\n")
+    log.write("\n")
     log.flush()
-    record = {"exit_code": done.returncode, "wall_s": round(wall, 2),
-              "last_line": (done.stdout.strip().splitlines() or [""])[-1]}
+    record = {"exit_code": exit_code, "wall_s": round(wall, 2), "last_line": lines[-1][1] if lines else "",
+              # the driver's own start (imports, joining the cluster, reading the input) before its first line
+              "first_line_after_s": lines[0][0] if lines else None}
     storage = open_storage(str(dest))
-    if done.returncode != 0 or not storage.exists("_COMPLETE.json"):
+    if exit_code != 0 or not storage.exists("_COMPLETE.json"):
         return record
     summary = json.loads(storage.get("_COMPLETE.json"))
     attempt = json.loads(storage.get("run.json"))["attempts"][-1]

@@ -3,8 +3,9 @@
 # --input`: every run must finish with all images ok and no part failure or split in run.json.
 # Run it on a GPU machine before resolving any change to the engine, the pipeline or the actor.
 #
-# Usage: bash benchmarks/gpu_checks.sh OUTDIR [MODEL] [IMAGES] [MODES]
-#   (default random-7b, 64 images, modes "plain twig seed", each without and with the controller)
+# Usage: bash benchmarks/gpu_checks.sh OUTDIR [MODEL] [IMAGES] [MODES] [RUN OPTIONS]
+#   (default random-7b, 64 images, modes "plain twig seed", each without and with the controller;
+#   RUN OPTIONS go to every `twig-batch run`, e.g. "--actors 1" beside another job on the same cluster)
 # Writes OUTDIR/gpu_checks.txt (the log) and OUTDIR/gpu_checks.json (one record per run).
 # Joins the Ray cluster `ray start` left on this machine, if any (as a workstation user would).
 set -uo pipefail
@@ -12,6 +13,7 @@ out="${1:?usage: gpu_checks.sh OUTDIR [MODEL] [IMAGES]}"
 model="${2:-random-7b}"
 images="${3:-64}"
 modes="${4:-plain twig seed}"
+read -r -a run_options <<< "${5:-}"
 here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -27,7 +29,7 @@ for mode in $modes; do
     echo "== $mode $controller" | tee -a "$log"
     start=$(date +%s.%N)
     python3 -m twig_batch.cli run "$work/prompts.parquet" --output "$dest" --model "$model" --mode "$mode" \
-      "$controller" 2>&1 | grep -v -E "^\s*$" | tee -a "$log"
+      "$controller" "${run_options[@]}" 2>&1 | grep -v -E "^\s*$" | tee -a "$log"
     rc=${PIPESTATUS[0]}
     wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
     python3 -m twig_batch.cli verify "$dest" --input "$work/prompts.parquet" 2>&1 | tee -a "$log"
