@@ -307,6 +307,9 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
         part_images=sorted({a.get("part_images") for a in stats if a.get("part_images")}),
         busy_share=round(sum(a.get("busy_s", 0) for a in stats) / wall / max(len(stats), 1), 3),
         part_event_counts=attempt.get("part_event_counts", {}))
+    finished = [a["last_part_at"] for a in stats if "last_part_at" in a]
+    if len(finished) > 1:  # how long the first actor to finish waited for the last: the run's tail
+        record["finish_spread_s"] = round(max(finished) - min(finished), 2)
     if record["steady_img_s"] and record["engine_img_s"]:
         record["ratio"] = round(record["steady_img_s"] / record["engine_img_s"], 3)
     return record

@@ -7,7 +7,8 @@ Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,tw
 Each run is job_speed.py's CLI run (`bench_common.run_cli`: default settings but the mode,
 `--controller` and `--actors N`) on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
 steady images/s, the slowest actor's start, each actor's busy share (its own timing of model calls
-over the run's wall time), and the efficiency against one GPU in the same invocation:
+over the run's wall time), the finish spread (how long the first actor to finish its last part waited
+for the last one: the run's tail), and the efficiency against one GPU in the same invocation:
 images/s on N GPUs / (N x images/s on 1); `--gpus 2` alone compares with the latest one-GPU record of
 the same run already in DIR/scaling.json. Writes DIR/scaling.json (a list of records) and
 DIR/scaling.md. `--output-root` puts the runs' outputs there instead of a temporary folder (an
@@ -44,13 +45,13 @@ def earlier_one_gpu(records: list[dict], run: str, images: int, model: str, leng
 
 def table(records: list[dict]) -> str:
     lines = ["| GPUs | run | lengths | images | ok | wall s | total img/s | steady img/s | efficiency total | "
-             "efficiency steady | actor start s | GPU busy |", "| --- " * 12 + "|"]
+             "efficiency steady | actor start s | GPU busy | finish spread s |", "| --- " * 13 + "|"]
     for r in records:
         def f(key, digits=2):
             return number(r, key, digits)
         lines.append(f"| {r['gpus']} | {r['run']} | {r.get('lengths', 'limit')} | {r['images']} | {r.get('ok', 'failed')} | {f('wall_s', 1)} | "
                      f"{f('total_img_s')} | {f('steady_img_s')} | {f('efficiency_total')} | "
-                     f"{f('efficiency_steady')} | {f('startup_s', 1)} | {f('busy_share')} |")
+                     f"{f('efficiency_steady')} | {f('startup_s', 1)} | {f('busy_share')} | {f('finish_spread_s', 1)} |")
     return "\n".join(lines)
 
 
