@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twig_batch.engine.fused import FastModel
+from twig_batch.engine.fused import FastModel, Kernels
 from twig_batch.engine.runner import Engine
 from twig_batch.reference.image_tokens import reference_image_tokens
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
@@ -55,3 +55,19 @@ def test_fused_engine_stays_token_exact_to_the_reference(fused64, tiny64):
     fast = fused64.draw_image_tokens(rows, [5, 6], settings, 96)
     for b in range(2):
         assert torch.equal(fast[b], reference_image_tokens(tiny64, rows[b], 5 + b, settings, 96))
+
+
+def test_a_kernel_that_cannot_be_compiled_runs_as_written_and_is_listed(monkeypatch):
+    def no_compiler(fn, **options):
+        def compiled(*args):
+            raise TypeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(Kernels, "compiles_on", lambda self, device: True)  # as on a GPU
+    kernels, x = Kernels(), torch.arange(3.0)
+    with pytest.warns(UserWarning, match="running double uncompiled"):
+        assert torch.equal(kernels.get("double", lambda t: 2 * t, x.device)(x), 2 * x)
+    assert torch.equal(kernels.get("double", lambda t: 2 * t, x.device)(x), 2 * x)  # no second try
+    assert kernels.uncompiled == [{"name": "double", "error": "TypeError: no compiler here"}]

@@ -161,3 +161,20 @@ def test_rows_reach_the_driver_part_by_part_not_batch_by_batch(cluster, tmp_path
     assert actor["parts"] == 4
     # One batch of 32 in four parts: each part's rows reach the driver as that part ends, a second apart.
     assert actor["last_part_at"] - actor["first_part_at"] >= 3 * 1.0 * 0.8
+
+
+def test_kernels_that_cannot_be_compiled_are_said_once_and_recorded(cluster, tmp_path):
+    prompts = write_work(tmp_path / "p.parquet", 4)
+    result = runner.invoke(app, ["run", str(prompts), "--output", str(tmp_path / "out"), "--model", "tiny-micro",
+                                 "--actors", 1, "--images-per-call", 2,
+                                 "--faults", json.dumps({"kernels_fail_to_compile": True})])
+    assert result.exit_code == 0, result.output  # slower, not failed
+    said = [line for line in result.output.splitlines() if "uncompiled (slower)" in line]
+    assert len(said) == 1, result.output
+    assert "gumbel_argmax: RuntimeError: injected: no compiler on this platform" in said[0]
+
+    attempt = json.loads((tmp_path / "out" / "run.json").read_text())["attempts"][-1]
+    (actor,) = attempt["actor_stats"].values()
+    assert {"name": "gumbel_argmax", "error": "RuntimeError: injected: no compiler on this platform"} \
+        in actor["uncompiled_kernels"]
+    assert actor["startup_s"] > 0 and actor["images"] == 4

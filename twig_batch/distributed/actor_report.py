@@ -1,5 +1,5 @@
-"""What an actor tells the driver besides its rows: when it was ready, its part size, and every
-part that ran out of memory or failed.
+"""What an actor tells the driver besides its rows: when it was ready, its part size, the kernels
+it runs uncompiled, and every part that ran out of memory or failed.
 
 The events ride in one extra text column of the actor's output (`actor_events`, JSON on the first
 row of a table, null elsewhere), so they arrive in order with the rows and need no other channel.
@@ -45,6 +45,10 @@ def describe_event(event: dict) -> str:
         origin = (f"at most {event.get('most', event['images'])} fit its free memory" if event.get("from_free_memory")
                   else f"at most {event.get('most', event['images'])} as set")
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"
+    if kind == "uncompiled_kernels":
+        kernels = event["kernels"]
+        return (f"actor {actor} runs {len(kernels)} kernel(s) uncompiled (slower): "
+                + "; ".join(f"{k['name']}: {k['error']}" for k in kernels))
     if kind == "out_of_memory":
         into = " + ".join(str(n) for n in event.get("into", []))
         return (f"actor {actor}: out of memory drawing a part of {event['part_images']} image(s) "

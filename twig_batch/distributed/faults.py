@@ -24,6 +24,9 @@ arguments and is recorded in run.json, so a run that was made to fail says so.
 - `part_delay_s`: each model call sleeps this long first: slow parts, to watch rows arrive part by part.
 - `fail_prompts_containing=text`: a model call that holds a prompt containing `text` raises an
   error, as a row that breaks the generation would.
+- `kernels_fail_to_compile=true`: every helper kernel of the actor's engine fails to compile at its
+  first use (on a CPU too, where none is otherwise compiled), as on a platform without a compiler:
+  the helpers run as written, and the actor says which.
 
 `state_dir` is a folder on the actors' local filesystem (shared by every actor of a one-machine
 cluster); each kill, injected storage failure and delayed batch leaves a small file there, which is
@@ -62,6 +65,7 @@ class FaultPlan:
     oom_above_images: int | None = None
     part_delay_s: float = 0.0
     fail_prompts_containing: str | None = None
+    kernels_fail_to_compile: bool = False
     seed: int = 0
     state_dir: str | None = None
 
@@ -90,6 +94,9 @@ class FaultPlan:
                                                          or not self.fail_prompts_containing):
             raise InputError(f"faults: fail_prompts_containing must be non-empty text, got "
                              f"{self.fail_prompts_containing!r}")
+        if not isinstance(self.kernels_fail_to_compile, bool):
+            raise InputError(f"faults: kernels_fail_to_compile must be true or false, got "
+                             f"{self.kernels_fail_to_compile!r}")
         if not _whole(self.seed, None):
             raise InputError(f"faults: seed must be a whole number, got {self.seed!r}")
         if self.state_dir is not None:
@@ -102,7 +109,8 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         return (self.kill_worker_after_rows is not None and self.max_kills > 0) or self.storage_failure_rate > 0 \
-            or self.actor_delay_s > 0 or self.part_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None
+            or self.actor_delay_s > 0 or self.part_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None \
+            or self.kernels_fail_to_compile
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +217,11 @@ class ActorFaults:
         if storage is not None and plan.storage_failure_rate > 0:
             install_storage_faults(storage, plan, random.Random(f"{plan.seed}:storage:{self.start}"), self.state)
 
+    def on_engine(self, engine) -> None:
+        """Called once the actor's engine is built: maybe make its kernels fail to compile."""
+        if self.plan.kernels_fail_to_compile:
+            engine.model.kernels = _kernels_that_fail_to_compile()
+
     def before_batch(self, rows: int) -> None:
         self.rows_in_batch, self.batch_rows = 0, rows
         if self.delayed:
@@ -241,6 +254,22 @@ class ActorFaults:
                   "batch_rows": self.batch_rows, "at": time.time()}
         if _claim_next(self.state / KILLS_DIR, record, limit=self.plan.max_kills) is not None:
             os._exit(KILL_EXIT_CODE)  # no clean-up, no flush: as abrupt as a lost machine
+
+
+def _kernels_that_fail_to_compile():
+    from twig_batch.engine.fused import Kernels
+
+    class Uncompilable(Kernels):
+        def compiles_on(self, device) -> bool:
+            return True
+
+        def _compile(self, fn):
+            def compiled(*args):
+                raise RuntimeError("injected: no compiler on this platform")
+
+            return compiled
+
+    return Uncompilable()
 
 
 # ---- storage failures ----

@@ -16,7 +16,7 @@ A row that cannot be drawn (null, empty, too long or control characters in its p
 seed, a generation error) comes back with status `error` and the reason; the rest of its batch
 still goes through. How failing parts are split and isolated is `parts.py`'s; with
 `report_events=True` (the batch driver) every batch also carries the actor's startup and part
-events for the driver to show and record (`actor_report.py`).
+events, and the kernels it runs uncompiled, for the driver to show and record (`actor_report.py`).
 
 The actor owns one `Engine` (`engine/runner.py`), built in `__init__` (kernels compiled there). Its
 sizing step (`Engine.reserve`: the KV arena, and the CUDA graphs of the image decode step) runs on
@@ -108,6 +108,9 @@ class ImageGenerator:
             from twig_batch.distributed.faults import ActorFaults, FaultPlan
 
             self.faults = ActorFaults(FaultPlan.from_dict(faults), self.storage)
+            self.faults.on_engine(self.engine)
+        self._uncompiled_said = 0
+        self._say_uncompiled()
 
     def __call__(self, batch):
         """Manifest rows for the work items of `batch`, one table per part as it is finished."""
@@ -194,6 +197,7 @@ class ImageGenerator:
         drawn = self._parts.run(part)
         for event in self._parts.events[known:]:
             self._event({**event.record(), "actor": self.name})
+        self._say_uncompiled()
         self._event({"kind": "part", "actor": self.name, "images": len(part),
                      "draw_s": round(time.perf_counter() - start, 3)})
         return drawn
@@ -241,6 +245,14 @@ class ImageGenerator:
                 self._events.append(event)
         elif event["kind"] not in ("startup", "part_size", "part"):
             print(f"twig-batch actor: {describe_event(event)}", file=sys.stderr, flush=True)
+
+    def _say_uncompiled(self) -> None:
+        """The engine's kernels that run as written because they could not be compiled (slower, same
+        images): said when the list grows (compiles happen at the start, or at a shape's first use)."""
+        uncompiled = list(self.engine.model.kernels.uncompiled)
+        if len(uncompiled) > self._uncompiled_said:
+            self._uncompiled_said = len(uncompiled)
+            self._event({"kind": "uncompiled_kernels", "actor": self.name, "kernels": uncompiled})
 
     def _end_process(self, exc: BaseException) -> None:
         print(f"twig-batch actor: the device is unusable after {describe(exc)}; ending this actor so that Ray "

@@ -1,9 +1,9 @@
 """The driver's side of the actors' events: each said once in its output and kept in run.json.
 
-Startups and part sizes are said once per actor. An out-of-memory split or a failed part is said
-the first time it happens with a given error; repeats are counted. All of it lands in the current
-attempt's record in run.json (`actor_stats`, `part_events`) as soon as it arrives, so a run that is
-killed later still says what happened.
+Startups, part sizes and the kernels an actor runs uncompiled are said once per actor. An
+out-of-memory split or a failed part is said the first time it happens with a given error; repeats
+are counted. All of it lands in the current attempt's record in run.json (`actor_stats`,
+`part_events`) as soon as it arrives, so a run that is killed later still says what happened.
 """
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ class RunEvents:
             if kind == "startup":
                 record.update(device=event.get("device"), model_load_s=event.get("model_load_s"),
                               warm_up_s=event.get("warm_up_s"))
+            self.echo(describe_event(event))
+            return True
+        if kind == "uncompiled_kernels":  # a compile fallback: slower, the same images
+            record = self.attempt["actor_stats"].setdefault(actor, {})
+            if record.get("uncompiled_kernels") == event["kernels"]:
+                return False
+            record["uncompiled_kernels"] = event["kernels"]
             self.echo(describe_event(event))
             return True
         counts = self.attempt["part_event_counts"]

@@ -34,13 +34,15 @@ class JoinedProjections:
 
 class Kernels:
     """One model's element-wise helpers, compiled on first use on a GPU (dynamic shapes: one compile
-    serves every batch); off a GPU each helper runs as written."""
+    serves every batch); off a GPU each helper runs as written. A helper the platform cannot compile
+    runs as written too, and is listed in `uncompiled` (its name and the error), for the worker to say."""
 
     def __init__(self):
         self._compiled: dict[str, object] = {}
+        self.uncompiled: list[dict] = []
 
     def get(self, name: str, fn, device: torch.device):
-        if device.type != "cuda":
+        if not self.compiles_on(device):
             return fn
         if name not in self._compiled:
             self._compiled[name] = self._first_call_may_fall_back(name, fn)
@@ -48,7 +50,7 @@ class Kernels:
 
     def _first_call_may_fall_back(self, name: str, fn):
         """Compilation happens on the first call; if the platform cannot compile, run as written."""
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = self._compile(fn)
 
         def first_call(*args):
             try:
@@ -56,15 +58,30 @@ class Kernels:
                 self._compiled[name] = compiled
             except Exception as exc:  # noqa: BLE001 (no compiler, an unsupported op: same math, slower)
                 warnings.warn(f"running {name} uncompiled: {type(exc).__name__}: {exc}", stacklevel=2)
+                self.uncompiled.append({"name": name, "error": f"{type(exc).__name__}: {_first_line(exc)}"})
                 self._compiled[name] = fn
                 out = fn(*args)
             return out
 
         return first_call
 
+    def compiles_on(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _compile(self, fn):
+        return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _first_line(exc: Exception, most: int = 200) -> str:
+    """A compiler's errors run to pages: the first line says which."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:most] if lines else ""
+
 
 class _AsWritten:
     """The helpers as written, never compiled (a model without an engine)."""
+
+    uncompiled = ()  # nothing was meant to be compiled
 
     def get(self, name: str, fn, device: torch.device):
         return fn
