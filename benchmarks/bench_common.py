@@ -10,8 +10,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from twig_batch.settings import GenerationSettings
 
 
 # ---- prompts ----
+
+STOP_GRACE_S = 60  # a stopped run records what it drew and stops its actors within this
 
 SUBJECTS = ["a red fox", "an old lighthouse", "a bowl of ramen", "a vintage bicycle", "two children flying a kite",
             "a glass teapot", "a snow leopard", "a paper boat", "a robot gardener", "a stack of books"]
@@ -259,9 +263,9 @@ LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
 
 
 def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: bool, lengths: str, log,
-            actors: int | None = None) -> dict:
+            actors: int | None = None, time_limit_s: float | None = None) -> dict:
     """One `twig-batch run` into `dest` (a folder or an s3:// URI, read back through the run's own
-    storage layer) and its record."""
+    storage layer) and its record; a run past `time_limit_s` is stopped and recorded as cut."""
     from twig_batch.io.storage import open_storage
 
     env = dict(os.environ)
@@ -274,17 +278,30 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
         command += ["--actors", str(actors)]
     log.write(f"$ {' '.join(command)}\n")
     start = time.monotonic()
-    # Each output line is logged with the seconds since the command started: where a run's start goes.
+    # Each output line is logged at once, with the seconds since the command started: where a run's start
+    # goes, and what a run cut short had done.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Past its time limit the run gets a Ctrl-C, as a user would give it: it records what it drew and
+    # its actors stop, instead of running on beside the next run.
+    limit = threading.Timer(time_limit_s, process.send_signal, [signal.SIGINT]) if time_limit_s else None
+    if limit is not None:
+        limit.start()
     lines = []
-    for line in process.stdout:
-        lines.append((round(time.monotonic() - start, 2), line.rstrip()))
-        log.write(f"{lines[-1][0]:8.2f} {lines[-1][1]}\n")
-    exit_code = process.wait()
+    try:
+        for line in process.stdout:
+            lines.append((round(time.monotonic() - start, 2), line.rstrip()))
+            log.write(f"{lines[-1][0]:8.2f} {lines[-1][1]}\n")
+            log.flush()
+        exit_code = process.wait()
+    finally:
+        if limit is not None:
+            limit.cancel()
+        _stop(process)
     wall = time.monotonic() - start
     log.write("\n")
     log.flush()
     record = {"exit_code": exit_code, "wall_s": round(wall, 2), "last_line": lines[-1][1] if lines else "",
+              "cut": bool(time_limit_s) and wall >= time_limit_s,
               # the driver's own start (imports, joining the cluster, reading the input) before its first line
               "first_line_after_s": lines[0][0] if lines else None}
     storage = open_storage(str(dest))
@@ -313,6 +330,24 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
     if record["steady_img_s"] and record["engine_img_s"]:
         record["ratio"] = round(record["steady_img_s"] / record["engine_img_s"], 3)
     return record
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """A run still going when its caller stops (an exception, SIGTERM): Ctrl-C, then kill after a grace."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def end_runs_on_sigterm() -> None:
+    """`timeout` and job schedulers stop a benchmark with SIGTERM: raise in the main thread instead of
+    dying at once, so that the run it started is stopped too and the records so far stay written."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def add_record(records: list[dict], record: dict, out: Path, name: str, table) -> None:

@@ -29,7 +29,7 @@ for mode in $modes; do
     echo "== $mode $controller" | tee -a "$log"
     start=$(date +%s.%N)
     python3 -m twig_batch.cli run "$work/prompts.parquet" --output "$dest" --model "$model" --mode "$mode" \
-      "$controller" "${run_options[@]}" 2>&1 | grep -v -E "^\s*$" | tee -a "$log"
+      "$controller" "${run_options[@]}" 2>&1 | grep --line-buffered -v -E "^\s*$" | tee -a "$log"
     rc=${PIPESTATUS[0]}
     wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
     python3 -m twig_batch.cli verify "$dest" --input "$work/prompts.parquet" 2>&1 | tee -a "$log"

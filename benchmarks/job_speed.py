@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import LENGTHS_VAR, add_record, number, run_cli
+from bench_common import LENGTHS_VAR, add_record, end_runs_on_sigterm, number, run_cli
 from bench_common import write as write_prompts
 
 HERE = Path(__file__).resolve().parent  # a child process started with `python -c` finds bench_common here
@@ -122,7 +122,10 @@ def main() -> None:
     parser.add_argument("--engine-process", action="store_true")
     parser.add_argument("--native-images", type=int, default=128)
     parser.add_argument("--actors", type=int, default=None)
+    parser.add_argument("--run-time-limit-s", type=float, default=None,
+                        help="stop a run past this many seconds (Ctrl-C) and record it as cut")
     args = parser.parse_args()
+    end_runs_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "job_speed.json"
     records = json.loads(results.read_text()) if results.exists() else []  # several invocations add up
@@ -137,7 +140,8 @@ def main() -> None:
                     dest = work / f"{mode}-{controller}-{lengths}"
                     record = {"mode": mode, "controller": controller, "lengths": lengths, "images": args.images,
                               "model": args.model, "date": time.strftime("%Y-%m-%d")}
-                    record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log, args.actors))
+                    record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log, args.actors,
+                                          time_limit_s=args.run_time_limit_s))
                     if args.engine_process and record.get("part_images"):
                         record["engine_process_img_s"] = engine_process(args.model, mode, controller, lengths,
                                                                         record["part_images"][0])

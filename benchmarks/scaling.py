@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/scaling.py --out DIR [--gpus 1,2] [--runs plain:4096,twig+controller:1024]
                                     [--model random-7b] [--lengths limit|realistic]
-                                    [--output-root s3://bucket/prefix]
+                                    [--output-root s3://bucket/prefix] [--run-time-limit-s S]
 
 Each run is job_speed.py's CLI run (`bench_common.run_cli`: default settings but the mode,
 `--controller` and `--actors N`) on a fresh output folder, joining the cluster `ray start` left on this machine. Per run: total and
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import add_record, number, run_cli
+from bench_common import add_record, end_runs_on_sigterm, number, run_cli
 from bench_common import write as write_prompts
 
 
@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--model", default="random-7b")
     parser.add_argument("--lengths", default="limit", choices=["limit", "realistic"])
     parser.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
+    parser.add_argument("--run-time-limit-s", type=float, default=None,
+                        help="stop a run past this many seconds (Ctrl-C) and record it as cut")
     args = parser.parse_args()
+    end_runs_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "scaling.json"
     records = json.loads(results.read_text()) if results.exists() else []
@@ -81,7 +84,8 @@ def main() -> None:
                 dest = f"{args.output_root.rstrip('/')}/{name}-{gpus}" if args.output_root else work / f"{name}-{gpus}"
                 if args.output_root:
                     record["output"] = dest
-                record.update(run_cli(prompts, dest, args.model, mode, controller, args.lengths, log, actors=gpus))
+                record.update(run_cli(prompts, dest, args.model, mode, controller, args.lengths, log, actors=gpus,
+                                      time_limit_s=args.run_time_limit_s))
                 if gpus == 1:
                     one_gpu = record
                 record["efficiency_total"] = efficiency(record, one_gpu, "total_img_s")
