@@ -74,6 +74,21 @@ def test_a_straggling_actor_set_from_the_environment(cluster, tmp_path, monkeypa
     assert info["attempts"][0]["faults"]["actor_delay_s"] == 1.0
 
 
+def test_work_waits_for_a_free_actor_instead_of_queuing_behind_a_busy_one(cluster, tmp_path):
+    # Two calls of 8 images, two actors. The first actor to start is ready a few seconds before the other,
+    # and each of its calls takes 30 s. The second call must go to the late actor once it is ready, not
+    # wait on the busy first actor (which would leave the late actor, a GPU, idle with work waiting).
+    prompts = write_prompts(tmp_path / "p.parquet", 16)
+    state, dest = tmp_path / "state", tmp_path / "out"
+    plan = json.dumps({"start_delay_s": 5, "actor_delay_s": 30, "delayed_actors": 1, "state_dir": str(state)})
+    result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 2, "--images-per-call", 8,
+                 "--faults", plan)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((dest / "run.json").read_text())["attempts"][0]["actor_stats"]
+    assert sorted(actor["images"] for actor in stats.values()) == [8, 8], stats
+    assert len(faults.markers(state, faults.DELAYS_DIR)) == 1  # the slow actor drew one call only
+
+
 def test_actors_that_keep_dying_end_the_run_with_a_clear_error_then_resume_finishes(cluster, tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", 64)
     state, dest = tmp_path / "state", tmp_path / "out"

@@ -303,7 +303,11 @@ def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri:
                                "report_events": True, "storage_retry_s": config.storage_retry_s,
                                "retry_board": retry_board},
         batch_size=per_call, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        # One call per actor at a time: a call waits for an actor that is free. Ray Data's default of two
+        # hands the first actor to be ready a second call to hold while the others are still loading, and at
+        # the end leaves a call queued on a busy actor while another sits idle. Taking the next call costs
+        # an actor a few milliseconds; calls last tens of seconds on a GPU.
+        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=1),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
         # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch
         # is safe to redo (its objects are rewritten identically, its rows were never returned), but a

@@ -19,6 +19,8 @@ arguments and is recorded in run.json, so a run that was made to fail says so.
   transient OSError before touching the disk.
 - `actor_delay_s`: each batch sleeps this long first (only in the first `delayed_actors` actors to
   start, when that is set): a straggler.
+- `start_delay_s`: every actor but the first to start waits this long at the end of its start: actors
+  that join late, as on a busy cluster (needs `state_dir`, where starts are counted).
 - `oom_above_images=n`: a model call of more than n images raises an out-of-memory error before
   drawing, as a GPU would with too large a part.
 - `part_delay_s`: each model call sleeps this long first: slow parts, to watch rows arrive part by part.
@@ -62,6 +64,7 @@ class FaultPlan:
     storage_failure_kind: str = "503"
     actor_delay_s: float = 0.0
     delayed_actors: int | None = None  # None: every actor is delayed
+    start_delay_s: float = 0.0
     oom_above_images: int | None = None
     part_delay_s: float = 0.0
     fail_prompts_containing: str | None = None
@@ -86,6 +89,8 @@ class FaultPlan:
             raise InputError(f"faults: actor_delay_s must be a number >= 0, got {self.actor_delay_s!r}")
         if self.delayed_actors is not None and not _whole(self.delayed_actors, 1):
             raise InputError(f"faults: delayed_actors must be a whole number >= 1, got {self.delayed_actors!r}")
+        if not _number(self.start_delay_s) or self.start_delay_s < 0:
+            raise InputError(f"faults: start_delay_s must be a number >= 0, got {self.start_delay_s!r}")
         if not _number(self.part_delay_s) or self.part_delay_s < 0:
             raise InputError(f"faults: part_delay_s must be a number >= 0, got {self.part_delay_s!r}")
         if self.oom_above_images is not None and not _whole(self.oom_above_images, 1):
@@ -102,14 +107,14 @@ class FaultPlan:
         if self.state_dir is not None:
             # Absolute, so that actors (whose working folder is Ray's) find the same folder.
             self.state_dir = str(Path(self.state_dir).expanduser().resolve())
-        elif self.kill_worker_after_rows is not None or self.delayed_actors is not None:
-            raise InputError("faults: state_dir is required with kill_worker_after_rows or delayed_actors "
-                             "(kills and actor starts are counted there, across restarts)")
+        elif self.kill_worker_after_rows is not None or self.delayed_actors is not None or self.start_delay_s > 0:
+            raise InputError("faults: state_dir is required with kill_worker_after_rows, delayed_actors or "
+                             "start_delay_s (kills and actor starts are counted there, across restarts)")
 
     @property
     def active(self) -> bool:
         return (self.kill_worker_after_rows is not None and self.max_kills > 0) or self.storage_failure_rate > 0 \
-            or self.actor_delay_s > 0 or self.part_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None \
+            or self.actor_delay_s > 0 or self.start_delay_s > 0 or self.part_delay_s > 0 or self.oom_above_images is not None or self.fail_prompts_containing is not None \
             or self.kernels_fail_to_compile
 
     def to_dict(self) -> dict:
@@ -216,6 +221,8 @@ class ActorFaults:
         self.delayed = plan.actor_delay_s > 0 and (plan.delayed_actors is None or self.start < plan.delayed_actors)
         if storage is not None and plan.storage_failure_rate > 0:
             install_storage_faults(storage, plan, random.Random(f"{plan.seed}:storage:{self.start}"), self.state)
+        if plan.start_delay_s > 0 and self.start >= 1:
+            time.sleep(plan.start_delay_s)  # a late joiner: the first actor to start is ready well before it
 
     def on_engine(self, engine) -> None:
         """Called once the actor's engine is built: maybe make its kernels fail to compile."""
