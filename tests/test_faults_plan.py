@@ -37,6 +37,8 @@ def test_plan_round_trips_and_is_off_by_default(tmp_path):
     ({"storage_failure_rate": float("nan")}, "storage_failure_rate"),
     ({"storage_failure_kind": "404"}, "storage_failure_kind must be one of 503, throttle, reset"),
     ({"actor_delay_s": -0.1}, "actor_delay_s"),
+    ({"start_delay_s": -1, "state_dir": "/tmp/x"}, "start_delay_s"),
+    ({"start_delay_s": 2}, "state_dir is required"),
     ({"seed": True}, "seed"),
     ({"kill_after": 3}, "unknown setting(s) kill_after"),
 ])
