@@ -27,8 +27,6 @@ from twig_batch.settings import GenerationSettings
 
 # ---- prompts ----
 
-STOP_GRACE_S = 60  # a stopped run records what it drew and stops its actors within this
-
 SUBJECTS = ["a red fox", "an old lighthouse", "a bowl of ramen", "a vintage bicycle", "two children flying a kite",
             "a glass teapot", "a snow leopard", "a paper boat", "a robot gardener", "a stack of books"]
 
@@ -260,6 +258,9 @@ def run_staged(bundle, mode: str, images: int, settings: GenerationSettings | No
 # ---- `twig-batch run` as a user runs it, and its records ----
 
 LENGTHS_VAR = "TWIG_BATCH_EMULATE_TEXT_LENGTHS"
+
+
+STOP_GRACE_S = 60  # a stopped run records what it drew and stops its actors within this
 
 
 def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: bool, lengths: str, log,
