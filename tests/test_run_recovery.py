@@ -15,7 +15,8 @@ from batch_support import read_manifest, write_prompts
 from twig_batch.cli import app
 from twig_batch.distributed.verify_run import verify_run
 
-PROMPTS = 32
+PROMPTS = 96  # on the micro model: seconds of drawing, so each killed driver is still drawing when killed
+RUN = ["--model", "tiny-micro", "--actors", "2"]  # every attempt the same run (the model is part of its identity)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def snapshot(dest):
 
 def refused_without_resume(prompts, dest):
     before = snapshot(dest)
-    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--actors", "2"])
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), *RUN])
     assert result.exit_code == 2, result.output
     assert "already holds a twig-batch run; pass --resume" in result.output
     assert snapshot(dest) == before  # nothing rewritten, added or removed
@@ -57,7 +58,7 @@ def recorded_images(dest, keys):
 def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
     """Run the CLI as its own driver on the shared cluster; SIGKILL it once it has flushed a new part."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    command = [sys.executable, "-m", "twig_batch.cli", "run", str(prompts), "--output", str(dest), "--actors", "2",
+    command = [sys.executable, "-m", "twig_batch.cli", "run", str(prompts), "--output", str(dest), *RUN,
                "--images-per-call", "4", "--journal-every", "4", *extra]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 480  # generous: CI machines may be busy
@@ -87,7 +88,7 @@ def test_crash_crash_resume(ray_cluster, tmp_path):
     refused_without_resume(prompts, dest)  # an interrupted run is still a run
     before_resume = recorded_images(dest, recorded)
     assert len(before_resume) == 4 * len(recorded)  # the final image and three band images of each
-    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--actors", "2", "--resume"])
+    result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), *RUN, "--resume"])
     assert result.exit_code == 0, result.output
     assert f"{len(recorded)} image(s) already done" in result.output
     assert f"done: {PROMPTS - len(recorded)} image(s) drawn, 0 error(s), {len(recorded)} skipped" in result.output
