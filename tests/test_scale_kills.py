@@ -14,7 +14,7 @@ from twig_batch.distributed.verify_run import verify_run
 pytestmark = pytest.mark.slow
 PROMPTS = 2000
 KILLS = 4
-BATCH = 32
+BATCH = 100  # images per call: a kill at 150..300 rows lands inside the second or third batch of an actor
 
 
 @pytest.fixture(scope="module")
