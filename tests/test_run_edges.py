@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from batch_support import local_ray, read_manifest, restartable_s3_server, s3_client, write_prompts
+from batch_support import SHARED_CLUSTER, read_manifest, s3_client, write_prompts
 from twig_batch.cli import app
 
 runner = CliRunner()
@@ -18,11 +18,11 @@ MICRO = ["--model", "tiny-micro", "--actors", "1", "--images-per-call", "8"]
 
 
 @pytest.fixture(scope="module")
-def s3():
-    # The S3 server's variables come first: Ray's workers inherit the environment they start with.
-    with restartable_s3_server() as server, local_ray(num_cpus=3):
-        s3_client().create_bucket(Bucket="edges")
-        yield server
+def s3(shared_ray_s3):
+    """The shared cluster's S3 server, which can refuse connections for a while (its workers were started
+    with its variables, as Ray's workers inherit the environment they start with)."""
+    s3_client().create_bucket(Bucket="edges")
+    return SHARED_CLUSTER.s3
 
 
 @pytest.fixture(scope="module")
