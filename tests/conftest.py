@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Texts run as the model writes them unless a test asks for the benchmark-only length emulation.
 os.environ.pop("TWIG_BATCH_EMULATE_TEXT_LENGTHS", None)
+# Without a GPU, the engine's Triton kernels run in Triton's interpreter (test_triton_kernels.py,
+# test_fp8_kv.py); Triton reads this once, when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

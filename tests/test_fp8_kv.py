@@ -1,6 +1,5 @@
 """The opt-in fp8 KV cache: quantization bounds, the engine over it, and the decode kernel's math."""
 import math
-import os
 
 import pytest
 import torch
@@ -67,13 +66,15 @@ def test_the_fp8_engine_is_batch_invariant_and_close_to_the_full_cache(tiny64):
 
 
 def _kernel_runs_here() -> bool:
+    # Not in Triton's interpreter: its loop over a run-time column count needs Triton's conversion of
+    # a scalar to an index, which numpy 2 refuses there.
     pytest.importorskip("triton")
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available()
 
 
 def test_the_decode_kernel_equals_the_dequantizing_reference():
     if not _kernel_runs_here():
-        pytest.skip("needs a GPU, or Triton's interpreter (TRITON_INTERPRET=1)")
+        pytest.skip("needs a GPU")
     from twig_batch.engine.fp8_triton import fp8_decode_attention_kernel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

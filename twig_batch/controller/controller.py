@@ -139,7 +139,7 @@ class LatentController:
         memory, m_vec = self.net.condenser(band.window[:, : min(band.filled, cfg.window)])
         p_vec = self.p_vecs[band.images]
         s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
-        u = entropy(logits, self.model.kernels)
+        u = entropy(logits)
         delta, var = band.history.update(s, evaluated)
         fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
         allowed = (band.injections < cfg.max_injections_per_band) & (step - band.last_injection >= cfg.min_gap)

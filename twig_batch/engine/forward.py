@@ -6,7 +6,7 @@ keeps its own positions and padding while all rows share the cache's shape. The 
 device tensor and the attended width a plain int, so one captured CUDA graph (`graphs.py`) serves
 every decode step whose columns fall in the same bucket. The model comes as a `fused.FastModel`
 (the engine's): with joined projections the same layer runs one matmul for q/k/v and one for gate/up,
-and its element-wise work through the model's own `kernels` (compiled on a GPU).
+and its element-wise work through the model's own `kernels` (one Triton kernel each on a GPU).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _layer(layer, joined: JoinedProjections | None, kernels, index: int, x: torc
     when fused), the last one with the model's final norm. `shape` is (heads, kv_heads, head_dim);
     `attend_kv(q, k, v)` writes k, v to the cache and returns the attention output [R, H, T, d].
     With `joined` the q/k/v and gate/up projections are one matmul each and the element-wise work
-    runs through `kernels` (compiled on a GPU); without, the layer's own modules do the same arithmetic.
+    runs through `kernels` (one kernel each on a GPU); without, the layer's own modules do the same arithmetic.
     """
     rows, length, _ = x.shape
     heads, kv_heads, head_dim = shape

@@ -5,15 +5,15 @@ kernels (RMSNorm's five, rotary's six, SiLU-times-up, residual adds) and in laun
 and two gate/up matmuls where one each would do. `FastModel.compiled(lm)` joins the projection weights
 (the original modules keep working: their weights become views of the joined ones, so no memory is
 added; nothing else on the model changes) and holds them beside the model with a `Kernels` registry
-of its own, which on a GPU compiles each element-wise helper of `forward.py` once into one kernel;
-elsewhere the helpers run as written, the same arithmetic transformers' Llama uses (RMSNorm in
-float32, rotary in the model's dtype).
+of its own, which on a GPU runs each element-wise helper of `forward.py` as one kernel (our Triton
+kernels, `triton_kernels.py`); elsewhere the helpers run as written, the same arithmetic
+transformers' Llama uses (RMSNorm in float32, rotary in the model's dtype).
 
 Who owns what: the engine (`runner.py`) builds one `FastModel` when a worker starts and hands it to
 every pass it runs (`forward.forward_at`, the graphs, sampling, the controller's think pass); no
 module-level registry and no mark on the model. A caller without an engine gets
-`FastModel.plain(lm)`: the model's own modules, nothing compiled. The compiled kernels themselves
-live in PyTorch's on-disk compile cache too, so a second worker on the machine loads them.
+`FastModel.plain(lm)`: the model's own modules, nothing compiled. Triton keeps the compiled kernels
+in its on-disk cache, so a second worker on the machine, or the next run, loads them.
 """
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ class JoinedProjections:
 
 
 class Kernels:
-    """One model's element-wise helpers, compiled on first use on a GPU (dynamic shapes: one compile
-    serves every batch); off a GPU each helper runs as written. A helper the platform cannot compile
-    runs as written too, and is listed in `uncompiled` (its name and the error), for the worker to say."""
+    """One model's element-wise helpers as one kernel each on a GPU: Triton kernels of our own for the
+    hot ones (`triton_kernels.HAND_WRITTEN`: the compiler's start is never paid for them), the rest
+    compiled on first use (dynamic shapes: one compile serves every batch); off a GPU each helper
+    runs as written. A helper that cannot be built runs as written too, and is listed in
+    `uncompiled` (its name and the error), for the worker to say."""
 
     def __init__(self):
         self._compiled: dict[str, object] = {}
@@ -50,7 +52,7 @@ class Kernels:
 
     def _first_call_may_fall_back(self, name: str, fn):
         """Compilation happens on the first call; if the platform cannot compile, run as written."""
-        compiled = self._compile(fn)
+        compiled = self._hand_written(name) or self._compile(fn)
 
         def first_call(*args):
             try:
@@ -67,6 +69,14 @@ class Kernels:
 
     def compiles_on(self, device: torch.device) -> bool:
         return device.type == "cuda"
+
+    def _hand_written(self, name: str):
+        """Our Triton kernel for `name`, or None (none written, or no Triton here: then the compiler)."""
+        try:
+            from twig_batch.engine.triton_kernels import HAND_WRITTEN
+        except ImportError:
+            return None
+        return HAND_WRITTEN.get(name)
 
     def _compile(self, fn):
         return torch.compile(fn, dynamic=True, fullgraph=True)
@@ -110,8 +120,8 @@ class FastModel:
 
     @classmethod
     def for_device(cls, lm) -> "FastModel":
-        """On a GPU (where kernel count is the cost) compiled kernels, and joined projections unless
-        TWIG_BATCH_FUSED=0 (sampling and the fp8 quantizer stay compiled); plain elsewhere."""
+        """On a GPU (where kernel count is the cost) one-kernel helpers, and joined projections unless
+        TWIG_BATCH_FUSED=0 (sampling and the fp8 quantizer stay one kernel each); plain elsewhere."""
         if lm.embed_tokens.weight.device.type != "cuda":
             return cls.plain(lm)
         return cls.compiled(lm, join=os.environ.get("TWIG_BATCH_FUSED", "1") != "0")

@@ -1,7 +1,7 @@
 """Classifier-free guidance and sampling over logits, batch-invariant by construction.
 
-Gumbel-max sampling and entropy run through the `kernels` of the caller's `fused.FastModel` (the
-engine's: compiled on a GPU); without, as written.
+Gumbel-max sampling runs through the `kernels` of the caller's `fused.FastModel` (the engine's:
+one Triton kernel on a GPU); without, as written.
 """
 from __future__ import annotations
 
@@ -64,11 +64,8 @@ def _gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits + gumbel, dim=-1)
 
 
-def entropy(logits: torch.Tensor, kernels=AS_WRITTEN) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row."""
-    return kernels.get("entropy", _entropy, logits.device)(logits)
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per row. Run as written on a GPU too: a few kernels at the
+    controller's evaluated steps, where compiling them would start PyTorch's compiler in every worker."""
     logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
     return -(logp.exp() * logp).sum(-1)

@@ -1,13 +1,13 @@
-"""Compile the decode step's kernels when a worker starts, not in its first batch.
+"""Build the decode step's kernels when a worker starts, not in its first batch.
 
-On a GPU the element-wise helpers of the engine's `fused.FastModel` are compiled on first use (its
-`kernels`, which it owns), once per shape class: a prefill and a one-token step, one row and several
-(a compiler specialises sizes 0 and 1). The engine (`runner.py`) calls `warm_up` once, with its
-model, when it is built: a few throw-away passes over a small cache of its own go through each
-class, so the compilation is part of the worker's start (and said with it), and its first batch
-draws at once. The compiler keeps what it built on disk (PyTorch's cache folder), so a second
-worker on the same machine, or the next run, loads it instead of compiling again. The CUDA graphs
-are not captured here but at the engine's sizing step (`Engine.reserve`), once the call size is known.
+On a GPU the element-wise helpers of the engine's `fused.FastModel` (its `kernels`, which it owns)
+are Triton kernels built on first use, once per specialisation Triton makes (a prefill and a
+one-token step, one row and several). The engine (`runner.py`) calls `warm_up` once, with its
+model, when it is built: a few throw-away passes over a small cache of its own go through each,
+so the building is part of the worker's start (and said with it), and its first batch draws at
+once. Triton keeps what it built on disk, so a second worker on the same machine, or the next run,
+loads it in milliseconds. The CUDA graphs are not captured here but at the engine's sizing step
+(`Engine.reserve`), once the call size is known.
 """
 from __future__ import annotations
 
