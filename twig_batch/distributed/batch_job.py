@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twig_batch.distributed.actor_report import detach_events
-from twig_batch.distributed.cluster import address_to_join, connect, logs_dir, plan_actors
+from twig_batch.distributed.cluster import STALE_RECORDS, address_to_join, connect, logs_dir, plan_actors
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
@@ -192,6 +192,8 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
                              "dtype": config.dtype})
     if checked.replaced:
         info["attempts"][-1]["replaced"] = checked.replaced.split(": ", 1)[1]
+    if STALE_RECORDS:  # the shared cluster `ray start` recorded had died: this run made its own
+        info["attempts"][-1]["dead_ray_start_cluster"] = STALE_RECORDS[-1]
     if checked.repeats.copies:  # rows that are not drawn on their own
         info["attempts"][-1]["repeated_prompts"] = {"rows": checked.repeats.copies, "prompts": len(checked.repeats.ids)}
     if config.faults is not None:  # a run that was made to fail says so in its record

@@ -1,7 +1,11 @@
 """Joining a Ray cluster and sizing the actor pool to it.
 
 Like `ray.init()`: join the cluster named by `RAY_ADDRESS` or the one `ray start` left running on
-this machine, and otherwise start a local one (`RAY_ADDRESS=local` forces that). A local cluster
+this machine, and otherwise start a local one (`RAY_ADDRESS=local` forces that). A cluster that
+does not answer is found in seconds, not left to Ray (which retries a dead address for about a
+quarter of an hour, printing only its own warnings): a named one is an error, and a record that
+`ray start` left behind for a cluster that has since died (killed, not stopped) is said once and
+a local cluster starts instead. A local cluster
 gets enough logical CPUs for the actors plus Ray Data's read tasks: with too few, the readers
 starve behind the actors and the run stalls. A cluster is joined in its own token-authentication
 mode (ray_auth.py).
@@ -10,11 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
 from twig_batch.distributed import ray_auth
-from twig_batch.errors import InputError
+from twig_batch.errors import InputError, TwigBatchError
+
+GCS_ANSWER_TIMEOUT_S = 3.0  # a live head accepts a connection at once, even under load
+
+
+class ClusterUnreachableError(TwigBatchError):
+    """RAY_ADDRESS names a cluster that does not answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,7 @@ def disconnect() -> None:
     ray.shutdown()
     _restore_auth_mode()
     _PRIVATE.clear()
+    STALE_RECORDS.clear()
     from twig_batch.distributed.reaper import release
 
     while _WATCHER:
@@ -168,14 +180,42 @@ def _join(address: str) -> bool:
     if gcs_address.startswith("ray://"):  # Ray Client: the server side authenticates
         ray.init(address=gcs_address, **_QUIET, **extra)
         return True
+    if not answers(gcs_address):
+        if address:
+            raise ClusterUnreachableError(
+                f"RAY_ADDRESS={address}: no Ray cluster answers at {gcs_address} (nothing accepts a connection "
+                f"there within {GCS_ANSWER_TIMEOUT_S:g} s); start it, or unset RAY_ADDRESS to use a local cluster")
+        _say_stale_record(gcs_address)
+        return False
     ray_auth.match_cluster_auth(gcs_address)
     try:
         ray.init(address=gcs_address, **_QUIET, **extra)  # the cluster just asked, even where "auto" could pick another
     except ConnectionError:
         if address:
             raise
-        return False  # a stale record of a cluster that is gone
+        _say_stale_record(gcs_address)
+        return False
     return True
+
+
+def answers(gcs_address: str, timeout_s: float = GCS_ANSWER_TIMEOUT_S) -> bool:
+    """Whether anything accepts a connection at a GCS address (host:port)."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _say_stale_record(gcs_address: str) -> None:
+    STALE_RECORDS.append(gcs_address)
+    print(f"note: the Ray cluster `ray start` recorded on this machine ({gcs_address}) does not answer: it ended "
+          "without `ray stop`. This run starts a local Ray cluster of its own; `ray stop` clears the record, "
+          "`ray start --head` starts a shared cluster again", file=sys.stderr)
+
+
+STALE_RECORDS: list = []  # dead `ray start` clusters found recorded by `connect`, until `disconnect` (for run.json)
 
 
 # Our lines say what happens; the actors' own output and Ray's start-up notes stay in the session's
