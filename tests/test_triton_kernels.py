@@ -67,6 +67,8 @@ def test_rotate_reads_a_transposed_view_and_broadcasts_the_angles_over_heads():
     torch.testing.assert_close(out, _rotate(x, cos, sin), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="head size"):
         tk.rotate(torch.randn(1, 1, 1, 12), cos[..., :12], sin[..., :12])
+    with pytest.raises(TypeError, match="float64 runs as written"):  # a float64 model keeps its precision
+        tk.rotate(x.double(), cos.double(), sin.double())
 
 
 def test_silu_mul_splits_gate_and_up_by_the_intermediate_size():

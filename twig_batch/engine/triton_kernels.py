@@ -26,7 +26,15 @@ import triton.language as tl
 
 from twig_batch.engine.noise import _GOLDEN, _M1, _M2
 
-_FLOAT_KINDS = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+COMPUTED_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(*tensors: torch.Tensor) -> None:
+    """The kernels compute in float32: a float64 model keeps its precision as written (the caller
+    falls back, and says so)."""
+    for t in tensors:
+        if t.dtype not in COMPUTED_IN_FLOAT32:
+            raise TypeError(f"the Triton kernels compute in float32; {t.dtype} runs as written")
 
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +66,7 @@ def _rms_norm_kernel(x_ptr, delta_ptr, total_ptr, weight_ptr, out_ptr, width, x_
 
 
 def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    _check_dtype(x, weight, *([] if delta is None else [delta]))
     shape, width = x.shape, x.shape[-1]
     rows = _rows_of(x)
     deltas = _rows_of(delta) if delta is not None else rows
@@ -104,6 +113,7 @@ def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length,
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [R, H, T, d] (any strides) rotated by cos, sin [R, 1, T, d] (broadcast over heads)."""
+    _check_dtype(x, cos, sin)
     rows, heads, length, dim = x.shape
     half = dim // 2
     if dim % 2 or half & (half - 1):
@@ -135,6 +145,7 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate, row_stride, BLOCK: tl.c
 
 def silu_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2 * intermediate] = [gate | up]."""
+    _check_dtype(gate_up)
     rows = _rows_of(gate_up)
     out = torch.empty(*gate_up.shape[:-1], intermediate, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
