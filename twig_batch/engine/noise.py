@@ -11,16 +11,16 @@ import torch
 from twig_batch.seeds import STREAM_IMAGE
 
 _MASK32 = 0xFFFFFFFF
-_M1 = 0x7FEB352D
-_M2 = 0x5BD1E995
-_GOLDEN = 0x1E3779B9
+MIX_1 = 0x7FEB352D
+MIX_2 = 0x5BD1E995
+GOLDEN = 0x1E3779B9
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
-    x = (x * _M1) & _MASK32
+    x = (x * MIX_1) & _MASK32
     x = x ^ (x >> 15)
-    x = (x * _M2) & _MASK32
+    x = (x * MIX_2) & _MASK32
     return x ^ (x >> 16)
 
 
@@ -28,7 +28,7 @@ def row_keys(seeds: torch.Tensor, step: int, stream: int) -> torch.Tensor:
     """One 32-bit key per row for this step; seeds is an int64 tensor [B]."""
     lo = seeds & _MASK32
     hi = (seeds >> 32) & _MASK32
-    key = _mix32(torch.full_like(seeds, (stream * _GOLDEN + step) & _MASK32))
+    key = _mix32(torch.full_like(seeds, (stream * GOLDEN + step) & _MASK32))
     key = _mix32(key ^ hi)
     return _mix32(key ^ lo)
 
@@ -41,5 +41,5 @@ def uniform_noise(seeds: torch.Tensor, step: int, width: int, stream: int = STRE
 def noise_from_keys(keys: torch.Tensor, width: int) -> torch.Tensor:
     """`uniform_noise` from the rows' keys [B] (split out so a GPU can fuse it with its use)."""
     index = torch.arange(width, device=keys.device, dtype=torch.int64).unsqueeze(0)
-    bits = _mix32(_mix32(keys.unsqueeze(1) ^ ((index * _GOLDEN) & _MASK32)) ^ index)
+    bits = _mix32(_mix32(keys.unsqueeze(1) ^ ((index * GOLDEN) & _MASK32)) ^ index)
     return (bits.to(torch.float64) + 0.5) / 4294967296.0

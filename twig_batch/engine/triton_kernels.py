@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from twig_batch.engine.noise import _GOLDEN, _M1, _M2
+from twig_batch.engine import noise
 
 COMPUTED_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -155,17 +155,17 @@ def silu_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     return out
 
 
-MIX_1: tl.constexpr = tl.constexpr(_M1)
-MIX_2: tl.constexpr = tl.constexpr(_M2)
-GOLDEN: tl.constexpr = tl.constexpr(_GOLDEN)
+_MIX_1: tl.constexpr = tl.constexpr(noise.MIX_1)  # a kernel reads module constants only as constexpr
+_MIX_2: tl.constexpr = tl.constexpr(noise.MIX_2)
+_GOLDEN: tl.constexpr = tl.constexpr(noise.GOLDEN)
 
 
 @triton.jit
 def _mix32(x):
     x = x ^ (x >> 16)
-    x = x * MIX_1
+    x = x * _MIX_1
     x = x ^ (x >> 15)
-    x = x * MIX_2
+    x = x * _MIX_2
     return x ^ (x >> 16)
 
 
@@ -181,7 +181,7 @@ def _gumbel_argmax_kernel(logits_ptr, keys_ptr, out_ptr, row_stride, VOCAB: tl.c
         index = start + tl.arange(0, BLOCK)
         inside = index < VOCAB
         at = index.to(tl.uint32)
-        bits = _mix32(_mix32(key ^ (at * GOLDEN)) ^ at)  # uint32: the wrap-around noise.py masks to 32 bits
+        bits = _mix32(_mix32(key ^ (at * _GOLDEN)) ^ at)  # uint32: the wrap-around noise.py masks to 32 bits
         uniform = (bits.to(tl.float64) + 0.5) / 4294967296.0
         logit = tl.load(logits_ptr + row * row_stride + index, mask=inside, other=-float("inf")).to(tl.float64)
         value = tl.where(inside, logit - tl.log(-tl.log(uniform)), -float("inf"))
