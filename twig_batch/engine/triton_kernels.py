@@ -16,7 +16,7 @@ result never depends on the rows beside it. The sampling kernel computes the sam
 noise as `noise.noise_from_keys` (32-bit wrap-around arithmetic) and the same float64 Gumbel-max,
 without holding the [rows, vocabulary] noise in memory.
 
-Importing this module imports Triton; `available()` says whether it can.
+Importing this module imports Triton: where that fails, `fused.Kernels` compiles the helpers instead.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def _rms_norm_kernel(x_ptr, delta_ptr, total_ptr, weight_ptr, out_ptr, width, x_
 
 def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     _check_dtype(x, weight, *([] if delta is None else [delta]))
+    weight = weight.contiguous()  # read as one row
     shape, width = x.shape, x.shape[-1]
     rows = _rows_of(x)
     deltas = _rows_of(delta) if delta is not None else rows
