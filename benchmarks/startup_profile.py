@@ -1,6 +1,6 @@
 """Where an actor's start goes, step by step: imports, the tokenizer, the model build, the engine's
 kernels. Run it twice on one machine to see the kernels compiled (first) and read back from
-PyTorch's cache on disk (second); the engine's construction is also profiled by function.
+Triton's cache on disk (second); the engine's construction is also profiled by function.
 
     python3 benchmarks/startup_profile.py --model random-7b --out startup.json [--profile 30] [--first-call 16]
 
