@@ -221,7 +221,7 @@ def strict_s3_server():
 
 
 @contextlib.contextmanager
-def ray_head(*, auth_mode: str | None, home: Path, num_cpus: int = 3):
+def ray_head(*, auth_mode: str | None, home: Path, num_cpus: int = 3, num_gpus: int = 0):
     """A `ray start --head` of our own, as the docs start one: private ports, temp dir and home (where
     Ray keeps `~/.ray/auth_token`), so it neither joins nor disturbs other clusters. `auth_mode`
     None leaves RAY_AUTH_MODE unset, Ray's default. Yields (dashboard URL, GCS address, env): env
@@ -251,7 +251,7 @@ def ray_head(*, auth_mode: str | None, home: Path, num_cpus: int = 3):
              "--node-manager-port": free_port(), "--object-manager-port": free_port()}
     command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                "--include-dashboard", "true", "--num-cpus", str(num_cpus), "--temp-dir", f"{base}/ray",
-               "--disable-usage-stats"]
+               "--disable-usage-stats"] + (["--num-gpus", str(num_gpus)] if num_gpus else [])  # GPUs in name only
     for flag, port in ports.items():
         command += [flag, str(port)]
     log_path = Path(base) / "head.log"

@@ -5,6 +5,7 @@ have no AWS settings of the shell's: S3 access is checked on a worker before any
 the profile name, endpoint and region travel to them, never keys. The token-on cluster is in
 test_job_submit.py."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,40 @@ def test_only_settings_that_are_not_secret_are_forwarded(monkeypatch):
                                                              if os.environ.get("AWS_DEFAULT_REGION") else {})
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside a submitted job: nothing
     assert forwarded_env() == {}
+
+
+HOLD_ONE_GPU = """
+import sys
+import ray
+ray.init(address="auto")
+holder = ray.remote(num_gpus=1, num_cpus=0)(type("Holder", (), {"ping": lambda self: 1})).remote()
+ray.get(holder.ping.remote())
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_actors_that_find_no_free_gpu_are_said_and_the_run_goes_on_with_the_others(tmp_path):
+    """Another job holds one of the two GPUs (in name: a CPU machine's head declares them): of the two
+    actors planned one starts, the run says so once, records it, and draws every image with it."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    with ray_head(auth_mode="disabled", home=home, num_gpus=2) as (_, _, env):
+        env = {**env, "RAY_AUTH_MODE": "disabled"}
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_ONE_GPU], env=env, text=True, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=open(tmp_path / "holder.log", "w"))
+        try:
+            assert holder.stdout.readline().strip() == "holding", (tmp_path / "holder.log").read_text()[-2000:]
+            prompts = write_prompts(tmp_path / "p.parquet", 4)
+            result = run_cli(["run", prompts, "-o", tmp_path / "out", "--model", "tiny-micro", "--device", "cpu",
+                              "--gpus-per-actor", "1"], env)
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "2 actor(s), 1 GPU each" in output
+    assert output.count("note: 1 of the 2 GPU(s) this run's 2 actor(s) need are free now") == 1, output[-3000:]
+    assert "(4 ok, 0 error rows)" in output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["attempts"][-1]["gpus_free_at_start"] == 1

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twig_batch.distributed.actor_report import detach_events
-from twig_batch.distributed.cluster import STALE_RECORDS, address_to_join, connect, logs_dir, plan_actors
+from twig_batch.distributed.cluster import STALE_RECORDS, address_to_join, connect, free_gpus, logs_dir, plan_actors
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
@@ -112,6 +112,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             echo(f"twig-batch run: {checked.source.rows - checked.repeats.copies} prompts x "
                  f"{config.samples_per_prompt} samples from {checked.files.uri} -> {storage.root_uri}; "
                  f"{plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each; {len(checked.skip)} image(s) already done")
+            _say_held_gpus(plan, info["attempts"][-1], echo)
             if checked.replaced:
                 echo(checked.replaced)
             if checked.repeats.copies:
@@ -146,6 +147,23 @@ def run_batch(config: RunConfig, echo=print) -> dict:
         raise
     journal.flush()
     return _finish(config, checked, info, progress, total, echo, events)
+
+
+def _say_held_gpus(plan, attempt: dict, echo) -> None:
+    """On a cluster other jobs share, fewer actors may start than planned: the run goes on with those
+    that do (Ray Data uses the actors it has), the others start as GPUs free up. Said, not silent."""
+    needed = plan.actors * plan.gpus_per_actor
+    try:
+        free = free_gpus()
+    except Exception:  # noqa: BLE001 (a connection that cannot tell: the note is advice, the run goes on)
+        return
+    if plan.gpus_per_actor <= 0 or free >= needed:
+        return
+    starting = int(free // plan.gpus_per_actor)
+    echo(f"note: {free:g} of the {needed:g} GPU(s) this run's {plan.actors} actor(s) need are free now (other jobs "
+         f"hold the rest): {starting} actor(s) start now and the others as GPUs free up; the run goes on with the "
+         "actors that start")
+    attempt["gpus_free_at_start"] = free
 
 
 def _record_retries(info: dict | None, retries: dict | None) -> None:

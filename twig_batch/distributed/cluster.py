@@ -233,6 +233,13 @@ def logs_dir() -> str | None:
         return None
 
 
+def free_gpus() -> float:
+    """The GPUs no actor or task of any job holds right now."""
+    import ray
+
+    return float(ray.available_resources().get("GPU", 0))
+
+
 def plan_actors(actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float, device: str) -> ActorPlan:
     """One GPU per actor and one actor per GPU by default; a CPU-only cluster gets GPU-less actors."""
     import ray
