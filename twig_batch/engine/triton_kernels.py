@@ -39,11 +39,8 @@ def _check_dtype(*tensors: torch.Tensor) -> None:
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, width] over its last dimension (a copy only where the rows are not laid out that way)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:  # leading dimensions that no view can merge
-        return x.contiguous().view(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])  # a view where the leading dimensions merge, else a contiguous copy
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 @triton.jit
