@@ -314,7 +314,7 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
     engine = [(a["images"] - a["first_part_images"]) / (a["busy_s"] - a["first_part_s"])
               for a in stats if a.get("parts", 0) > 1 and a["busy_s"] > a["first_part_s"]]
     record.update(
-        ok=summary["ok"], errors=summary["errors"], total_img_s=round(summary["ok"] / wall, 3),
+        actors=len(stats), ok=summary["ok"], errors=summary["errors"], total_img_s=round(summary["ok"] / wall, 3),
         driver_img_s=summary["images_per_s"], steady_img_s=summary.get("steady_images_per_s"),
         engine_img_s=round(sum(engine), 3) if engine else None,
         startup_s=max((a.get("startup_s", 0) for a in stats), default=None),

@@ -98,13 +98,13 @@ print(json.dumps(native_generate_anchor(bundle, {images})))
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| mode | controller | text lengths | images | ok | total img/s | steady img/s | engine img/s | "
+    lines = ["| mode | controller | text lengths | images | actors | ok | total img/s | steady img/s | engine img/s | "
              "steady / engine | startup s | part | GPU busy |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         def f(key, digits=2):
             return number(r, key, digits)
-        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
+        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | {r.get('actors', '-')} | "
                      f"{r.get('ok', '-' if r['mode'] == 'native' else 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
                      f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "
                      f"{f('busy_share')} |")
