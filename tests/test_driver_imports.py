@@ -1,6 +1,6 @@
-"""The batch driver never loads torch or transformers for a model the actors fetch themselves (a
-Hugging Face id, the random speed models): only the actors need them, and importing them costs the
-driver seconds before any actor starts."""
+"""The batch driver never loads torch or transformers for a model the actors fetch or build themselves
+(a Hugging Face id, the random speed models, the built-in tiny ones): only the actors need them, and
+importing them costs the driver seconds before any actor starts."""
 import subprocess
 import sys
 
@@ -22,7 +22,9 @@ print("LOADED", sorted(name for name in ("torch", "transformers") if name in sys
 
 @pytest.mark.parametrize("model,mode", [("random-7b", ["--mode", "twig", "--controller"]),
                                         ("deepseek-community/Janus-Pro-7B", ["--mode", "seed"]),
-                                        ("random-1b", ["--mode", "plain"])])
+                                        ("random-1b", ["--mode", "plain"]),
+                                        ("tiny", ["--mode", "twig", "--controller", "--bands", "3"]),
+                                        ("tiny-micro", ["--mode", "seed"])])
 def test_the_driver_checks_a_run_without_loading_torch(tmp_path, model, mode):
     source = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red fox", "a paper boat"]}), source)

@@ -378,22 +378,22 @@ def _check_mode_available(mode: str) -> None:
 def _check_model_reference(ref: str, settings: GenerationSettings) -> None:
     """Catch a checkpoint with missing files, bands that do not divide its image grid, or controller
     weights that do not fit it here, from its config alone, rather than once per actor."""
-    from twig_batch.model.checkpoint import check_checkpoint
-
-    model_config = check_checkpoint(ref)
-    if model_config is None:  # a Hugging Face id (or random-*): the actors check it once they have it
-        return
-    from twig_batch.controller.weights import check_weights_file  # torch: loaded with the config already
+    from twig_batch.model.checkpoint import model_geometry
     from twig_batch.pipeline.bands import BandSchedule
 
-    BandSchedule(model_config.vq_config.num_patches, settings.bands)  # bands that do not divide its rows fail here
-    if settings.controller is not None and settings.controller.weights is not None:
-        check_weights_file(settings.controller.weights, model_config.text_config.hidden_size, settings.controller)
+    geometry = model_geometry(ref)
+    if geometry is None:  # a Hugging Face id (or random-*): the actors check it once they have it
+        return
+    grid, hidden_size = geometry
+    BandSchedule(grid, settings.bands)  # bands that do not divide its rows fail here
+    if settings.controller is not None and settings.controller.weights is not None:  # torch, for the file's shapes
+        from twig_batch.controller.weights import check_weights_file
+
+        check_weights_file(settings.controller.weights, hidden_size, settings.controller)
 
 
 _OUR_ERROR_LINE = re.compile(r"^twig_batch\.errors\.(ModelLoadError|InputError|OutputError|DestinationFullError|"
-                             r"TwigBatchError): (.+)$",
-                             re.MULTILINE)
+                             r"TwigBatchError): (.+)$", re.MULTILINE)
 
 
 class RunFailedError(TwigBatchError):

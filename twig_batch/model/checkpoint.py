@@ -3,8 +3,9 @@
 A reference is a built-in tiny model (`BUILTIN_GRIDS`, `tiny_config` its geometry), a random
 Janus-Pro-sized model (`RANDOM_MODELS`), a local folder in transformers' or DeepSeek's layout, or a
 Hugging Face id. The batch driver checks references here before any actor starts, without
-importing torch; reading a config (a tiny model's, a local folder's) imports transformers, and
-torch with it, only then.
+importing torch; reading a config (a local folder's, a tiny model's whole config) imports
+transformers, and torch with it, only then. What the driver needs of a tiny model, its geometry
+(`model_geometry`), is known without it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from twig_batch.errors import ModelLoadError
 
 # Built-in model references -> token grid (image tokens per side): random tiny models built offline.
 BUILTIN_GRIDS = {"tiny": 24, "tiny-micro": 6}
+TINY_HIDDEN_SIZE = 64  # the built-in tiny models' width (what their controller weights must fit)
 RANDOM_MODELS = ("random-7b", "random-1b")  # Janus-Pro-sized random weights, for speed runs
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -70,6 +72,15 @@ def check_checkpoint(ref: str):
                              f"{exc}") from None
 
 
+def model_geometry(ref: str) -> tuple[int, int] | None:
+    """(image tokens a side, hidden size) of a model reference, checked as `check_checkpoint` does; None
+    where it returns None. The built-in tiny models' is known without transformers (nor torch)."""
+    if ref in BUILTIN_GRIDS:
+        return BUILTIN_GRIDS[ref], TINY_HIDDEN_SIZE
+    config = check_checkpoint(ref)
+    return None if config is None else (config.vq_config.num_patches, config.text_config.hidden_size)
+
+
 def local_folder(ref: str) -> Path | None:
     """The checkpoint folder `ref` names, or None for a Hugging Face id that is not a local path."""
     path = Path(ref).expanduser()
@@ -121,7 +132,7 @@ def tiny_config(vocab_size: int, image_token_id: int, special: dict, vq_downsamp
         raise ValueError(f"vq_downsample must be 4 or 16, got {vq_downsample}")
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
-    hidden = 64
+    hidden = TINY_HIDDEN_SIZE
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
                        rms_norm_eps=1e-6, **special)

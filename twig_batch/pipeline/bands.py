@@ -4,16 +4,20 @@ After band j (0-based) the image holds (rows / K) * (j + 1) token rows. Two pict
 that partial raster: the band image (just the rows drawn so far, decoded at their own height, what
 users see and what gets saved) and the canvas (the full-size image with every position not drawn
 yet set to code 0, what the model looks at through its understanding path).
+
+The schedule itself needs no torch: the batch driver checks a run's bands against the model's grid
+with it before any actor starts, and only the pictures load the image code.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from twig_batch.errors import InputError
-from twig_batch.imaging import decode_codes, fill_to_grid
 from twig_batch.prompts import Templates
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +74,14 @@ def band_label(band: int, bands: int, redrawn: bool = False) -> str:
 
 def band_pixels(bundle, codes: torch.Tensor, schedule: BandSchedule, band: int) -> torch.Tensor:
     """Band images [B, rows*ds, px, 3] of partial rasters `codes` [B, >= rows_after(band) * grid]."""
+    from twig_batch.imaging import decode_codes
+
     rows = schedule.rows_after(band)
     return decode_codes(bundle, codes[:, : rows * schedule.grid], token_rows=rows)
 
 
 def canvas_pixels(bundle, codes: torch.Tensor) -> torch.Tensor:
     """Full-size images [B, px, px, 3] of partial rasters, undrawn positions as code 0."""
+    from twig_batch.imaging import decode_codes, fill_to_grid
+
     return decode_codes(bundle, fill_to_grid(codes, bundle.grid))
