@@ -15,6 +15,13 @@ os.environ.pop("TWIG_BATCH_EMULATE_TEXT_LENGTHS", None)
 # test_fp8_kv.py); Triton reads this once, when it is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One math thread per process, as Ray gives each actor of one CPU. The tiny models' operations are far
+# too small to gain from a second thread, and on a small machine shared with Ray's workers (and other
+# jobs) the threads of a process spin waiting for each other: the docs snippets' in-process drawing
+# took more than twice as long with two, and the engine tests twice the CPU time. The variable
+# reaches the processes the tests start (CLI drivers, quickstart.sh, Ray heads and their workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)
