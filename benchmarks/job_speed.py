@@ -104,7 +104,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         def f(key, digits=2):
             return number(r, key, digits)
-        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | {r.get('actors', '-')} | "
+        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
+                     f"{r.get('actors', '-')} | "
                      f"{r.get('ok', '-' if r['mode'] == 'native' else 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
                      f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "
                      f"{f('busy_share')} |")

@@ -69,7 +69,7 @@ def _earlier(checked) -> str:
 
 def _model(ref: str) -> str:
     from twig_batch.distributed.worker_checks import missing_on_this_machine
-    from twig_batch.model.checkpoint import BUILTIN_GRIDS, check_checkpoint, detect_layout
+    from twig_batch.model.checkpoint import BUILTIN_GRIDS, detect_layout, model_geometry
 
     if ref in BUILTIN_GRIDS:
         grid = BUILTIN_GRIDS[ref]
@@ -78,9 +78,9 @@ def _model(ref: str) -> str:
         return f"{ref}: a random model of Janus-Pro's size, for speed measurements"
     if missing_on_this_machine(ref):
         return f"folder {ref}: not on this machine; the run looks for it on a worker before any model loads"
-    config = check_checkpoint(ref)
-    if config is not None:
-        grid = config.vq_config.num_patches
+    geometry = model_geometry(ref)
+    if geometry is not None:
+        grid = geometry[0]
         layout = "transformers'" if detect_layout(Path(ref).expanduser()) == "hf" else "DeepSeek's"
         return f"folder {ref}: a checkpoint in {layout} layout ({grid}x{grid} image tokens), complete"
     try:
