@@ -115,12 +115,14 @@ def test_only_settings_that_are_not_secret_are_forwarded(monkeypatch):
     assert forwarded_env() == {}
 
 
+# The holder is given the head's address: found by itself ("auto"), it may pick another test's cluster
+# when several run on the machine. It gives up after two minutes rather than wait for a GPU forever.
 HOLD_ONE_GPU = """
 import sys
 import ray
-ray.init(address="auto")
+ray.init(address=sys.argv[1])
 holder = ray.remote(num_gpus=1, num_cpus=0)(type("Holder", (), {"ping": lambda self: 1})).remote()
-ray.get(holder.ping.remote())
+ray.get(holder.ping.remote(), timeout=120)
 print("holding", flush=True)
 sys.stdin.read()
 """
@@ -131,9 +133,9 @@ def test_actors_that_find_no_free_gpu_are_said_and_the_run_goes_on_with_the_othe
     actors planned one starts, the run says so once, records it, and draws every image with it."""
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
-    with ray_head(auth_mode="disabled", home=home, num_gpus=2) as (_, _, env):
+    with ray_head(auth_mode="disabled", home=home, num_gpus=2) as (_, gcs, env):
         env = {**env, "RAY_AUTH_MODE": "disabled"}
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_ONE_GPU], env=env, text=True, stdin=subprocess.PIPE,
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_ONE_GPU, gcs], env=env, text=True, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=open(tmp_path / "holder.log", "w"))
         try:
             # Ray's driver may print lines of its own first (the autoscaler's tip when the holder waits
