@@ -112,3 +112,21 @@ def test_actors_that_keep_dying_end_the_run_with_a_clear_error_then_resume_finis
     assert report.ok, report.problems
     attempts = json.loads((dest / "run.json").read_text())["attempts"]
     assert "faults" in attempts[0] and "faults" not in attempts[1]
+
+
+def test_a_dead_actors_call_goes_on_with_only_the_items_it_had_not_handed_back(cluster, tmp_path):
+    # One call of 8 items drawn in parts of 2; the actor dies writing the 5th row (two parts handed back).
+    prompts = write_prompts(tmp_path / "p.parquet", 8)
+    state, dest = tmp_path / "state", tmp_path / "out"
+    kill = json.dumps({"kill_worker_after_rows": 5, "kill_at_random": False, "max_kills": 1, "state_dir": str(state)})
+    result = run(prompts, "--output", dest, "--model", "tiny-micro", "--actors", 1, "--images-per-call", 2,
+                 "--work-batch-size", 8, "--faults", kill)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "died drawing a call of 8 item(s)" in line]
+    assert len(said) == 1 and "the 4 item(s) it had not handed back are sent again" in said[0], result.output
+    attempt = json.loads((dest / "run.json").read_text())["attempts"][0]
+    assert attempt["part_event_counts"] == {"actor_died": 1}
+    # The restarted actor drew the four items left, not the whole call again.
+    assert sorted(actor["images"] for actor in attempt["actor_stats"].values()) == [4, 4]
+    rows = read_manifest(dest).to_pylist()
+    assert len(rows) == 8 and unique_ok_rows(rows) == 8

@@ -56,4 +56,11 @@ def describe_event(event: dict) -> str:
     if kind == "part_failed":
         return (f"actor {actor}: a part of {event['part_images']} image(s) failed with {event['message']}; "
                 f"{event['outcome']}")
+    if kind == "actor_died":
+        return (f"actor {actor} died drawing a call of {event['call_items']} item(s) ({event['message']}); Ray "
+                f"restarts it, and the {event['left']} item(s) it had not handed back are sent again (resend "
+                f"{event['resend']} of at most {event['resends_at_most']}, --max-task-retries)")
+    if kind == "actor_lost":
+        return (f"actor {actor} is past its restarts (--max-actor-restarts) and gone ({event['message']}); the run "
+                f"goes on with {event['actors_left']} actor(s)")
     return f"actor {actor}: {json.dumps(event)}"

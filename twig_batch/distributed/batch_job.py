@@ -1,4 +1,4 @@
-"""The batch job driver: check everything, then read_parquet -> work items -> model actors -> manifest.
+"""The batch job driver: check everything, then input -> work items -> model actors -> manifest.
 
 The order matters. Every file-level problem (input, columns, destination, credentials, settings, a
 resume that does not match) is found before Ray is joined or a model loaded, and reported as one
@@ -9,22 +9,22 @@ the end. The completion marker is written last.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import re
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from twig_batch.distributed.actor_report import detach_events
 from twig_batch.distributed.cluster import STALE_RECORDS, address_to_join, connect, free_gpus, logs_dir, plan_actors
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.progress import Progress
 from twig_batch.distributed.run_config import RunConfig
 from twig_batch.distributed.run_events import RunEvents
 from twig_batch.distributed.input_scan import NO_REPEATS, RepeatedPrompts, scan_input
-from twig_batch.distributed.work_items import expand_to_work_items, read_schema
+from twig_batch.distributed.model_actors import ModelActors
+from twig_batch.distributed.work_feed import work_calls
 from twig_batch.distributed.write_retries import RetryWatch, WriteWatcher, new_board
 from twig_batch.distributed.worker_checks import (check_model_before_ray, check_model_on_a_worker,
                                                   check_storage_on_a_worker)
@@ -123,14 +123,15 @@ def run_batch(config: RunConfig, echo=print) -> dict:
                 echo(checked.text_lengths.describe())
             events = RunEvents(storage, info, progress.say)
             progress.steady_rate = events.steady_images_per_s
-            board = new_board()
+            board_name = f"twig-batch-retries-{attempt}"
+            board = new_board(board_name)
             storage.retry_watcher = WriteWatcher(board, "driver")
             retries = RetryWatch(board, config.storage_retry_s, progress.say)
             progress.status = retries.status
             journal = ManifestJournal(storage, attempt, flush_rows=config.journal_every_rows,
                                       flush_seconds=config.journal_every_s)
             progress.start_heartbeat()
-            _stream_results(config, checked, plan, progress, total, events, journal, board)
+            _stream_results(config, checked, plan, progress, total, events, journal, board_name)
         finally:
             if progress is not None:
                 progress.stop_heartbeat()
@@ -151,7 +152,8 @@ def run_batch(config: RunConfig, echo=print) -> dict:
 
 def _say_held_gpus(plan, attempt: dict, echo) -> None:
     """On a cluster other jobs share, fewer actors may start than planned: the run goes on with those
-    that do (Ray Data uses the actors it has), the others start as GPUs free up. Said, not silent."""
+    that do (an actor is handed work once it has started), the others start as GPUs free up. Said,
+    not silent."""
     needed = plan.actors * plan.gpus_per_actor
     try:
         free = free_gpus()
@@ -223,32 +225,50 @@ def _start_attempt(config: RunConfig, checked: _Preflight, plan, attempt: str) -
 
 
 def _stream_results(config: RunConfig, checked: _Preflight, plan, progress: Progress, total: int,
-                    events: RunEvents, journal: ManifestJournal, retry_board):
+                    events: RunEvents, journal: ManifestJournal, retry_board: str):
     """Pull manifest rows as the actors finish each part; only small rows reach the driver, never
     images. The actors' events (startups, part splits and failures) come with them."""
-    quiet_ray_data()
-    hand_back_rows_per_part()
     per_call = config.work_batch(plan.gpus_per_actor, max(total - len(checked.skip), 0), plan.actors)
     events.attempt["work_items_per_call"] = per_call
-    items = work_items(config, checked.files, checked.id_column, checked.skip, checked.seed_column,
-                       rows_per_block=per_call, repeats=checked.repeats)
-    # A resume whose earlier rows may cover the whole input counts what is left before loading any model.
-    if len(checked.skip) >= total and items.count() == 0:
+    calls = work_calls(checked.files, prompt_column=config.prompt_column, id_column=checked.id_column,
+                       seed_column=checked.seed_column, samples=config.samples_per_prompt, base_seed=config.seed,
+                       skip=checked.skip, per_call=per_call, repeats=checked.repeats)
+    first = next(calls, None)
+    if first is None:  # a resume whose earlier rows cover the whole input: no model is loaded
         return
-    results = generate(items, config, plan, per_call, checked.storage.root_uri, checked.text_lengths, retry_board)
+    actors = model_actors(config, plan, checked.storage.root_uri, checked.text_lengths, retry_board)
     if not checked.storage.hold_reserve():  # for the records of a run that fills its disk (`_record_failure`)
         events.echo(f"the disk of {checked.storage.root_uri} has no room left for the space kept for the run's "
                     "records: if it fills, the last rows may go unrecorded (a --resume redraws them)")
         events.attempt["reserve_held"] = False
     try:
-        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            batch, actor_events = detach_events(batch)
+        for rows, actor_events in actors.draw(itertools.chain([first], calls)):
             events.add(actor_events)
-            journal.add(batch)
-            errors = int(pc.sum(pc.equal(batch.column("status"), "error")).as_py() or 0)
-            progress.update(batch.num_rows - errors, errors)
+            if rows is None:
+                continue
+            journal.add(rows)
+            errors = int(pc.sum(pc.equal(rows.column("status"), "error")).as_py() or 0)
+            progress.update(rows.num_rows - errors, errors)
     except BaseException as exc:
         raise _with_restart_limits(_user_facing(exc), config) from None
+    finally:
+        actors.close()
+
+
+def model_actors(config: RunConfig, plan, output_uri: str, text_lengths, retry_board: str) -> ModelActors:
+    """One actor per planned GPU, each holding a model and writing its images to `output_uri`."""
+    from twig_batch.pipeline.text_lengths import ENV_VAR
+
+    options = {"num_gpus": plan.gpus_per_actor, "num_cpus": plan.cpus_per_actor,
+               "max_restarts": config.max_actor_restarts}
+    if text_lengths is not None:  # the emulation is read where texts are written: the actors get the driver's
+        options["runtime_env"] = {"env_vars": {ENV_VAR: os.environ[ENV_VAR]}}
+    kwargs = {"model": config.model, "output": output_uri, "settings": config.settings, "device": config.device,
+              "dtype": config.dtype, "base_seed": None,  # items carry their seeds
+              "templates": config.templates, "images_per_call": config.images_per_call,
+              "faults": config.faults.to_dict() if config.faults is not None else None,
+              "report_events": True, "storage_retry_s": config.storage_retry_s, "retry_board": retry_board}
+    return ModelActors(ImageGenerator, plan.actors, kwargs, options, call_retries=config.max_task_retries)
 
 
 def _finish(config: RunConfig, checked: _Preflight, info: dict, progress: Progress, total: int,
@@ -272,98 +292,6 @@ def _finish(config: RunConfig, checked: _Preflight, info: dict, progress: Progre
          f"(already ok) in {summary['elapsed_s']:.1f}s ({summary['images_per_s']:.2f} images/s"
          + (f"; {steady:.2f} once the actors were running)" if steady is not None else ")"))
     return summary
-
-
-def work_items(config: RunConfig, files, id_column: str | None, skip: frozenset, seed_column: str | None,
-               rows_per_block: int, repeats: RepeatedPrompts = NO_REPEATS):
-    """read_parquet -> one row per (id, sample) still to draw, in blocks of about one batch."""
-    import ray
-
-    schema = read_schema(config.prompt_column, id_column, seed_column)
-    expand = {"prompt_column": config.prompt_column, "id_column": id_column, "samples": config.samples_per_prompt,
-              "base_seed": config.seed, "skip_keys": skip, "seed_column": seed_column}
-    items = ray.data.read_parquet(files.paths, filesystem=files.filesystem, file_extensions=None, schema=schema)
-    items = items.select_columns(schema.names)
-    items = items.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
-                              fn_kwargs={**expand, "drawn_elsewhere": repeats.ids})
-    if repeats.first_copies is not None:  # each repeated prompt without an id, once
-        once = ray.data.from_arrow(repeats.first_copies)
-        items = items.union(once.map_batches(expand_to_work_items, batch_format="pyarrow", batch_size=None,
-                                             fn_kwargs=expand))
-    # Blocks of about one batch let every actor in the pool get work, even from a single small file.
-    return items.repartition(target_num_rows_per_block=rows_per_block)
-
-
-def generate(items, config: RunConfig, plan, per_call: int, output_uri: str, text_lengths=None, retry_board=None):
-    """The model stage: a pool of actors, each holding one model, drawing `per_call` work items per
-    call in parts of `config.images_per_call` images (or what fits)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        # Ray Data 2.60 takes actor restart limits only as extra remote args, which it marks as
-        # deprecated without a named replacement yet.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _actor_pool_stage(items, config, plan, per_call, output_uri, text_lengths, retry_board)
-
-
-def _actor_pool_stage(items, config: RunConfig, plan, per_call: int, output_uri: str, text_lengths, retry_board):
-    import ray
-
-    from twig_batch.pipeline.text_lengths import ENV_VAR
-
-    # The emulation is read from the environment where texts are written: the actors get the driver's.
-    extra = {"runtime_env": {"env_vars": {ENV_VAR: os.environ[ENV_VAR]}}} if text_lengths is not None else {}
-
-    return items.map_batches(
-        ImageGenerator,
-        fn_constructor_kwargs={"model": config.model, "output": output_uri, "settings": config.settings,
-                               "device": config.device, "dtype": config.dtype, "base_seed": None,  # items carry seeds
-                               "templates": config.templates, "images_per_call": config.images_per_call,
-                               "faults": config.faults.to_dict() if config.faults is not None else None,
-                               "report_events": True, "storage_retry_s": config.storage_retry_s,
-                               "retry_board": retry_board},
-        batch_size=per_call, batch_format="pyarrow",
-        # One call per actor at a time: a call waits for an actor that is free. Ray Data's default of two
-        # hands the first actor to be ready a second call to hold while the others are still loading, and at
-        # the end leaves a call queued on a busy actor while another sits idle. Taking the next call costs
-        # an actor a few milliseconds; calls last tens of seconds on a GPU.
-        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=1),
-        num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
-        # Ray Data's default is to restart actors and retry their batches forever. A dead actor's batch
-        # is safe to redo (its objects are rewritten identically, its rows were never returned), but a
-        # batch that kills every actor it meets must end the run, not loop.
-        max_restarts=config.max_actor_restarts, max_task_retries=config.max_task_retries, **extra,
-    )
-
-
-# Ray Data gathers what a task yields into blocks of up to this many bytes before passing them on.
-# Its default (128 MiB) would hold back every row of a batch until the whole batch is drawn. A part's
-# manifest rows take ~0.6 kB (plain) to ~4 kB (twig, seed) each, so at 16 kB the rows of any part of
-# 30 images or more move on as soon as it ends (smaller ones wait for the next). The reads are cut
-# into blocks of this size too, which costs little: 16 kB holds ~200 prompts.
-STREAMING_BLOCK_BYTES = 16 * 1024
-
-
-def hand_back_rows_per_part() -> None:
-    from ray.data import DataContext
-
-    DataContext.get_current().target_max_block_size = STREAMING_BLOCK_BYTES
-
-
-def quiet_ray_data() -> None:
-    """Our progress line replaces Ray Data's per-operator bars and start-up banner, and our one line
-    per failure its console log; its log file (ray-data.log, in the session's logs) keeps everything."""
-    import logging
-
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
-    context.print_on_execution_start = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if handler.get_name() == "console":
-            handler.setLevel(logging.CRITICAL + 1)
 
 
 def _check_mode_available(mode: str) -> None:
@@ -434,12 +362,12 @@ def _with_log(error: TwigBatchError) -> TwigBatchError:
 
 
 def _with_restart_limits(error: BaseException, config: RunConfig) -> BaseException:
-    """An actor that died past its restarts, or a batch past its retries: say which limits ran out."""
+    """An actor that died past its restarts, or a call sent again too often: say which limits ran out."""
     if not isinstance(error, RunFailedError) or "ActorDiedError" not in str(error):
         return error
     limited = RunFailedError(f"{error}; model actors kept dying: each is restarted at most "
-                             f"{config.max_actor_restarts} time(s) and each batch retried at most "
-                             f"{config.max_task_retries} time(s) (--max-actor-restarts, --max-task-retries)")
+                             f"{config.max_actor_restarts} time(s), and the items of a call whose actor died are sent again at "
+                             f"most {config.max_task_retries} time(s) (--max-actor-restarts, --max-task-retries)")
     limited.log = getattr(error, "log", None)
     return limited
 

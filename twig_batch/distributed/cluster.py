@@ -62,29 +62,7 @@ def connect(min_local_cpus: int = 3) -> bool:
     except BaseException:
         _restore_auth_mode()
         raise
-    _spend_the_restart_warning()
     return True
-
-
-def _spend_the_restart_warning() -> None:
-    """Ray logs once per process, as an error, that an actor whose constructor takes an ObjectRef
-    may fail to restart (ray-project/ray#53727). Ray Data's actor pools always hand their actors the
-    map function and the data context that way, and hold both for the whole run, so for our model
-    actors it is a false alarm (their restarts are tested: test_faults_run, test_scale_kills). It is
-    spent here, with stderr silenced, on an actor that is never scheduled."""
-    import ray
-
-    @ray.remote(max_restarts=1, num_cpus=0, resources={"twig-batch-never-scheduled": 1})
-    class Spent:
-        def __init__(self, _):
-            pass
-
-    try:
-        with ray_auth.stderr_silenced():
-            actor = Spent.remote(ray.put(None))
-        ray.kill(actor, no_restart=True)
-    except Exception:  # a quieter log is not worth a failed run
-        pass
 
 
 def disconnect() -> None:

@@ -1,7 +1,8 @@
-"""`ImageGenerator`: the callable class Ray Data's `map_batches` runs on each GPU actor.
+"""`ImageGenerator`: the class each GPU actor holds, in the batch job (`model_actors.py`) or as the
+callable class of a Ray Data `map_batches` in a pipeline of the user's own.
 
-The Ray Data idiom: `__init__` loads the model once per actor, `__call__(batch)` turns a batch of
-work items (id, prompt, sample_index, seed) into manifest rows. It is a generator: the batch is
+`__init__` loads the model once per actor, `__call__(batch)` turns a batch of work items (id,
+prompt, sample_index, seed) into manifest rows. It is a generator: the batch is
 drawn in parts that fit the device, and each part's rows are handed back as soon as they are
 written, so the driver sees progress part by part. With `output` set, the images are written there
 and the rows carry their URIs; without it, the PNG bytes travel in the returned batches, for
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # the actor imports the pipeline (and torch) when it starts, 
 WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
-DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it, retries its batch
+DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it, its batch is redone
 
 
 class ImageGenerator:
@@ -95,10 +96,11 @@ class ImageGenerator:
 
             if storage_retry_s is not None:
                 self.storage.retry_policy = RetryPolicy(total_s=storage_retry_s)
-            if retry_board is not None:
-                from twig_batch.distributed.write_retries import WriteWatcher
+            if retry_board is not None:  # the board itself, or its name (the batch job's actors)
+                from twig_batch.distributed.write_retries import WriteWatcher, board_by_name
 
-                self.storage.retry_watcher = WriteWatcher(retry_board, self.name)
+                board = board_by_name(retry_board) if isinstance(retry_board, str) else retry_board
+                self.storage.retry_watcher = WriteWatcher(board, self.name)
         self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
                                      "startup_s": round(time.perf_counter() - started, 2),
@@ -130,6 +132,11 @@ class ImageGenerator:
             yield self._table(refused)
         for rows in self._generate(requests):
             yield self._table(rows)
+
+    def rows_by_part(self, batch):
+        """`self(batch)` as an actor method: the batch job's actors are called this way, part by part
+        (a Ray streaming generator call)."""
+        yield from self(batch)
 
     def draw_all(self, batch) -> pa.Table:
         """Every row of `batch` in one table (for callers outside Ray Data)."""

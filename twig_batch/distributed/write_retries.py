@@ -41,11 +41,20 @@ class RetryNotes:
                 "outages": self.outages, "longest_s": round(self.longest_s, 1), "last_error": self.last_error}
 
 
-def new_board():
-    """A RetryNotes as a Ray actor of its own (no CPU), that every model actor can reach."""
+def new_board(name: str):
+    """A RetryNotes as a Ray actor of its own (no CPU), that every model actor can reach by `name`.
+
+    The model actors are given the name, not the handle: Ray warns (as an error) of every restartable
+    actor whose constructor takes a handle or an object reference (ray-project/ray#53727)."""
     import ray
 
-    return ray.remote(num_cpus=0)(RetryNotes).remote()
+    return ray.remote(num_cpus=0)(RetryNotes).options(name=name).remote()
+
+
+def board_by_name(name: str):
+    import ray
+
+    return ray.get_actor(name)
 
 
 def _describe(exc: BaseException) -> str:
