@@ -41,7 +41,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     if getattr(exc, "log", None):  # a worker's failure: its full traceback is in the Ray session's logs
-        typer.echo(f"full log: {exc.log} (the actors' worker-*.err; Ray Data's ray-data/ray-data.log)", err=True)
+        typer.echo(f"full log: {exc.log} (the actors' worker-*.err)", err=True)
     raise typer.Exit(code=2)
 
 
@@ -254,7 +254,7 @@ def run_cmd(
                                                   rich_help_panel=RAY,
                                                   show_default="as many as fit in each GPU's free memory; on a CPU, "
                                                                "a call's work items"),
-    work_batch_size: Optional[int] = typer.Option(None, help="Work items per actor call (Ray Data's batch size).",
+    work_batch_size: Optional[int] = typer.Option(None, help="Work items per actor call.",
                                                   rich_help_panel=RAY,
                                                   show_default="--images-per-call when given, else up to 256 "
                                                                "(fewer on a short run; 16 on CPU)"),
@@ -269,7 +269,8 @@ def run_cmd(
                                                  "after a crash).", rich_help_panel=RAY),
     max_actor_restarts: int = typer.Option(4, help="Times Ray restarts each model actor that dies (lost node, "
                                                    "out of memory) before the run stops.", rich_help_panel=RAY),
-    max_task_retries: int = typer.Option(3, help="Times a batch is retried after its actor died.", rich_help_panel=RAY),
+    max_task_retries: int = typer.Option(3, help="Times the items of a call whose actor died are sent again.",
+                                         rich_help_panel=RAY),
     storage_retry_s: float = typer.Option(300.0, "--storage-retry-s", metavar="SECONDS", rich_help_panel=RAY,
                                           help="How long a write that fails for a passing reason (S3 refusing "
                                                "connections, throttling) is retried, with backoff, before its "

@@ -6,8 +6,7 @@ does not answer is found in seconds, not left to Ray (which retries a dead addre
 quarter of an hour, printing only its own warnings): a named one is an error, and a record that
 `ray start` left behind for a cluster that has since died (killed, not stopped) is said once and
 a local cluster starts instead. A local cluster
-gets enough logical CPUs for the actors plus Ray Data's read tasks: with too few, the readers
-starve behind the actors and the run stalls. A cluster is joined in its own token-authentication
+gets logical CPUs for the actors and two more (the run's small tasks and its retry board). A cluster is joined in its own token-authentication
 mode (ray_auth.py).
 """
 from __future__ import annotations

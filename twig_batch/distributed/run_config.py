@@ -27,7 +27,7 @@ class RunConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     images_per_call: int | None = None  # images per model call; default: what fits the GPU (all of a call on a CPU)
-    # Work items per actor call (Ray Data's batch, and the read's block size); default: images_per_call
+    # Work items per actor call; default: images_per_call
     # when given, else up to 256 on a GPU (fewer on a short run, see `work_batch`; 16 on a CPU).
     work_batch_size: int | None = None
     samples_per_prompt: int = 1

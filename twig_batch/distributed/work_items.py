@@ -1,6 +1,6 @@
 """Input rows -> work items: one row per (id, sample) with its seed, minus what is already done.
 
-This runs as a stateless `map_batches` step between `read_parquet` and the model actors. Ids are
+The driver runs this on each slice of the input it reads (`work_feed`). Ids are
 cast to text; a row without one gets an id derived from its prompt, so identical prompts share an
 id (and, with the same seed, would draw the same image: they are generated once).
 
@@ -99,7 +99,7 @@ def decoded_texts(column: pa.ChunkedArray, what: str) -> tuple[list, list[str | 
 def read_schema(prompt_column: str, id_column: str | None, seed_column: str | None) -> pa.Schema:
     """The input columns a run reads, one type per column across files.
 
-    Otherwise Ray Data refuses files whose ids are integers in one and text in another, and fails on
+    Otherwise files whose ids are integers in one and text in another could not be read as one, nor
     an unsigned seed beyond int64. Ids become text anyway; decimal(20, 0) holds every int64 and
     uint64 seed, and the work items check each seed's range.
     """

@@ -3,7 +3,7 @@
 `check_input` reads only file footers and listings, so a bad input is reported in seconds and
 before any model is loaded. `read_row_groups` then reads the columns a run uses, one row group at a
 time, so that a page that cannot be decoded and repeated ids are found before the run starts too
-(about a second per million rows); the rows are read again, in parallel, by Ray Data.
+(about a second per million rows); the run's driver reads them again as it hands out work (`work_feed`).
 """
 from __future__ import annotations
 
