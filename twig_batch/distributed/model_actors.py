@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 from twig_batch.distributed.actor_report import detach_events
 from twig_batch.io.manifest import item_key
 
-READY_POLL_S = 1.0  # how often a lane waiting for its actor to start checks whether the run is over
+READY_POLL_S = 1.0  # how often a lane waiting for its actor checks whether the run is over, or asks again
 
 
 @dataclass
@@ -122,19 +123,23 @@ class ModelActors:
             self._results.put(_LaneEnded)
 
     def _when_up(self, actor) -> bool:
-        """Wait until `actor` has loaded its model (through restarts: a readiness call Ray retries);
-        False when the run is over first. Raises when the actor is dead for good."""
+        """Wait until `actor` has loaded its model, through restarts; False when the run is over first.
+        Raises when the actor is dead for good. A restarting actor refuses calls: the readiness call is
+        asked again here, not left to Ray's retries (which print a line to the driver for each)."""
         import ray
+        from ray.exceptions import ActorUnavailableError
 
-        ready = actor.__ray_ready__.options(max_task_retries=-1).remote()
         while True:
-            done, _ = ray.wait([ready], timeout=READY_POLL_S)
-            if done:
+            ready = actor.__ray_ready__.remote()
+            while not ray.wait([ready], timeout=READY_POLL_S)[0]:
+                with self._turn:
+                    if self._over():
+                        return False
+            try:
                 ray.get(ready)
                 return True
-            with self._turn:
-                if self._over():
-                    return False
+            except ActorUnavailableError:  # restarting
+                time.sleep(READY_POLL_S)
 
     def _over(self) -> bool:
         return self._closed or self._failed or (self._fed_all and not self._resends and not self._busy)
