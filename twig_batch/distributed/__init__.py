@@ -1,4 +1,4 @@
-"""Ray: the batch job driver and the callable class `map_batches` runs on each model actor."""
+"""Ray: the batch job driver, its model actors, and `ImageGenerator` (the class each model actor holds)."""
 from twig_batch.distributed.image_generator import ImageGenerator
 from twig_batch.distributed.run_config import RunConfig
 
