@@ -43,8 +43,9 @@ def test_run_joins_an_open_cluster_despite_a_stale_token(open_head, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "(3 ok, 0 error rows)" in output
-    # Ray's error line about restartable actors whose constructor takes an object reference: the run's
-    # actors take none (the retry board goes by name), so a joined run prints none.
+    # Ray prints an error line for a restartable actor whose constructor arguments sit in its object
+    # store (ray-project/ray#53727), a handle among them: the run's actors get the retry board by name.
+    # Ray prints it late, as the driver leaves, and not in every run: a regression shows here in some.
     assert "core_worker.cc" not in output and "ObjectRef" not in output, output[-3000:]
     assert {r["status"] for r in read_manifest(tmp_path / "out").to_pylist()} == {"ok"}
 

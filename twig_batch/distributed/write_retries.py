@@ -44,8 +44,9 @@ class RetryNotes:
 def new_board(name: str):
     """A RetryNotes as a Ray actor of its own (no CPU), that every model actor can reach by `name`.
 
-    The model actors are given the name, not the handle: Ray warns (as an error) of every restartable
-    actor whose constructor takes a handle or an object reference (ray-project/ray#53727)."""
+    The model actors are given the name, not the handle: a handle in a restartable actor's constructor
+    arguments makes Ray print an error line on the driver (ray-project/ray#53727: arguments in the
+    object store may be gone when the actor restarts; the board lives as long as the run)."""
     import ray
 
     return ray.remote(num_cpus=0)(RetryNotes).options(name=name).remote()
