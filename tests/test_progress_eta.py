@@ -16,3 +16,17 @@ def test_the_eta_follows_the_running_rate_once_it_is_known():
     progress.report()
     assert progress.eta_s() == 90.0 and "ETA 1m30s" in lines[-1]
     assert "1.43 images/s" in lines[-1]  # the rate shown is still the run's own, start included
+
+
+def test_after_the_first_parts_the_eta_uses_the_actors_own_rate_over_them():
+    from twig_batch.distributed.run_events import RunEvents
+
+    events = RunEvents(storage=None, info={"attempts": [{}]}, echo=lambda line: None)
+    progress = Progress(total=4096, echo=lambda line: None, started=time.monotonic() - 38)  # 25 s of start
+    progress.steady_rate = events.running_images_per_s
+    assert events.running_images_per_s() is None
+    events.add([{"kind": "part", "actor": "a", "images": 128, "draw_s": 16.0},
+                {"kind": "part", "actor": "b", "images": 64, "draw_s": 16.0}])
+    progress.update(192, 0)
+    assert events.running_images_per_s() == 12.0  # 8 + 4 images/s, each actor's first part
+    assert progress.eta_s() == (4096 - 192) / 12.0  # not (4096 - 192) / (192 / 38)

@@ -122,7 +122,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
             if checked.text_lengths is not None:
                 echo(checked.text_lengths.describe())
             events = RunEvents(storage, info, progress.say)
-            progress.steady_rate = events.steady_images_per_s
+            progress.steady_rate = events.running_images_per_s
             board_name = f"twig-batch-retries-{attempt}"
             board = new_board(board_name)
             storage.retry_watcher = WriteWatcher(board, "driver")

@@ -32,8 +32,9 @@ class Progress:
     interval_s: float = 10.0
     live: bool = False
     status: callable = None  # a note on how the run fares (writes being retried), or ''; appended to the line
-    # Images/s once the actors run (None until known). The ETA uses it: the rate since the start still
-    # carries the actors' start, which would put a first ETA of a long run hours off.
+    # Images/s once the actors run (None until known; the batch job's is their first parts' rate, then
+    # the steady one). The ETA uses it: the rate since the start still carries the actors' start, which
+    # would put a first ETA of a long run hours off.
     steady_rate: callable = None
     ok: int = 0
     errors: int = 0

@@ -40,6 +40,17 @@ class RunEvents:
                  if a.get("parts", 0) > 1 and a["last_part_at"] > a["first_part_at"]]
         return sum(rates) if rates else None
 
+    def running_images_per_s(self) -> float | None:
+        """The steady rate once known; before that, each actor's own rate over its first part (graph
+        captures included), summed: after the first rows, an ETA from it is minutes closer than one from
+        the rate since the start, which carries the actors' start."""
+        steady = self.steady_images_per_s()
+        if steady is not None:
+            return steady
+        rates = [a["first_part_images"] / a["first_part_s"] for a in self.attempt["actor_stats"].values()
+                 if a.get("parts") and a.get("first_part_s")]
+        return sum(rates) if rates else None
+
     def _add(self, event: dict) -> bool:
         kind, actor = event["kind"], event.get("actor", "?")
         if kind == "part":  # the actor's own timing of each part: counted, not said
