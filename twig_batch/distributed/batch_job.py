@@ -366,8 +366,9 @@ def _with_restart_limits(error: BaseException, config: RunConfig) -> BaseExcepti
     if not isinstance(error, RunFailedError) or "ActorDiedError" not in str(error):
         return error
     limited = RunFailedError(f"{error}; model actors kept dying: each is restarted at most "
-                             f"{config.max_actor_restarts} time(s), and the items of a call whose actor died are sent again at "
-                             f"most {config.max_task_retries} time(s) (--max-actor-restarts, --max-task-retries)")
+                             f"{config.max_actor_restarts} time(s), and the items of a call whose actor died are "
+                             f"sent again at most {config.max_task_retries} time(s) (--max-actor-restarts, "
+                             "--max-task-retries)")
     limited.log = getattr(error, "log", None)
     return limited
 

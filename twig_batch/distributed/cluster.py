@@ -5,9 +5,9 @@ this machine, and otherwise start a local one (`RAY_ADDRESS=local` forces that).
 does not answer is found in seconds, not left to Ray (which retries a dead address for about a
 quarter of an hour, printing only its own warnings): a named one is an error, and a record that
 `ray start` left behind for a cluster that has since died (killed, not stopped) is said once and
-a local cluster starts instead. A local cluster
-gets logical CPUs for the actors and two more (the run's small tasks and its retry board). A cluster is joined in its own token-authentication
-mode (ray_auth.py).
+a local cluster starts instead. A local cluster gets logical CPUs for the actors and two more (the
+run's small tasks and its retry board). A cluster is joined in its own token-authentication mode
+(ray_auth.py).
 """
 from __future__ import annotations
 

@@ -49,14 +49,14 @@ if TYPE_CHECKING:  # the actor imports the pipeline (and torch) when it starts, 
 WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
-DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it, its batch is redone
+DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it
 
 
 class ImageGenerator:
     def __init__(self, model: str = "tiny", output: str | None = None, settings: GenerationSettings | dict | None = None,
                  device: str = "auto", dtype: str = "auto", model_name: str | None = None, base_seed: int | None = 0,
                  templates=None, faults: dict | None = None, images_per_call: int | None = None,
-                 report_events: bool = False, storage_retry_s: float | None = None, retry_board=None):
+                 report_events: bool = False, storage_retry_s: float | None = None, retry_board: str | None = None):
         started = time.perf_counter()
         from twig_batch.devices import resolve_device, resolve_dtype
         from twig_batch.io.storage import open_storage
@@ -96,11 +96,10 @@ class ImageGenerator:
 
             if storage_retry_s is not None:
                 self.storage.retry_policy = RetryPolicy(total_s=storage_retry_s)
-            if retry_board is not None:  # the board itself, or its name (the batch job's actors)
+            if retry_board is not None:  # the name of the batch driver's board
                 from twig_batch.distributed.write_retries import WriteWatcher, board_by_name
 
-                board = board_by_name(retry_board) if isinstance(retry_board, str) else retry_board
-                self.storage.retry_watcher = WriteWatcher(board, self.name)
+                self.storage.retry_watcher = WriteWatcher(board_by_name(retry_board), self.name)
         self._events_lock = threading.Lock()  # events come from the drawing thread, leave with the rows
         self._events: list[dict] = [{"kind": "startup", "actor": self.name, "device": str(self.bundle.device),
                                      "startup_s": round(time.perf_counter() - started, 2),

@@ -3,9 +3,9 @@ and prompts without ids that appear more than once.
 
 A row without an id gets one made from its prompt (`work_items.content_id`), so identical prompts
 without ids are one item and must be drawn once. The work items are made a slice at a time
-(`work_feed`), which cannot see that a prompt repeats in another block; so the repeats are found here, every copy
-of them is left out of the main stream, and one copy of each is drawn from a small table of its own
-(`RepeatedPrompts.first_copies`), with the first copy's seed.
+(`work_feed`), and a slice cannot see that a prompt repeats in another; so the repeats are found
+here, every copy of them is left out of the main stream, and one copy of each is drawn from a
+small table of its own (`RepeatedPrompts.first_copies`), with the first copy's seed.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Deaths. Ray restarts a dead actor (`max_restarts`) but does not replay its call 
 here): a replay would draw again what had already come back, and, cut into parts differently (after
 an out-of-memory split), lose rows. The driver sends the call again instead, with only the items the
 dead actor had not handed back, to whichever actor is free first, at most `call_retries` times per
-call. Each death is said once per cause and recorded (`actor_died` in run.json's part events).
+call. Each death is said and recorded (`actor_died` in run.json's part events).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from twig_batch.distributed.actor_report import detach_events
 from twig_batch.io.manifest import item_key
@@ -39,9 +38,7 @@ class _Call:
         """The items whose rows have not come back yet."""
         if not self.handed_back:
             return self.items
-        keys = [item_key(i, s) for i, s in zip(self.items.column("id").to_pylist(),
-                                                self.items.column("sample_index").to_pylist())]
-        return self.items.filter(pa.array([key not in self.handed_back for key in keys]))
+        return self.items.filter(pa.array([key not in self.handed_back for key in _keys(self.items)]))
 
 
 class _LaneEnded:
@@ -217,12 +214,9 @@ class ModelActors:
         self._results.put(exc)
 
 
-def _keys(rows: pa.Table) -> list[str]:
-    if not rows.num_rows:
-        return []
-    ids = rows.column("id").to_pylist()
-    samples = pc.cast(rows.column("sample_index"), pa.int64()).to_pylist()
-    return [item_key(i, s) for i, s in zip(ids, samples)]
+def _keys(table: pa.Table) -> list[str]:
+    """The (id, sample) keys of work items or manifest rows."""
+    return [item_key(i, s) for i, s in zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist())]
 
 
 def _short_id(actor) -> str:
