@@ -77,9 +77,6 @@ def forward_at(model: FastModel, cache: CacheTensors, embeds: torch.Tensor, posi
         row_valid = cache.valid[row_index].scatter_(1, write, valid)  # a copy: written back below
         cache.valid[row_index] = row_valid
         mask = _own_column_mask(row_valid, write, start, attend)
-    lm = model.lm
-    cos, sin = _rotary(lm, positions, embeds.dtype)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if cache.k_scale is not None:
@@ -90,7 +87,17 @@ def forward_at(model: FastModel, cache: CacheTensors, embeds: torch.Tensor, posi
                                               _read(cache.v[i], attend, row_index), attn_mask=mask,
                                               enable_gqa=cache.kv_heads != cache.heads)
 
-    shape = (cache.heads, cache.kv_heads, cache.head_dim)
+    return run_layers(model, embeds, positions, (cache.heads, cache.kv_heads, cache.head_dim), attend_kv)
+
+
+def run_layers(model: FastModel, embeds: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int, int],
+               attend_kv) -> torch.Tensor:
+    """The decoder's layers over `embeds` [R, T, D] at `positions` [R, T], then the final norm.
+    `shape` is (heads, kv_heads, head_dim); `attend_kv(layer index, q, k, v)` keeps the layer's keys
+    and values wherever its cache keeps them and returns the attention output [R, H, T, d]."""
+    lm = model.lm
+    cos, sin = _rotary(lm, positions, embeds.dtype)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x, delta = embeds, None
     for i, layer in enumerate(lm.layers):
         x, delta = _layer(layer, model.joined, model.kernels, i, x, delta, cos, sin, shape, partial(attend_kv, i))

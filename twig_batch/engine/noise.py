@@ -24,11 +24,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_keys(seeds: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """One 32-bit key per row for this step; seeds is an int64 tensor [B]."""
+def row_keys(seeds: torch.Tensor, step: int | torch.Tensor, stream: int) -> torch.Tensor:
+    """One 32-bit key per row for this step; seeds is an int64 tensor [B], `step` one step for every
+    row or an int64 tensor [B] of each row's own."""
     lo = seeds & _MASK32
     hi = (seeds >> 32) & _MASK32
-    key = _mix32(torch.full_like(seeds, (stream * GOLDEN + step) & _MASK32))
+    key = _mix32(((stream * GOLDEN + torch.as_tensor(step, device=seeds.device)) & _MASK32).expand_as(seeds))
     key = _mix32(key ^ hi)
     return _mix32(key ^ lo)
 

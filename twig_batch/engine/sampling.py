@@ -18,7 +18,8 @@ def guided_logits(logits_pairs: torch.Tensor, cfg_weight: float) -> torch.Tensor
     return uncond + cfg_weight * (cond - uncond)
 
 
-def draw_image_step(bundle, hidden: torch.Tensor, seeds: torch.Tensor, step: int, settings, kernels=AS_WRITTEN):
+def draw_image_step(bundle, hidden: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor, settings,
+                    kernels=AS_WRITTEN):
     """One image token per image from the last hidden states of its CFG row pairs [2B, D]: the
     guided logits [B, V] and the sampled tokens [B] (noise keyed by each image's seed and `step`)."""
     logits = guided_logits(bundle.image_logits(hidden), settings.cfg_weight)
@@ -43,7 +44,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | N
 def sample_tokens(
     logits: torch.Tensor,
     seeds: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,

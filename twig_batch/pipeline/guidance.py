@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from twig_batch.engine.inputs import TextPrompt
 from twig_batch.pipeline.bands import band_part
 from twig_batch.pipeline.text_generation import BatchedText
 from twig_batch.pipeline.text_lengths import TextLengths, stops_for
@@ -50,8 +51,14 @@ class ModelGuide:
             prompt=request.prompt, part=band_part(self.templates, request.band, request.bands),
             band=request.band + 1, bands=request.bands)
 
-    def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
+    def prompts(self, bundle, requests: list[GuidanceRequest]) -> list[TextPrompt]:
         seeds = [guidance_seed(r.seed, r.band) for r in requests]
-        prompts = understanding_prompts(bundle, [self.question(r) for r in requests], [None] * len(requests),
-                                        self.templates, seeds, stops_for(self.lengths, self.kind, seeds))
-        return self.text(bundle, prompts, settings.guidance_max_tokens, temperature=settings.guidance_temperature)
+        return understanding_prompts(bundle, [self.question(r) for r in requests], [None] * len(requests),
+                                     self.templates, seeds, stops_for(self.lengths, self.kind, seeds))
+
+    def text_rule(self, settings: GenerationSettings) -> tuple[int, float]:
+        """(most new tokens, temperature) of a plan."""
+        return settings.guidance_max_tokens, settings.guidance_temperature
+
+    def guide(self, bundle, requests: list[GuidanceRequest], settings: GenerationSettings) -> list[str]:
+        return self.text(bundle, self.prompts(bundle, requests), *self.text_rule(settings))

@@ -109,8 +109,12 @@ class CanvasQuestions:
         return featured_prompts(bundle, [self.question(r) for r in requests], features, self.templates,
                                 seeds, stops_for(self.lengths, self.kind, seeds))
 
+    def text_rule(self, settings: GenerationSettings) -> tuple[int, float]:
+        """(most new tokens, temperature) of an answer: greedy."""
+        return settings.think_max_tokens, 0.0
+
     def answer(self, bundle, prompts: list[TextPrompt], settings: GenerationSettings) -> list[str]:
-        return self.text(bundle, prompts, settings.think_max_tokens, temperature=0.0)
+        return self.text(bundle, prompts, *self.text_rule(settings))
 
     def shares_calls_with(self, other) -> bool:
         """Whether `other`'s prompts can go into this one's text calls: it answers the same way (greedy,

@@ -1,0 +1,161 @@
+"""The mixed loop against the reference loops, token for token (tiny model, float64, CPU): texts and
+bands of image tokens from many images in the same steps, prefills cut into chunks, KV pages taken and
+given back as rows grow and end, images joining as others free their pages."""
+import pytest
+import torch
+
+from twig_batch.engine.inputs import TextPrompt
+from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.mixed.pages import PagePool
+from twig_batch.engine.mixed.stages import ImageStage, TextStage
+from twig_batch.model import load_janus
+from twig_batch.pipeline import ImageRequest
+from twig_batch.pipeline.mixed import generate_mixed
+from twig_batch.pipeline.reflection import ModelScorer
+from twig_batch.pipeline.thinking import ModelThinker
+from twig_batch.prompts import t2i_prompt_ids
+from twig_batch.reference.image_tokens import reference_image_tokens
+from twig_batch.reference.staged import reference_staged
+from twig_batch.reference.texts import ReferenceText, reference_text
+from twig_batch.settings import GenerationSettings
+
+PROMPTS = ["a red cube", "a small cat on a large table next to a lamp", "tree", "night sky with a moon", "a house"]
+
+
+@pytest.fixture(scope="module")
+def small(tiny_hf_dir):
+    bundle = load_janus(str(tiny_hf_dir), "cpu", torch.float64)
+    bundle.model.config.vq_config.num_patches = 6  # 36 image tokens: 3 bands of 2 token rows
+    return bundle
+
+
+def ask_once(stage):
+    """A program asking for one stage and returning its result."""
+    result = yield [stage]
+    return result[0]
+
+
+class TracedLoop(MixedLoop):
+    """Records, per step, how many runs were active and how many pages were free."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = []
+
+    def _step(self, runs):
+        self.trace.append((len(runs), self.pool.available))
+        return super()._step(runs)
+
+
+def test_texts_of_many_lengths_match_the_reference_while_sharing_steps(tiny64):
+    encode = tiny64.encode
+    prompts = [TextPrompt(encode(p * (i + 1)), seed=7 * i, stop_after=[None, 3, None, 1, 6][i])
+               for i, p in enumerate(PROMPTS)]
+    pool = PagePool(tiny64.language_model, pages=24, page_size=4)
+    for temperature in (0.0, 1.0):
+        loop = TracedLoop(tiny64, pool, step_tokens=16)
+        written = loop.run(ask_once(TextStage(p, 9, temperature)) for p in prompts)
+        assert written == [reference_text(tiny64, p, 9, temperature) for p in prompts]
+        # Prompts longer than the step's budget were prefilled in chunks, beside rows that were decoding.
+        assert max(len(p.ids) for p in prompts) > 16
+        assert max(active for active, _ in loop.trace) >= 3
+        assert pool.available == pool.pages  # every page given back
+
+
+def test_bands_of_image_tokens_match_the_reference_with_images_joining_as_pages_free(small):
+    settings = GenerationSettings(mode="plain")
+    codes = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
+    stages = [ImageStage(t2i_prompt_ids(small, p), 100 + i, settings, n_tokens=12 + i,
+                         prefix_codes=codes[:2 * i] if i else None, first_step=2 * i)
+              for i, p in enumerate(PROMPTS)]
+    # Room for about two images at once: the others wait for pages and join mid-run.
+    pool = PagePool(small.language_model, pages=48, page_size=4)
+    loop = TracedLoop(small, pool, step_tokens=32)
+    drawn = loop.run(ask_once(s) for s in stages)
+    for stage, got in zip(stages, drawn):
+        want = reference_image_tokens(small, stage.cond_ids, stage.seed, settings, stage.n_tokens,
+                                      stage.prefix_codes, stage.first_step)
+        assert torch.equal(got, want)
+    assert max(active for active, _ in loop.trace) < len(stages)  # not all at once ...
+    assert loop.steps < sum(s.n_tokens for s in stages)  # ... but side by side
+    assert pool.available == pool.pages
+
+
+def test_texts_and_image_tokens_share_steps(small):
+    settings = GenerationSettings(mode="plain")
+    text = TextPrompt(small.encode(PROMPTS[1]), seed=5)
+    stages = [ImageStage(t2i_prompt_ids(small, PROMPTS[0]), 1, settings, n_tokens=20), TextStage(text, 12, 1.0)]
+    loop = MixedLoop(small, PagePool(small.language_model, pages=64, page_size=4), step_tokens=64)
+    codes, written = loop.run(ask_once(s) for s in stages)
+    assert torch.equal(codes, reference_image_tokens(small, stages[0].cond_ids, 1, settings, 20))
+    assert written == reference_text(small, text, 12, 1.0)
+    assert loop.steps <= 22  # one prefill step (both prompts), then the decodes side by side
+
+
+def requests_for(prompts, base_seed=100):
+    return [ImageRequest(f"p{i}", p, 0, base_seed + i) for i, p in enumerate(prompts)]
+
+
+def same(a, b):
+    return (torch.equal(a.codes, b.codes) and a.thoughts == b.thoughts and a.reflections == b.reflections
+            and a.redrawn_bands == b.redrawn_bands and a.image.tobytes() == b.image.tobytes()
+            and [(lbl, im.tobytes()) for lbl, im in a.band_images] == [(lbl, im.tobytes()) for lbl, im in b.band_images])
+
+
+class RejectFirstBand:
+    """A stand-in scorer: band 1 of every image is rejected once, with a new description."""
+
+    def reflect(self, bundle, requests, settings):
+        return ["Score: 10\nBetter: a plain grey field" if r.band == 0 else "Score: 95\nBetter: fine"
+                for r in requests]
+
+
+@pytest.mark.parametrize("mode,scorer", [("plain", None), ("seed", None), ("twig", None), ("twig", RejectFirstBand())])
+def test_every_mode_matches_the_reference_image_for_image(small, mode, scorer):
+    settings = GenerationSettings(mode=mode, bands=3, think_max_tokens=5, guidance_max_tokens=5)
+    requests = requests_for(PROMPTS[:4])
+    # Few pages: images start as others end, each at its own stage (twig's prompts show a canvas).
+    pages = 900 if mode == "twig" else 40
+    got = generate_mixed(small, requests, settings, scorer=scorer, pages=pages, page_size=4, step_tokens=48)
+    for request, result in zip(requests, got):
+        assert same(result, reference_staged(small, request, settings, scorer=scorer))
+    if scorer is not None:
+        assert all(r.redrawn_bands == [0] for r in got)
+
+
+def test_a_stage_larger_than_the_pool_is_named(small):
+    stage = ImageStage(t2i_prompt_ids(small, PROMPTS[1]), 1, GenerationSettings(), n_tokens=36)
+    loop = MixedLoop(small, PagePool(small.language_model, pages=4, page_size=4))
+    with pytest.raises(RuntimeError, match="36 image tokens needs .* pages of 4"):
+        loop.run([ask_once(stage)])
+
+
+class RecordingText(ReferenceText):
+    """The reference's text writer, keeping every prompt it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, bundle, prompts, max_new_tokens, temperature=0.0):
+        self.asked += prompts
+        return super().__call__(bundle, prompts, max_new_tokens, temperature)
+
+
+def test_twig_asks_the_reference_questions_thinking_ahead_beside_each_reflection(small, monkeypatch):
+    """The thought for band k + 1, written beside the reflection on band k, is asked with the prompt
+    the reference asks after the reflection (same earlier thoughts, same canvas)."""
+    settings = GenerationSettings(mode="twig", bands=3, think_max_tokens=5)
+    request = requests_for(PROMPTS[1:2])[0]
+    text = RecordingText()
+    reference_staged(small, request, settings, thinker=ModelThinker(text=text), scorer=ModelScorer(text=text))
+    asked = []
+    run_for = MixedLoop._run_for
+    monkeypatch.setattr(MixedLoop, "_run_for", lambda loop, stage: asked.append(stage) or run_for(loop, stage))
+    generate_mixed(small, [request], settings, pages=900, page_size=4)
+
+    def key(prompt):
+        return prompt.ids, prompt.seed, None if prompt.image_features is None else prompt.image_features.tolist()
+
+    texts = [s.prompt for s in asked if isinstance(s, TextStage)]
+    assert sorted(map(key, texts)) == sorted(map(key, text.asked))
+    assert len(texts) == 2 * settings.bands  # a thought per band, a reflection per band

@@ -1,0 +1,183 @@
+"""The mixed loop: many images' programs at once, every stage of every image in the same steps.
+
+Each image is a program (`pipeline/programs.py`): a generator that asks for stages (texts, bands of
+image tokens), gets their results back and asks for the next, doing its host work (decoding a band,
+reading a reflection) in between. The loop holds the programs not started yet in a queue and, at
+every step:
+1. admits stages: first those asked by programs already running (in the order asked), then the first
+   stages of new programs, while the page pool can promise what each stage may need (`stages.py`) and
+   the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
+   after it wait behind it, so no image starves;
+2. builds one step: every run that is decoding feeds its one token, runs still prefilling share what
+   is left of the step's token budget in chunks (a run's two CFG rows always take the same chunk);
+3. runs it (`step.mixed_step`) and samples for every run that has fed all it had: text runs from the
+   language head, image runs from the generation head with classifier-free guidance, in groups of one
+   sampling rule, each row with the noise of its own seed and step (so no image depends on the others);
+4. ends the runs that are done (their pages go back at once) and hands each program its results when
+   every stage it asked for is done.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from twig_batch.engine.fused import FastModel
+from twig_batch.engine.mixed.pages import PagePool
+from twig_batch.engine.mixed.stages import ImageRun, ImageStage, TextRun, TextStage
+from twig_batch.engine.mixed.step import Chunk, mixed_step
+from twig_batch.engine.sampling import draw_image_step, sample_tokens
+from twig_batch.seeds import STREAM_TEXT
+
+
+class _Program:
+    """One image's program and the stages it asked for last: their runs and, once done, their results."""
+
+    def __init__(self, index: int, generator: Iterator):
+        self.index, self.generator = index, generator
+        self.results: list = []
+        self.left = 0
+        self.outcome = None
+
+    def ask(self, sent) -> list:
+        """The stages the program asks for next (empty once it has returned its outcome)."""
+        try:
+            stages = self.generator.send(sent)
+        except StopIteration as stop:
+            self.outcome = stop.value
+            return []
+        if not stages:
+            raise ValueError(f"image program {self.index} asked for no stage")
+        self.results, self.left = [None] * len(stages), len(stages)
+        return list(stages)
+
+
+class MixedLoop:
+    """Runs image programs over one page pool. `step_tokens`: tokens one step feeds at most (decoding
+    rows first, then prefill chunks); `max_rows`: sequences in one step at most."""
+
+    def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = 2048,
+                 max_rows: int = 512):
+        if step_tokens < 1 or max_rows < 2:
+            raise ValueError(f"a step needs a token and room for a CFG pair, got {step_tokens} tokens, {max_rows} rows")
+        self.bundle, self.pool = bundle, pool
+        self.model = model or FastModel.plain(bundle.language_model)
+        self.step_tokens, self.max_rows = step_tokens, max_rows
+        self.steps = 0
+
+    @torch.no_grad()
+    def run(self, programs: Iterable[Iterator]) -> list:
+        """Every program's return value, in the programs' order."""
+        waiting = deque(enumerate(programs))
+        asked: deque = deque()  # (program, stage index, stage): asked by a running program, not admitted
+        runs: list = []  # (program, stage index, run)
+        outcomes: dict[int, object] = {}
+
+        def start(program: _Program, sent) -> None:
+            stages = program.ask(sent)
+            if not stages:
+                outcomes[program.index] = program.outcome
+            asked.extend((program, i, stage) for i, stage in enumerate(stages))
+
+        while waiting or asked or runs:
+            self._admit(asked, runs)
+            while not asked and waiting and self._rows(runs) + 2 <= self.max_rows:
+                index, generator = waiting.popleft()
+                start(_Program(index, generator), None)
+                self._admit(asked, runs)
+            if not runs:
+                _, _, stage = asked[0]
+                raise RuntimeError(f"a stage needs more KV pages than the pool holds: {self._describe(stage)}")
+            for program, i, run in self._step(runs):
+                run.close()
+                program.results[i] = run.result()
+                program.left -= 1
+                if program.left == 0:
+                    start(program, program.results)
+        return [outcomes[i] for i in sorted(outcomes)]
+
+    def _rows(self, runs) -> int:
+        return sum(len(run.rows) for _, _, run in runs)
+
+    def _admit(self, asked: deque, runs: list) -> None:
+        while asked:
+            program, i, stage = asked[0]
+            run = self._run_for(stage)
+            if not run.admitted or self._rows(runs) + len(run.rows) > self.max_rows:
+                if run.admitted:
+                    run.reservation.close()
+                return
+            asked.popleft()
+            runs.append((program, i, run))
+
+    def _run_for(self, stage):
+        if isinstance(stage, TextStage):
+            return TextRun(stage, self.bundle, self.pool, self.bundle.tokens.eos)
+        if isinstance(stage, ImageStage):
+            return ImageRun(stage, self.bundle, self.pool)
+        raise TypeError(f"an image program asked for {stage!r}, not a TextStage or an ImageStage")
+
+    def _describe(self, stage) -> str:
+        run_pages = self.pool.pages_for
+        if isinstance(stage, TextStage):
+            need = run_pages(len(stage.prompt.ids) + stage.prompt.budget(stage.max_new_tokens))
+            return f"a text of {len(stage.prompt.ids)} prompt tokens needs {need} pages of {self.pool.pages}"
+        prefix = 0 if stage.prefix_codes is None else stage.prefix_codes.numel()
+        need = 2 * run_pages(len(stage.cond_ids) + prefix + stage.n_tokens)
+        return f"a band of {stage.n_tokens} image tokens needs {need} pages of {self.pool.pages}"
+
+    def _step(self, runs: list) -> list:
+        """One step over `runs`; returns (and removes from `runs`) those that are done."""
+        chunks, sampled = [], []
+        budget = self.step_tokens
+        for _, _, run in runs:
+            if run.pending == 1:  # decoding: every decoding row goes into every step
+                budget -= len(run.rows)
+        budget = max(budget, self.step_tokens // 4)  # prefills never starve behind many decoding rows
+        for entry in runs:
+            run = entry[2]
+            count = run.pending if run.pending == 1 else min(run.pending, budget // len(run.rows))
+            if count < 1:
+                continue
+            if run.pending > 1:
+                budget -= count * len(run.rows)
+            for row in run.rows:
+                chunks.append(Chunk(row.sequence, *row.take(count)))
+            sampled.append((entry, run.pending == 0))
+        hidden = mixed_step(self.model, self.pool, chunks)
+        self.steps += 1
+        ready, first = [], 0
+        for entry, complete in sampled:
+            rows = len(entry[2].rows)
+            if complete:
+                ready.append((entry, hidden[first:first + rows]))
+            first += rows
+        self._sample(ready)
+        done = [entry for entry, _ in ready if entry[2].done]
+        for entry in done:
+            runs.remove(entry)
+        return done
+
+    def _sample(self, ready: list) -> None:
+        """Samples a token for every run in `ready` (entry, its rows' hidden states), a group per rule."""
+        groups: dict[tuple, list] = {}
+        for entry, hidden in ready:
+            run = entry[2]
+            rule = ("text", run.stage.temperature) if isinstance(run, TextRun) else ("image", id(run.stage.settings))
+            groups.setdefault(rule, []).append((run, hidden))
+        device = self.bundle.device
+        for rule, members in groups.items():
+            runs = [run for run, _ in members]
+            hidden = torch.cat([h for _, h in members])
+            steps = torch.tensor([run.step for run in runs], dtype=torch.int64, device=device)
+            if rule[0] == "text":
+                seeds = torch.tensor([run.stage.prompt.seed for run in runs], dtype=torch.int64, device=device)
+                tokens = sample_tokens(self.bundle.text_logits(hidden), seeds, steps, rule[1], stream=STREAM_TEXT,
+                                       kernels=self.model.kernels)
+            else:
+                seeds = torch.tensor([run.stage.seed for run in runs], dtype=torch.int64, device=device)
+                settings = runs[0].stage.settings  # the group's: one settings object
+                tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)[1]
+            for run, token in zip(runs, tokens.tolist()):
+                run.accept(token)

@@ -1,0 +1,107 @@
+"""KV memory by actual length: a pool of fixed-size pages that sequences take as they grow.
+
+Every layer's keys and values live in one tensor per kind, [layers, pages * page_size, kv_heads,
+head_dim]: a sequence's token j sits in slot `table[j // page_size] * page_size + j % page_size`, so
+a sequence holds only the pages its tokens fill, whatever the others hold, and gives them back the
+moment it ends. What a sequence may still need is reserved (`Reservation`) when its stage is admitted,
+so a sequence that started is never cut short for lack of pages: admission is where a stage waits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagePool:
+    """`pages` pages of `page_size` token slots each, for every layer of `lm`."""
+
+    def __init__(self, lm, pages: int, page_size: int, device=None, dtype=None):
+        if pages < 1 or page_size < 1:
+            raise ValueError(f"a page pool needs at least one page of one slot, got {pages} x {page_size}")
+        cfg = lm.config
+        weight = lm.embed_tokens.weight
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.pages, self.page_size = pages, page_size
+        device = weight.device if device is None else device
+        shape = (cfg.num_hidden_layers, pages * page_size, self.kv_heads, self.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype or weight.dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self._free = list(range(pages - 1, -1, -1))  # popped from the end: page 0 first
+        self.reserved = 0  # pages promised to admitted stages and not yet taken
+
+    @classmethod
+    def bytes_per_page(cls, lm, page_size: int, dtype: torch.dtype) -> int:
+        cfg = lm.config
+        kv_heads = cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * page_size * kv_heads * head_dim * dtype.itemsize
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    @property
+    def available(self) -> int:
+        """Pages neither taken nor promised."""
+        return len(self._free) - self.reserved
+
+    def reserve(self, pages: int) -> "Reservation | None":
+        """A promise of `pages` pages, or None when fewer are available."""
+        if pages > self.available:
+            return None
+        self.reserved += pages
+        return Reservation(self, pages)
+
+    def _take(self) -> int:
+        return self._free.pop()
+
+    def _give_back(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class Reservation:
+    """Pages promised to one stage, taken one at a time by its sequences as they grow."""
+
+    def __init__(self, pool: PagePool, pages: int):
+        self.pool, self.left = pool, pages
+
+    def take(self) -> int:
+        if self.left < 1:
+            raise RuntimeError("a sequence grew past the pages its stage reserved")
+        self.left -= 1
+        self.pool.reserved -= 1
+        return self.pool._take()
+
+    def close(self) -> None:
+        """The stage is over: what it did not take is available again."""
+        self.pool.reserved -= self.left
+        self.left = 0
+
+
+class PagedSequence:
+    """One row of KV: its page table and how many tokens it holds, growing through `reservation`."""
+
+    def __init__(self, pool: PagePool, reservation: Reservation):
+        self.pool, self.reservation = pool, reservation
+        self.table: list[int] = []
+        self.length = 0
+
+    def slots_for(self, count: int) -> list[int]:
+        """The slots of the next `count` tokens (pages taken as needed); `length` moves on."""
+        size = self.pool.page_size
+        slots = []
+        for j in range(self.length, self.length + count):
+            if j // size == len(self.table):
+                self.table.append(self.reservation.take())
+            slots.append(self.table[j // size] * size + j % size)
+        self.length += count
+        return slots
+
+    def slots(self) -> list[int]:
+        """Every slot it holds, in token order."""
+        size = self.pool.page_size
+        return [self.table[j // size] * size + j % size for j in range(self.length)]
+
+    def free(self) -> None:
+        self.pool._give_back(self.table)
+        self.table, self.length = [], 0

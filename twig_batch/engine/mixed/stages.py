@@ -1,0 +1,144 @@
+"""What an image's program asks the mixed loop for, and how each ask runs there.
+
+A program (`pipeline/programs.py`) asks for stages: a text (`TextStage`, one sequence, language
+head) or a band of image tokens (`ImageStage`, a CFG pair of sequences, generation head). Each stage
+runs as a `TextRun` or an `ImageRun`: its sequences' prompt waits to be prefilled (in chunks, by the
+loop), then each sampled token is fed back until the stage ends. A run knows what it still has to
+feed (`pending`), what it needs of the page pool, and when it is done; the loop decides when it runs
+and samples for it, many runs at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from twig_batch.engine.inputs import TextPrompt, embed_prompts
+from twig_batch.engine.mixed.pages import PagedSequence, PagePool
+from twig_batch.prompts import unconditional_ids
+from twig_batch.settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class TextStage:
+    """Up to `max_new_tokens` tokens after `prompt` (fewer by its `stop_after`), until the stop token."""
+    prompt: TextPrompt
+    max_new_tokens: int
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageStage:
+    """`n_tokens` image tokens of one image whose conditional row is `cond_ids` followed by the image's
+    `prefix_codes` [n0] drawn so far; noise steps count from `first_step`."""
+    cond_ids: list[int]
+    seed: int
+    settings: GenerationSettings
+    n_tokens: int
+    prefix_codes: torch.Tensor | None = None
+    first_step: int = 0
+
+
+class _Row:
+    """One sequence of a run and the input it still has to feed: embeddings [P, D] at positions [P]."""
+
+    def __init__(self, sequence: PagedSequence, embeds: torch.Tensor):
+        self.sequence = sequence
+        self.embeds = embeds
+        self.positions = torch.arange(embeds.shape[0])
+
+    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, positions = self.embeds[:count], self.positions[:count]
+        self.embeds, self.positions = self.embeds[count:], self.positions[count:]
+        return embeds, positions
+
+    def feed(self, embeds: torch.Tensor) -> None:
+        """One token to feed next, right after everything fed so far."""
+        self.embeds = embeds
+        self.positions = torch.tensor([self.sequence.length])
+
+
+class _Run:
+    rows: list[_Row]
+
+    def __init__(self, pool: PagePool, tokens_per_row: int, row_count: int):
+        self.reservation = pool.reserve(row_count * pool.pages_for(tokens_per_row))
+        self.pool = pool
+
+    @property
+    def admitted(self) -> bool:
+        return self.reservation is not None
+
+    @property
+    def pending(self) -> int:
+        """Tokens each row still has to feed before the run samples again."""
+        return self.rows[0].embeds.shape[0]
+
+    def close(self) -> None:
+        for row in self.rows:
+            row.sequence.free()
+        self.reservation.close()
+
+
+class TextRun(_Run):
+    def __init__(self, stage: TextStage, bundle, pool: PagePool, stop: int):
+        self.stage, self.bundle, self.stop = stage, bundle, stop
+        self.budget = stage.prompt.budget(stage.max_new_tokens)
+        ids = stage.prompt.ids
+        super().__init__(pool, len(ids) + self.budget - 1, 1)  # the last token is never fed back
+        self.written: list[int] = []
+        self.done = False
+        if self.admitted:
+            ids_tensor = torch.tensor([ids], device=bundle.device)
+            self.rows = [_Row(PagedSequence(pool, self.reservation), embed_prompts(bundle, ids_tensor, [stage.prompt])[0])]
+
+    @property
+    def step(self) -> int:
+        """The index of the token it samples next (its noise step)."""
+        return len(self.written)
+
+    def accept(self, token: int) -> None:
+        if token == self.stop:
+            self.done = True
+            return
+        self.written.append(token)
+        if len(self.written) == self.budget:
+            self.done = True
+            return
+        self.rows[0].feed(self.bundle.embed_text(torch.tensor([token], device=self.bundle.device)))
+
+    def result(self) -> list[int]:
+        return self.written
+
+
+class ImageRun(_Run):
+    def __init__(self, stage: ImageStage, bundle, pool: PagePool):
+        self.stage, self.bundle = stage, bundle
+        prefix = 0 if stage.prefix_codes is None else stage.prefix_codes.numel()
+        super().__init__(pool, len(stage.cond_ids) + prefix + stage.n_tokens - 1, 2)
+        self.codes: list[int] = []
+        self.done = False
+        if self.admitted:
+            pair = torch.tensor([stage.cond_ids, unconditional_ids(stage.cond_ids, bundle.tokens.pad)],
+                                device=bundle.device)
+            embeds = bundle.embed_text(pair)
+            if prefix:
+                image = bundle.embed_image_codes(stage.prefix_codes.to(bundle.device).view(1, -1))
+                embeds = torch.cat([embeds, image.expand(2, -1, -1)], dim=1)
+            self.rows = [_Row(PagedSequence(pool, self.reservation), e) for e in embeds]
+
+    @property
+    def step(self) -> int:
+        return self.stage.first_step + len(self.codes)
+
+    def accept(self, token: int) -> None:
+        self.codes.append(token)
+        if len(self.codes) == self.stage.n_tokens:
+            self.done = True
+            return
+        embeds = self.bundle.embed_image_codes(torch.tensor([token], device=self.bundle.device))
+        for row in self.rows:
+            row.feed(embeds)
+
+    def result(self) -> torch.Tensor:
+        return torch.tensor(self.codes, dtype=torch.long)

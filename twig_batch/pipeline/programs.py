@@ -1,0 +1,158 @@
+"""Each mode as one image's program for the mixed loop (`engine/mixed/loop.py`).
+
+A program is a generator: it yields the stages it needs next (a list: texts and bands of image
+tokens that do not wait for each other) and gets their results back, decoding bands and reading
+reflections itself in between, then returns the image's `ImageResult`. It is `reference/staged.py`
+for one image, step for step, with the model's asks turned into yields, so the two give the same
+tokens, texts and pixels.
+
+Where the model writes both, the reflection on band k and the thought for band k + 1 are asked
+together (they look at the same canvas): the thought is kept only if the band is accepted, since a
+rejected band changes the plan and the canvas it read. A stand-in thinker, scorer or guide (any
+object without `prompts`) answers on the host, where the program asks it.
+"""
+from __future__ import annotations
+
+import torch
+
+from twig_batch.engine.mixed.stages import ImageStage, TextStage
+from twig_batch.imaging import to_pil
+from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
+from twig_batch.pipeline.guidance import GuidanceRequest
+from twig_batch.pipeline.modes import condition_text, redraw_seed
+from twig_batch.pipeline.reflection import ReflectionRequest, read_reflection
+from twig_batch.pipeline.request import ImageRequest, ImageResult
+from twig_batch.pipeline.text_generation import clean_text
+from twig_batch.pipeline.thinking import ThoughtRequest
+from twig_batch.pipeline.understanding import canvas_features
+from twig_batch.prompts import Templates, t2i_prompt_ids
+from twig_batch.settings import GenerationSettings
+
+
+class Askers:
+    """Who writes an image's texts: `thinker` (twig thoughts), `scorer` (reflections), `guide` (seed plans)."""
+
+    def __init__(self, templates: Templates, thinker, scorer, guide):
+        self.templates, self.thinker, self.scorer, self.guide = templates, thinker, scorer, guide
+
+
+def image_program(bundle, request: ImageRequest, settings: GenerationSettings, askers: Askers):
+    """The program of `request`'s image in `settings.mode`."""
+    schedule = BandSchedule(bundle.grid, settings.bands)
+    if settings.mode == "plain":
+        return _plain(bundle, request, settings, schedule)
+    if settings.mode == "seed":
+        return _seed(bundle, request, settings, schedule, askers)
+    if settings.mode == "twig":
+        return _twig(bundle, request, settings, schedule, askers)
+    raise ValueError(f"unknown mode {settings.mode!r}")
+
+
+def _ask(bundle, asker, requests: list, settings: GenerationSettings, features=None):
+    """The asker's answers to `requests`: as text stages when the model writes them, else on the host."""
+    if not hasattr(asker, "prompts"):
+        answer = getattr(asker, "think", None) or getattr(asker, "reflect", None) or asker.guide
+        return answer(bundle, requests, settings)
+    ids = yield _stages(bundle, asker, requests, settings, features)
+    return [clean_text(bundle, written) for written in ids]
+
+
+def _stages(bundle, asker, requests: list, settings: GenerationSettings, features=None) -> list[TextStage]:
+    max_new_tokens, temperature = asker.text_rule(settings)
+    prompts = asker.prompts(bundle, requests) if features is None else asker.prompts(bundle, requests, features)
+    return [TextStage(prompt, max_new_tokens, temperature) for prompt in prompts]
+
+
+class _Canvas:
+    """An image drawn band by band: its codes so far, its band images and pixels."""
+
+    def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, schedule: BandSchedule):
+        self.bundle, self.request, self.settings, self.schedule = bundle, request, settings, schedule
+        self.codes = torch.zeros(0, dtype=torch.long)
+        self.band_images: list = []
+        self.pixels = self.canvas = None
+
+    def draw(self, condition: str, band: int, seed: int, n_tokens: int | None = None):
+        """Draws band `band` (every band from it on with `n_tokens`) again from `condition`."""
+        start = self.schedule.start(band)
+        stage = ImageStage(t2i_prompt_ids(self.bundle, condition), seed, self.settings,
+                           n_tokens or self.schedule.tokens_per_band, self.codes[:start] if start else None, start)
+        drawn = yield [stage]
+        self.codes = torch.cat([self.codes[:start], drawn[0]])
+
+    def show(self, band: int, redrawn: bool = False, canvas: bool = True) -> None:
+        """Decodes the image after band `band` (and, with `canvas`, the full-size canvas the model looks at)."""
+        self.pixels = band_pixels(self.bundle, self.codes[None], self.schedule, band)
+        if canvas:
+            self.canvas = canvas_pixels(self.bundle, self.codes[None])[0]
+        self.band_images.append((band_label(band, self.schedule.bands, redrawn), to_pil(self.pixels)[0]))
+
+    def result(self, texts=(), reflections=(), redrawn=()) -> ImageResult:
+        return ImageResult(request=self.request, codes=self.codes, image=to_pil(self.pixels)[0],
+                           mode=self.settings.mode, band_images=self.band_images, thoughts=list(texts),
+                           reflections=list(reflections), redrawn_bands=list(redrawn))
+
+
+def _plain(bundle, request, settings, schedule):
+    image = _Canvas(bundle, request, settings, schedule)
+    yield from image.draw(request.prompt.strip(), 0, request.seed, n_tokens=bundle.image_tokens)
+    for band in range(schedule.bands):
+        image.show(band, canvas=False)
+    return image.result()
+
+
+def _seed(bundle, request, settings, schedule, askers: Askers):
+    prompt, bands = request.prompt.strip(), schedule.bands
+    image = _Canvas(bundle, request, settings, schedule)
+    asks = [GuidanceRequest(prompt, band, bands, request.seed) for band in range(bands)]
+    plans = yield from _ask(bundle, askers.guide, asks, settings)
+    for band in range(bands):
+        yield from image.draw(condition_text("seed", askers.templates, prompt, band, bands, plans), band, request.seed)
+        image.show(band, canvas=False)
+    return image.result(plans)
+
+
+def _twig(bundle, request, settings, schedule, askers: Askers):
+    prompt, bands, seed = request.prompt.strip(), schedule.bands, request.seed
+    image = _Canvas(bundle, request, settings, schedule)
+    texts, reflections, redrawn = [], [], []
+    ahead = None  # the thought for this band, written beside the last reflection
+
+    def condition(band):
+        return condition_text("twig", askers.templates, prompt, band, bands, texts)
+
+    for band in range(bands):
+        if ahead is None:
+            ask = ThoughtRequest(prompt, band, bands, tuple(texts), image.canvas if band else None, seed)
+            ahead = (yield from _ask(bundle, askers.thinker, [ask], settings))[0]
+        texts.append(ahead)
+        ahead = None
+        yield from image.draw(condition(band), band, seed)
+        image.show(band)
+        if not settings.reflect:
+            continue
+        ask = ReflectionRequest(prompt, band, bands, texts[band], tuple(texts), image.canvas, seed)
+        answer, ahead = yield from _reflect_and_think(bundle, askers, ask, settings, band + 1 < bands)
+        verdict = read_reflection(answer, band, settings.theta)
+        reflections.append(verdict.record())
+        if verdict.accepted:
+            continue
+        ahead = None
+        texts[band] = verdict.improved
+        redrawn.append(band)
+        yield from image.draw(condition(band), band, redraw_seed(seed, band))
+        image.show(band, redrawn=True)
+    return image.result(texts, reflections, redrawn)
+
+
+def _reflect_and_think(bundle, askers: Askers, ask: ReflectionRequest, settings, think_ahead: bool):
+    """(the reflection's answer, the next band's thought or None). Both in one yield when the model
+    writes both; the thought is asked only later otherwise."""
+    thinker, scorer = askers.thinker, askers.scorer
+    if not (think_ahead and hasattr(thinker, "prompts") and hasattr(scorer, "prompts")):
+        return (yield from _ask(bundle, scorer, [ask], settings))[0], None
+    thought = ThoughtRequest(ask.prompt, ask.band + 1, ask.bands, ask.earlier, ask.canvas, ask.seed)
+    features = canvas_features(bundle, [ask.canvas])
+    stages = _stages(bundle, scorer, [ask], settings, features) + _stages(bundle, thinker, [thought], settings, features)
+    answer, next_thought = yield stages
+    return clean_text(bundle, answer), clean_text(bundle, next_thought)
