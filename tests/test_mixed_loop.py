@@ -4,6 +4,7 @@ given back as rows grow and end, images joining as others free their pages."""
 import pytest
 import torch
 
+from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.engine.inputs import TextPrompt
 from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.mixed.pages import PagePool
@@ -14,7 +15,7 @@ from twig_batch.pipeline.mixed import generate_mixed
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import t2i_prompt_ids
-from twig_batch.reference.image_tokens import reference_image_tokens
+from twig_batch.reference.image_tokens import reference_image_tokens, reference_plain
 from twig_batch.reference.staged import reference_staged
 from twig_batch.reference.texts import ReferenceText, reference_text
 from twig_batch.settings import GenerationSettings
@@ -159,3 +160,35 @@ def test_twig_asks_the_reference_questions_thinking_ahead_beside_each_reflection
     texts = [s.prompt for s in asked if isinstance(s, TextStage)]
     assert sorted(map(key, texts)) == sorted(map(key, text.asked))
     assert len(texts) == 2 * settings.bands  # a thought per band, a reflection per band
+
+
+def assert_same_log(a, b):
+    """Same evaluations and verdicts; the measured values as close as two summation orders allow."""
+    verdicts = ("band", "attempt", "step", "fired", "forced", "injected")
+    assert [[r[k] for k in verdicts] for r in a] == [[r[k] for k in verdicts] for r in b]
+    for key in ("s_t", "delta_s", "var_s", "u_t"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-9, abs=1e-12, nan_ok=True)
+
+
+# The tiny model is always unsure, so the controller fires at every evaluation the guard rails allow.
+CONTROLLER = ControllerConfig(min_history=2, min_gap=4)
+
+
+@pytest.mark.parametrize("mode,scorer", [("plain", None), ("seed", None), ("twig", RejectFirstBand())])
+def test_with_the_controller_every_image_matches_the_reference_and_its_trigger_log(small, mode, scorer):
+    settings = GenerationSettings(mode=mode, bands=3, think_max_tokens=5, guidance_max_tokens=5, controller=CONTROLLER)
+    requests = requests_for(PROMPTS[:3])
+    controller = LatentController(small, [r.prompt for r in requests], CONTROLLER)
+    pages = 900 if mode == "twig" else 60
+    got = generate_mixed(small, requests, settings, controller, scorer=scorer, pages=pages, page_size=4, step_tokens=48)
+    for request, result in zip(requests, got):
+        alone = LatentController(small, [request.prompt], CONTROLLER)
+        if mode == "plain":  # one pass over the whole image, as Janus-Pro draws it: the controller sees one band
+            codes = reference_plain(small, request.prompt.strip(), request.seed, settings, alone)
+            assert torch.equal(result.codes, codes)
+            assert_same_log(result.trigger_log, alone.trigger_log(0))
+        else:
+            reference = reference_staged(small, request, settings, alone, scorer=scorer)
+            assert same(result, reference)
+            assert_same_log(result.trigger_log, reference.trigger_log)
+        assert result.record()["n_injections"] >= 3

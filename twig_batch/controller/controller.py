@@ -99,9 +99,20 @@ class LatentController:
         self.logs = [TriggerLog() for _ in self.prompts]
         self._attempts: dict[tuple[int, int], int] = {}
         self._current: _Band | None = None
+        self._watched: list[_Band] = []  # bands being drawn under a `watch`
 
     # -- ImageTokenObserver ------------------------------------------------------------------------
     def begin_band(self, images: list[int], band: int) -> None:
+        band_state = self._open(images, band)
+        self._log_pending()
+        self._current = band_state
+
+    def watch(self, image: int, band: int) -> "BandWatch":
+        """One image's drawing of `band`, watched on its own, beside any other image's at any band
+        (the mixed loop's way: `observe` there takes that image's rows only)."""
+        return BandWatch(self, self._open([image], band))
+
+    def _open(self, images: list[int], band: int) -> _Band:
         images = [int(i) for i in images]
         for image in images:
             if not 0 <= image < len(self.prompts):
@@ -110,8 +121,7 @@ class LatentController:
         for image in images:
             attempts.append(self._attempts.get((image, band), 0))
             self._attempts[(image, band)] = attempts[-1] + 1
-        self._log_pending()
-        self._current = _Band(images, band, attempts, self.config, self.bundle.device)
+        return _Band(images, band, attempts, self.config, self.bundle.device)
 
     @torch.no_grad()
     def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
@@ -123,10 +133,13 @@ class LatentController:
                          tokens: torch.Tensor) -> "Decision | None":
         """`observe` without waiting for the device: the trigger is evaluated and the guard rails are
         counted on the device; whether anyone is injected is read later, by `Decision.resolve`."""
-        cfg = self.config
         if self._current is None:  # an engine that does not announce bands: rows are requests 0..B-1
             self.begin_band(list(range(hidden.shape[0])), 0)
-        band = self._current
+        return self._evaluate(self._current, step, hidden, logits, tokens)
+
+    def _evaluate(self, band: _Band, step: int, hidden: torch.Tensor, logits: torch.Tensor,
+                  tokens: torch.Tensor) -> "Decision | None":
+        cfg = self.config
         if hidden.shape[0] != len(band.images):
             raise ValueError(f"observer got {hidden.shape[0]} rows for a band of {len(band.images)} images")
         self._remember(band, hidden)
@@ -151,6 +164,8 @@ class LatentController:
 
     def trigger_log(self, image: int) -> list[dict]:
         self._log_pending()
+        for band in self._watched:
+            self._log_pending(band)
         return [dict(r) for r in self.logs[image].records]
 
     # -- the rest ----------------------------------------------------------------------------------
@@ -168,9 +183,10 @@ class LatentController:
         self._log_pending()
         self._current = None
 
-    def _log_pending(self) -> None:
-        """Move the band's evaluations into the per-image logs: one transfer for many steps."""
-        band = self._current
+    def _log_pending(self, band: _Band | None = None) -> None:
+        """Move a band's evaluations (the current band's by default) into the per-image logs: one
+        transfer for many steps."""
+        band = band or self._current
         if band is None or not band.pending:
             return
         steps = [entry[0] for entry in band.pending]
@@ -200,3 +216,26 @@ class LatentController:
         z_vec = band.think.latents(rows, memory)
         c_vec = self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale)
         return self.net.shaper(c_vec)
+
+
+class BandWatch:
+    """One image's band under the controller (`LatentController.watch`): `observe` as an
+    `ImageTokenObserver`'s, for that image's rows only, its verdict read at once; `close` when the band
+    is drawn."""
+
+    def __init__(self, controller: LatentController, band: _Band):
+        self.controller, self.band = controller, band
+        controller._watched.append(band)
+
+    @property
+    def max_control_slots(self) -> int:
+        return self.controller.max_control_slots
+
+    @torch.no_grad()
+    def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
+        decision = self.controller._evaluate(self.band, step, hidden, logits, tokens)
+        return None if decision is None else decision.resolve()
+
+    def close(self) -> None:
+        self.controller._log_pending(self.band)
+        self.controller._watched.remove(self.band)

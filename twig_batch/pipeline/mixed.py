@@ -32,11 +32,10 @@ def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSet
                    engine=None, templates: Templates | None = None, thinker=None, scorer=None, guide=None,
                    pages: int | None = None, page_size: int = PAGE_SIZE,
                    step_tokens: int = STEP_TOKENS) -> list[ImageResult]:
-    """One image per request, as `generate_staged` draws it. `engine` lends its model (joined
+    """One image per request, as `generate_staged` draws it; `observer` (the latent controller, built
+    for `requests`) watches every band of every image. `engine` lends its model (joined
     projections, compiled kernels); `pages` of `page_size` slots hold the KV cache (None: as many as
     the free memory allows, or `HOST_POOL_BYTES` worth off a GPU)."""
-    if observer is not None:
-        raise ValueError("the mixed loop does not run the latent controller yet: draw with generate_staged")
     if not requests:
         return []
     templates = templates or DEFAULT_TEMPLATES
@@ -47,7 +46,7 @@ def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSet
     model = engine.model if engine is not None else FastModel.plain(lm)
     pool = PagePool(lm, pages or pages_that_fit(bundle, page_size, step_tokens), page_size)
     loop = MixedLoop(bundle, pool, model, step_tokens)
-    return loop.run(image_program(bundle, r, settings, askers) for r in requests)
+    return loop.run(image_program(bundle, r, settings, askers, observer, i) for i, r in enumerate(requests))
 
 
 def pages_that_fit(bundle, page_size: int, step_tokens: int) -> int:

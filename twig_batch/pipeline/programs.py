@@ -36,15 +36,17 @@ class Askers:
         self.templates, self.thinker, self.scorer, self.guide = templates, thinker, scorer, guide
 
 
-def image_program(bundle, request: ImageRequest, settings: GenerationSettings, askers: Askers):
-    """The program of `request`'s image in `settings.mode`."""
-    schedule = BandSchedule(bundle.grid, settings.bands)
+def image_program(bundle, request: ImageRequest, settings: GenerationSettings, askers: Askers, observer=None,
+                  image: int = 0):
+    """The program of `request`'s image in `settings.mode`; `observer` (the latent controller) knows
+    it as its request `image` and watches each of its bands."""
+    canvas = _Canvas(bundle, request, settings, BandSchedule(bundle.grid, settings.bands), observer, image)
     if settings.mode == "plain":
-        return _plain(bundle, request, settings, schedule)
+        return _plain(canvas)
     if settings.mode == "seed":
-        return _seed(bundle, request, settings, schedule, askers)
+        return _seed(canvas, askers)
     if settings.mode == "twig":
-        return _twig(bundle, request, settings, schedule, askers)
+        return _twig(canvas, askers)
     raise ValueError(f"unknown mode {settings.mode!r}")
 
 
@@ -66,8 +68,10 @@ def _stages(bundle, asker, requests: list, settings: GenerationSettings, feature
 class _Canvas:
     """An image drawn band by band: its codes so far, its band images and pixels."""
 
-    def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, schedule: BandSchedule):
+    def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, schedule: BandSchedule,
+                 observer=None, image: int = 0):
         self.bundle, self.request, self.settings, self.schedule = bundle, request, settings, schedule
+        self.observer, self.image = observer, image
         self.codes = torch.zeros(0, dtype=torch.long)
         self.band_images: list = []
         self.pixels = self.canvas = None
@@ -75,8 +79,10 @@ class _Canvas:
     def draw(self, condition: str, band: int, seed: int, n_tokens: int | None = None):
         """Draws band `band` (every band from it on with `n_tokens`) again from `condition`."""
         start = self.schedule.start(band)
+        watch = None if self.observer is None else self.observer.watch(self.image, band)
         stage = ImageStage(t2i_prompt_ids(self.bundle, condition), seed, self.settings,
-                           n_tokens or self.schedule.tokens_per_band, self.codes[:start] if start else None, start)
+                           n_tokens or self.schedule.tokens_per_band, self.codes[:start] if start else None, start,
+                           watch)
         drawn = yield [stage]
         self.codes = torch.cat([self.codes[:start], drawn[0]])
 
@@ -88,22 +94,23 @@ class _Canvas:
         self.band_images.append((band_label(band, self.schedule.bands, redrawn), to_pil(self.pixels)[0]))
 
     def result(self, texts=(), reflections=(), redrawn=()) -> ImageResult:
+        log = [] if self.observer is None else self.observer.trigger_log(self.image)
         return ImageResult(request=self.request, codes=self.codes, image=to_pil(self.pixels)[0],
                            mode=self.settings.mode, band_images=self.band_images, thoughts=list(texts),
-                           reflections=list(reflections), redrawn_bands=list(redrawn))
+                           reflections=list(reflections), redrawn_bands=list(redrawn), trigger_log=log)
 
 
-def _plain(bundle, request, settings, schedule):
-    image = _Canvas(bundle, request, settings, schedule)
-    yield from image.draw(request.prompt.strip(), 0, request.seed, n_tokens=bundle.image_tokens)
+def _plain(image: _Canvas):
+    request, schedule = image.request, image.schedule
+    yield from image.draw(request.prompt.strip(), 0, request.seed, n_tokens=image.bundle.image_tokens)
     for band in range(schedule.bands):
         image.show(band, canvas=False)
     return image.result()
 
 
-def _seed(bundle, request, settings, schedule, askers: Askers):
-    prompt, bands = request.prompt.strip(), schedule.bands
-    image = _Canvas(bundle, request, settings, schedule)
+def _seed(image: _Canvas, askers: Askers):
+    bundle, request, settings = image.bundle, image.request, image.settings
+    prompt, bands = request.prompt.strip(), image.schedule.bands
     asks = [GuidanceRequest(prompt, band, bands, request.seed) for band in range(bands)]
     plans = yield from _ask(bundle, askers.guide, asks, settings)
     for band in range(bands):
@@ -112,9 +119,9 @@ def _seed(bundle, request, settings, schedule, askers: Askers):
     return image.result(plans)
 
 
-def _twig(bundle, request, settings, schedule, askers: Askers):
-    prompt, bands, seed = request.prompt.strip(), schedule.bands, request.seed
-    image = _Canvas(bundle, request, settings, schedule)
+def _twig(image: _Canvas, askers: Askers):
+    bundle, request, settings = image.bundle, image.request, image.settings
+    prompt, bands, seed = request.prompt.strip(), image.schedule.bands, request.seed
     texts, reflections, redrawn = [], [], []
     ahead = None  # the thought for this band, written beside the last reflection
 

@@ -178,6 +178,19 @@ class MixedLoop:
             else:
                 seeds = torch.tensor([run.stage.seed for run in runs], dtype=torch.int64, device=device)
                 settings = runs[0].stage.settings  # the group's: one settings object
-                tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)[1]
+                logits, tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)
+                _watch(runs, hidden[0::2], logits, tokens)
+                continue
             for run, token in zip(runs, tokens.tolist()):
                 run.accept(token)
+
+
+def _watch(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Each image run takes its token, behind the control tokens its controller injects, if any."""
+    for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
+        watch, control = run.stage.watch, None
+        if watch is not None:
+            injection = watch.observe(run.step, hidden[i:i + 1], logits[i:i + 1], tokens[i:i + 1])
+            if injection is not None and bool(injection.rows[0]):
+                control = injection.embeds[0]
+        run.accept(token, control)

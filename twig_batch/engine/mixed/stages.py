@@ -30,13 +30,15 @@ class TextStage:
 @dataclass(frozen=True)
 class ImageStage:
     """`n_tokens` image tokens of one image whose conditional row is `cond_ids` followed by the image's
-    `prefix_codes` [n0] drawn so far; noise steps count from `first_step`."""
+    `prefix_codes` [n0] drawn so far; noise steps count from `first_step`. `watch` (the latent
+    controller's `BandWatch`) hears every token and may inject control tokens after any of them."""
     cond_ids: list[int]
     seed: int
     settings: GenerationSettings
     n_tokens: int
     prefix_codes: torch.Tensor | None = None
     first_step: int = 0
+    watch: object | None = None
 
 
 class _Row:
@@ -53,9 +55,9 @@ class _Row:
         return embeds, positions
 
     def feed(self, embeds: torch.Tensor) -> None:
-        """One token to feed next, right after everything fed so far."""
+        """Tokens [n, D] to feed next, right after everything fed so far."""
         self.embeds = embeds
-        self.positions = torch.tensor([self.sequence.length])
+        self.positions = self.sequence.length + torch.arange(embeds.shape[0])
 
 
 class _Run:
@@ -78,6 +80,9 @@ class _Run:
         for row in self.rows:
             row.sequence.free()
         self.reservation.close()
+        watch = getattr(self.stage, "watch", None)
+        if watch is not None:
+            watch.close()
 
 
 class TextRun(_Run):
@@ -115,7 +120,8 @@ class ImageRun(_Run):
     def __init__(self, stage: ImageStage, bundle, pool: PagePool):
         self.stage, self.bundle = stage, bundle
         prefix = 0 if stage.prefix_codes is None else stage.prefix_codes.numel()
-        super().__init__(pool, len(stage.cond_ids) + prefix + stage.n_tokens - 1, 2)
+        control = 0 if stage.watch is None else stage.watch.max_control_slots
+        super().__init__(pool, len(stage.cond_ids) + prefix + control + stage.n_tokens - 1, 2)
         self.codes: list[int] = []
         self.done = False
         if self.admitted:
@@ -131,12 +137,16 @@ class ImageRun(_Run):
     def step(self) -> int:
         return self.stage.first_step + len(self.codes)
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, control: torch.Tensor | None = None) -> None:
+        """`token` drawn; `control` [K, D]: control tokens that go into the cache before it (none
+        after the last token: nothing would read them)."""
         self.codes.append(token)
         if len(self.codes) == self.stage.n_tokens:
             self.done = True
             return
         embeds = self.bundle.embed_image_codes(torch.tensor([token], device=self.bundle.device))
+        if control is not None:
+            embeds = torch.cat([control.to(embeds.dtype), embeds])
         for row in self.rows:
             row.feed(embeds)
 
