@@ -1,0 +1,87 @@
+"""Attention over the page pool: every sequence's queries against its own pages, in place.
+
+`StepLayout` is what one mixed step's attention needs to know of its sequences, built once per step
+and read by every layer: where each sequence's new tokens sit among the packed tokens, how many it
+held before, and its page table. Two ways to attend read the same layout and give the same result:
+- `gathered_attention`: each sequence's keys and values gathered into a padded batch and a plain
+  scaled-dot-product attention (any device and dtype; what the CPU runs);
+- `paged_attention`: a Triton kernel (flash-attention's online softmax) that reads each sequence's
+  pages where they are, one program per (sequence, head, block of queries): what a GPU runs, with no
+  copy of the cache and no padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LENGTH_BUCKET = 512  # the kernel's loop runs to the step's longest sequence rounded up to this
+
+
+@dataclass
+class StepLayout:
+    """R sequences in one step: `starts`, `counts` [R] their new tokens among the packed ones,
+    `held` [R] the tokens each held before, `tables` [R, most pages] their page tables (device
+    tensors, int32), `page_size`; `width`, `length`: the most new tokens and the most tokens of any."""
+    starts: torch.Tensor
+    counts: torch.Tensor
+    held: torch.Tensor
+    tables: torch.Tensor
+    page_size: int
+    width: int
+    length: int
+
+    @classmethod
+    def build(cls, counts: list[int], held: list[int], tables: list[list[int]], page_size: int, device) -> "StepLayout":
+        starts = [0]
+        for n in counts[:-1]:
+            starts.append(starts[-1] + n)
+        most = max(len(t) for t in tables)
+        padded = [t + [0] * (most - len(t)) for t in tables]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+        return cls(tensor(starts), tensor(counts), tensor(held), tensor(padded), page_size, max(counts),
+                   max(h + n for h, n in zip(held, counts)))
+
+
+def gathered_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    """q [N, H, d] packed; keys, values [slots, KVH, d] -> [N, H, d]."""
+    device = q.device
+    rows, width, length = layout.counts.shape[0], layout.width, layout.length
+    counts, held, starts = (t.long() for t in (layout.counts, layout.held, layout.starts))
+    t = torch.arange(width, device=device)
+    j = torch.arange(length, device=device)
+    query = (starts.unsqueeze(1) + t).clamp(max=q.shape[0] - 1)  # [R, T]; padding queries repeat a real one
+    page_index = (j // layout.page_size).clamp(max=layout.tables.shape[1] - 1)
+    page = layout.tables.long().gather(1, page_index.unsqueeze(0).expand(rows, -1))
+    slots = page * layout.page_size + j % layout.page_size  # [R, L]
+    # Query t of a sequence (its token held + t) sees the sequence's tokens up to itself; a padding
+    # query sees all of them (its output is dropped, but an all-masked row would be NaN).
+    upto = torch.minimum(held.unsqueeze(1) + t, (held + counts - 1).unsqueeze(1))  # [R, T]
+    mask = (j.view(1, 1, -1) <= upto.unsqueeze(-1)).unsqueeze(1)  # [R, 1, T, L]
+    queries = q[query].transpose(1, 2)  # [R, H, T, d]
+    k, v = keys[slots].transpose(1, 2), values[slots].transpose(1, 2)  # [R, KVH, L, d]
+    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    real = (t.unsqueeze(0) < counts.unsqueeze(1))  # [R, T]
+    return out.transpose(1, 2)[real]  # packed order: sequence by sequence, token by token
+
+
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    """`gathered_attention`'s result, read in place by the Triton kernel."""
+    import triton
+
+    from twig_batch.engine.mixed.paged_kernel import paged_attention_kernel
+
+    heads, dim = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    block_m = 16
+    grid = (layout.counts.shape[0], heads, triton.cdiv(layout.width, block_m))
+    paged_attention_kernel[grid](
+        q, keys, values, out, layout.tables, layout.held, layout.counts, layout.starts,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
+        layout.tables.stride(0), dim ** -0.5, heads // keys.shape[1],
+        LONGEST=-(-layout.length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim, BLOCK_M=block_m, BLOCK_N=64)
+    return out
