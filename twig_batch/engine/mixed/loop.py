@@ -64,7 +64,7 @@ class MixedLoop:
         self.bundle, self.pool = bundle, pool
         self.model = model or FastModel.plain(bundle.language_model)
         self.step_tokens, self.max_rows = step_tokens, max_rows
-        self.steps = 0
+        self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
 
     @torch.no_grad()
     def run(self, programs: Iterable[Iterator]) -> list:
@@ -147,6 +147,8 @@ class MixedLoop:
             sampled.append((entry, run.pending == 0))
         hidden = mixed_step(self.model, self.pool, chunks)
         self.steps += 1
+        self.fed_rows += len(chunks)
+        self.fed_tokens += sum(c.embeds.shape[0] for c in chunks)
         ready, first = [], 0
         for entry, complete in sampled:
             rows = len(entry[2].rows)

@@ -1,0 +1,102 @@
+"""The mixed loop beside the lockstep engine on one GPU (random Janus-Pro-7B-sized, bf16), per mode.
+
+Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64]
+Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
+Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
+engine is sized as a worker sizes it. Reported per path: images/s, and for the mixed loop its steps,
+the sequences and tokens one step fed on average; and how many image codes the two paths share
+(bf16: not expected to be all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench_common import requests_for, start_fresh, workload_settings
+from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.runner import Engine
+from twig_batch.model import load_janus
+from twig_batch.pipeline import generate_images
+from twig_batch.pipeline.mixed import generate_mixed
+from twig_batch.pipeline.sequences import call_shape
+from twig_batch.settings import GenerationSettings
+
+
+def timed(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def controller_for(bundle, settings, requests, engine):
+    if settings.controller is None:
+        return None
+    from twig_batch.controller import LatentController
+    from twig_batch.controller.weights import shared_controller_net
+
+    return LatentController(bundle, [r.prompt for r in requests], settings.controller,
+                            weights=shared_controller_net(bundle, settings.controller), model=engine.model)
+
+
+def run_mode(bundle, mode: str, images: int) -> dict:
+    settings = GenerationSettings(mode="plain") if mode == "plain" else workload_settings(mode)
+    requests = requests_for(images)
+    engine = Engine.for_settings(bundle, settings)
+    generate_images(bundle, requests[:2], settings, engine=engine)
+    engine.reserve(call_shape(bundle, settings), images)
+    lockstep, lockstep_s = timed(lambda: generate_images(bundle, requests, settings, engine=engine))
+    engine.release()
+    start_fresh()
+    loops = []
+    original = MixedLoop.run
+
+    def run_and_keep(loop, programs):  # the loop's counters, for the record
+        loops.append(loop)
+        return original(loop, programs)
+
+    MixedLoop.run = run_and_keep
+    try:
+        generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
+                       engine=engine)
+        start_fresh()
+        mixed, mixed_s = timed(lambda: generate_mixed(bundle, requests, settings,
+                                                      controller_for(bundle, settings, requests, engine), engine=engine))
+    finally:
+        MixedLoop.run = original
+    loop = loops[-1]
+    shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(lockstep, mixed))
+    return {"mode": mode, "images": images, "lockstep_img_s": images / lockstep_s, "mixed_img_s": images / mixed_s,
+            "lockstep_s": lockstep_s, "mixed_s": mixed_s, "mixed_steps": loop.steps,
+            "mixed_step_ms": 1000 * mixed_s / loop.steps, "rows_per_step": loop.fed_rows / loop.steps,
+            "tokens_per_step": loop.fed_tokens / loop.steps, "pages": loop.pool.pages,
+            "codes_shared": shared / sum(r.codes.numel() for r in mixed),
+            "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--modes", nargs="+", default=["plain", "seed", "twig"])
+    parser.add_argument("--images", type=int, default=64)
+    args = parser.parse_args()
+    bundle = load_janus("random-7b", "cuda", torch.bfloat16)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for mode in args.modes:
+        record = run_mode(bundle, mode, args.images) | {"gpu": torch.cuda.get_device_name(),
+                                                       "date": time.strftime("%Y-%m-%d")}
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        (args.out / "mixed_speed.json").write_text(json.dumps(records, indent=1))
+        start_fresh()
+
+
+if __name__ == "__main__":
+    main()
