@@ -177,17 +177,18 @@ class MixedLoop:
                 seeds = torch.tensor([run.stage.prompt.seed for run in runs], dtype=torch.int64, device=device)
                 tokens = sample_tokens(self.bundle.text_logits(hidden), seeds, steps, rule[1], stream=STREAM_TEXT,
                                        kernels=self.model.kernels)
+                embeds = self.bundle.embed_text(tokens)  # the group's tokens embedded at once
+                for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
+                    run.accept(token, embeds[i:i + 1])
             else:
                 seeds = torch.tensor([run.stage.seed for run in runs], dtype=torch.int64, device=device)
                 settings = runs[0].stage.settings  # the group's: one settings object
                 logits, tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)
-                _watch(runs, hidden[0::2], logits, tokens)
-                continue
-            for run, token in zip(runs, tokens.tolist()):
-                run.accept(token)
+                _take_image_tokens(runs, hidden[0::2], logits, tokens, self.bundle.embed_image_codes(tokens))
 
 
-def _watch(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                       embeds: torch.Tensor) -> None:
     """Each image run takes its token, behind the control tokens its controller injects, if any."""
     for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
         watch, control = run.stage.watch, None
@@ -195,4 +196,4 @@ def _watch(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tok
             injection = watch.observe(run.step, hidden[i:i + 1], logits[i:i + 1], tokens[i:i + 1])
             if injection is not None and bool(injection.rows[0]):
                 control = injection.embeds[0]
-        run.accept(token, control)
+        run.accept(token, embeds[i:i + 1], control)

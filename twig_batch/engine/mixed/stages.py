@@ -102,7 +102,8 @@ class TextRun(_Run):
         """The index of the token it samples next (its noise step)."""
         return len(self.written)
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, embeds: torch.Tensor) -> None:
+        """`token` drawn, `embeds` [1, D] its input embedding (the loop embeds a step's tokens at once)."""
         if token == self.stop:
             self.done = True
             return
@@ -110,7 +111,7 @@ class TextRun(_Run):
         if len(self.written) == self.budget:
             self.done = True
             return
-        self.rows[0].feed(self.bundle.embed_text(torch.tensor([token], device=self.bundle.device)))
+        self.rows[0].feed(embeds)
 
     def result(self) -> list[int]:
         return self.written
@@ -137,14 +138,13 @@ class ImageRun(_Run):
     def step(self) -> int:
         return self.stage.first_step + len(self.codes)
 
-    def accept(self, token: int, control: torch.Tensor | None = None) -> None:
-        """`token` drawn; `control` [K, D]: control tokens that go into the cache before it (none
-        after the last token: nothing would read them)."""
+    def accept(self, token: int, embeds: torch.Tensor, control: torch.Tensor | None = None) -> None:
+        """`token` drawn, `embeds` [1, D] its input embedding; `control` [K, D]: control tokens that go
+        into the cache before it (none after the last token: nothing would read them)."""
         self.codes.append(token)
         if len(self.codes) == self.stage.n_tokens:
             self.done = True
             return
-        embeds = self.bundle.embed_image_codes(torch.tensor([token], device=self.bundle.device))
         if control is not None:
             embeds = torch.cat([control.to(embeds.dtype), embeds])
         for row in self.rows:
