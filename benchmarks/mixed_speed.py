@@ -3,9 +3,11 @@
 Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64]
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
-engine is sized as a worker sizes it. Reported per path: images/s, and for the mixed loop its steps,
-the sequences and tokens one step fed on average; and how many image codes the two paths share
-(bf16: not expected to be all).
+engine is sized as a worker sizes it, the mixed loop's pages fill the free memory. Reported per path:
+images/s, and for the mixed loop its steps, the sequences and tokens one step fed on average and where
+its time went (`MixedLoop.seconds`; with --profile each step waits for its forward pass, so
+"forward" is the device's time); and how many image codes the two paths share (bf16 sampling: a
+first differing token changes every later one).
 """
 from __future__ import annotations
 
@@ -17,11 +19,10 @@ from pathlib import Path
 import torch
 
 from bench_common import requests_for, start_fresh, workload_settings
-from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
-from twig_batch.pipeline.mixed import generate_mixed
+from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
 from twig_batch.pipeline.sequences import call_shape
 from twig_batch.settings import GenerationSettings
 
@@ -45,7 +46,7 @@ def controller_for(bundle, settings, requests, engine):
                             weights=shared_controller_net(bundle, settings.controller), model=engine.model)
 
 
-def run_mode(bundle, mode: str, images: int) -> dict:
+def run_mode(bundle, mode: str, images: int, profile: bool) -> dict:
     settings = GenerationSettings(mode="plain") if mode == "plain" else workload_settings(mode)
     requests = requests_for(images)
     engine = Engine.for_settings(bundle, settings)
@@ -53,29 +54,20 @@ def run_mode(bundle, mode: str, images: int) -> dict:
     engine.reserve(call_shape(bundle, settings), images)
     lockstep, lockstep_s = timed(lambda: generate_images(bundle, requests, settings, engine=engine))
     engine.release()
+    generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
+                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))  # kernels compiled
     start_fresh()
-    loops = []
-    original = MixedLoop.run
-
-    def run_and_keep(loop, programs):  # the loop's counters, for the record
-        loops.append(loop)
-        return original(loop, programs)
-
-    MixedLoop.run = run_and_keep
-    try:
-        generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
-                       engine=engine)
-        start_fresh()
-        mixed, mixed_s = timed(lambda: generate_mixed(bundle, requests, settings,
-                                                      controller_for(bundle, settings, requests, engine), engine=engine))
-    finally:
-        MixedLoop.run = original
-    loop = loops[-1]
+    loop = mixed_loop(bundle, engine, profile=profile)  # every page the free memory holds
+    mixed, mixed_s = timed(lambda: generate_mixed(bundle, requests, settings,
+                                                  controller_for(bundle, settings, requests, engine), engine=engine,
+                                                  loop=loop))
+    steps = loop.steps
     shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(lockstep, mixed))
     return {"mode": mode, "images": images, "lockstep_img_s": images / lockstep_s, "mixed_img_s": images / mixed_s,
-            "lockstep_s": lockstep_s, "mixed_s": mixed_s, "mixed_steps": loop.steps,
-            "mixed_step_ms": 1000 * mixed_s / loop.steps, "rows_per_step": loop.fed_rows / loop.steps,
-            "tokens_per_step": loop.fed_tokens / loop.steps, "pages": loop.pool.pages,
+            "lockstep_s": lockstep_s, "mixed_s": mixed_s, "mixed_steps": steps,
+            "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
+            "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages, "page_size": loop.pool.page_size,
+            "profiled": profile, "seconds": loop.seconds,
             "codes_shared": shared / sum(r.codes.numel() for r in mixed),
             "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
 
@@ -85,12 +77,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--modes", nargs="+", default=["plain", "seed", "twig"])
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="wait for every step's forward pass, to time it")
     args = parser.parse_args()
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for mode in args.modes:
-        record = run_mode(bundle, mode, args.images) | {"gpu": torch.cuda.get_device_name(),
+        record = run_mode(bundle, mode, args.images, args.profile) | {"gpu": torch.cuda.get_device_name(),
                                                        "date": time.strftime("%Y-%m-%d")}
         records.append(record)
         print(json.dumps(record), flush=True)

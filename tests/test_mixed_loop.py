@@ -11,7 +11,7 @@ from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import ImageStage, TextStage
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
-from twig_batch.pipeline.mixed import generate_mixed
+from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import t2i_prompt_ids
@@ -117,7 +117,7 @@ def test_every_mode_matches_the_reference_image_for_image(small, mode, scorer):
     requests = requests_for(PROMPTS[:4])
     # Few pages: images start as others end, each at its own stage (twig's prompts show a canvas).
     pages = 900 if mode == "twig" else 40
-    got = generate_mixed(small, requests, settings, scorer=scorer, pages=pages, page_size=4, step_tokens=48)
+    got = generate_mixed(small, requests, settings, scorer=scorer, loop=mixed_loop(small, None, pages, 4, 48))
     for request, result in zip(requests, got):
         assert same(result, reference_staged(small, request, settings, scorer=scorer))
     if scorer is not None:
@@ -152,7 +152,7 @@ def test_twig_asks_the_reference_questions_thinking_ahead_beside_each_reflection
     asked = []
     run_for = MixedLoop._run_for
     monkeypatch.setattr(MixedLoop, "_run_for", lambda loop, stage: asked.append(stage) or run_for(loop, stage))
-    generate_mixed(small, [request], settings, pages=900, page_size=4)
+    generate_mixed(small, [request], settings, loop=mixed_loop(small, pages=900, page_size=4))
 
     def key(prompt):
         return prompt.ids, prompt.seed, None if prompt.image_features is None else prompt.image_features.tolist()
@@ -180,7 +180,7 @@ def test_with_the_controller_every_image_matches_the_reference_and_its_trigger_l
     requests = requests_for(PROMPTS[:3])
     controller = LatentController(small, [r.prompt for r in requests], CONTROLLER)
     pages = 900 if mode == "twig" else 60
-    got = generate_mixed(small, requests, settings, controller, scorer=scorer, pages=pages, page_size=4, step_tokens=48)
+    got = generate_mixed(small, requests, settings, controller, scorer=scorer, loop=mixed_loop(small, None, pages, 4, 48))
     for request, result in zip(requests, got):
         alone = LatentController(small, [request.prompt], CONTROLLER)
         if mode == "plain":  # one pass over the whole image, as Janus-Pro draws it: the controller sees one band

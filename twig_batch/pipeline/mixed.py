@@ -30,23 +30,28 @@ HOST_POOL_BYTES = 1 << 30  # the page pool off a GPU, where no free memory is me
 @torch.no_grad()
 def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
                    engine=None, templates: Templates | None = None, thinker=None, scorer=None, guide=None,
-                   pages: int | None = None, page_size: int = PAGE_SIZE,
-                   step_tokens: int = STEP_TOKENS) -> list[ImageResult]:
+                   loop: MixedLoop | None = None) -> list[ImageResult]:
     """One image per request, as `generate_staged` draws it; `observer` (the latent controller, built
-    for `requests`) watches every band of every image. `engine` lends its model (joined
-    projections, compiled kernels); `pages` of `page_size` slots hold the KV cache (None: as many as
-    the free memory allows, or `HOST_POOL_BYTES` worth off a GPU)."""
+    for `requests`) watches every band of every image. `loop` runs them (None: `mixed_loop(bundle,
+    engine)`'s, over as many pages as the free memory holds)."""
     if not requests:
         return []
     templates = templates or DEFAULT_TEMPLATES
     lengths = emulated_text_lengths()
     askers = Askers(templates, thinker or ModelThinker(templates, lengths=lengths),
                     scorer or ModelScorer(templates, lengths=lengths), guide or ModelGuide(templates, lengths=lengths))
-    lm = bundle.language_model
-    model = engine.model if engine is not None else FastModel.plain(lm)
-    pool = PagePool(lm, pages or pages_that_fit(bundle, page_size, step_tokens), page_size)
-    loop = MixedLoop(bundle, pool, model, step_tokens)
+    loop = loop or mixed_loop(bundle, engine)
     return loop.run(image_program(bundle, r, settings, askers, observer, i) for i, r in enumerate(requests))
+
+
+def mixed_loop(bundle, engine=None, pages: int | None = None, page_size: int = PAGE_SIZE,
+               step_tokens: int = STEP_TOKENS, profile: bool = False) -> MixedLoop:
+    """A loop over `pages` KV pages of `page_size` slots (None: as many as the free memory holds, or
+    `HOST_POOL_BYTES` worth off a GPU), running `engine`'s model (joined projections, compiled
+    kernels) or the model as written."""
+    model = engine.model if engine is not None else FastModel.plain(bundle.language_model)
+    pool = PagePool(bundle.language_model, pages or pages_that_fit(bundle, page_size, step_tokens), page_size)
+    return MixedLoop(bundle, pool, model, step_tokens, profile=profile)
 
 
 def pages_that_fit(bundle, page_size: int, step_tokens: int) -> int:

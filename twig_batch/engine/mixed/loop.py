@@ -18,6 +18,7 @@ every step:
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -58,13 +59,23 @@ class MixedLoop:
     rows first, then prefill chunks); `max_rows`: sequences in one step at most."""
 
     def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = 2048,
-                 max_rows: int = 512):
+                 max_rows: int = 512, profile: bool = False):
+        """With `profile`, each step waits for its forward pass, so that `seconds["forward"]` is the
+        device's time for it (without, the time to queue it) and `seconds["sample"]` the rest."""
         if step_tokens < 1 or max_rows < 2:
             raise ValueError(f"a step needs a token and room for a CFG pair, got {step_tokens} tokens, {max_rows} rows")
         self.bundle, self.pool = bundle, pool
         self.model = model or FastModel.plain(bundle.language_model)
-        self.step_tokens, self.max_rows = step_tokens, max_rows
+        self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
+        # Where the time goes: the programs' own work (decodes, canvases, prompts), building each step,
+        # its forward pass, sampling (with the wait for the device) and handing the tokens on.
+        self.seconds = dict.fromkeys(("programs", "build", "forward", "sample"), 0.0)
+
+    def _clock(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
     @torch.no_grad()
     def run(self, programs: Iterable[Iterator]) -> list:
@@ -81,6 +92,7 @@ class MixedLoop:
             asked.extend((program, i, stage) for i, stage in enumerate(stages))
 
         while waiting or asked or runs:
+            since = time.perf_counter()
             self._admit(asked, runs)
             while not asked and waiting and self._rows(runs) + 2 <= self.max_rows:
                 index, generator = waiting.popleft()
@@ -89,12 +101,16 @@ class MixedLoop:
             if not runs:
                 _, _, stage = asked[0]
                 raise RuntimeError(f"a stage needs more KV pages than the pool holds: {self._describe(stage)}")
-            for program, i, run in self._step(runs):
+            self._clock("programs", since)
+            done = self._step(runs)
+            since = time.perf_counter()
+            for program, i, run in done:
                 run.close()
                 program.results[i] = run.result()
                 program.left -= 1
                 if program.left == 0:
                     start(program, program.results)
+            self._clock("programs", since)
         return [outcomes[i] for i in sorted(outcomes)]
 
     def _rows(self, runs) -> int:
@@ -129,6 +145,7 @@ class MixedLoop:
 
     def _step(self, runs: list) -> list:
         """One step over `runs`; returns (and removes from `runs`) those that are done."""
+        since = time.perf_counter()
         chunks, sampled = [], []
         budget = self.step_tokens
         for _, _, run in runs:
@@ -145,7 +162,11 @@ class MixedLoop:
             for row in run.rows:
                 chunks.append(Chunk(row.sequence, *row.take(count)))
             sampled.append((entry, run.pending == 0))
+        since = self._clock("build", since)
         hidden = mixed_step(self.model, self.pool, chunks)
+        if self.profile and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        since = self._clock("forward", since)
         self.steps += 1
         self.fed_rows += len(chunks)
         self.fed_tokens += sum(c.embeds.shape[0] for c in chunks)
@@ -159,6 +180,7 @@ class MixedLoop:
         done = [entry for entry, _ in ready if entry[2].done]
         for entry in done:
             runs.remove(entry)
+        self._clock("sample", since)
         return done
 
     def _sample(self, ready: list) -> None:
