@@ -233,8 +233,14 @@ class BandWatch:
 
     @torch.no_grad()
     def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
-        decision = self.controller._evaluate(self.band, step, hidden, logits, tokens)
+        decision = self.observe_deferred(step, hidden, logits, tokens)
         return None if decision is None else decision.resolve()
+
+    @torch.no_grad()
+    def observe_deferred(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
+                         tokens: torch.Tensor) -> Decision | None:
+        """`observe` without waiting for the device (`LatentController.observe_deferred`)."""
+        return self.controller._evaluate(self.band, step, hidden, logits, tokens)
 
     def close(self) -> None:
         self.controller._log_pending(self.band)

@@ -211,11 +211,12 @@ class MixedLoop:
 
 def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
                        embeds: torch.Tensor) -> None:
-    """Each image run takes its token, behind the control tokens its controller injects, if any."""
-    for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
-        watch, control = run.stage.watch, None
-        if watch is not None:
-            injection = watch.observe(run.step, hidden[i:i + 1], logits[i:i + 1], tokens[i:i + 1])
-            if injection is not None and bool(injection.rows[0]):
-                control = injection.embeds[0]
+    """Each image run takes its token, behind the control tokens its controller injects, if any.
+    Every watched run's trigger is evaluated before any verdict is read: one wait for the device."""
+    decisions = [None if run.stage.watch is None else
+                 run.stage.watch.observe_deferred(run.step, hidden[i:i + 1], logits[i:i + 1], tokens[i:i + 1])
+                 for i, run in enumerate(runs)]
+    for i, (run, token, decision) in enumerate(zip(runs, tokens.tolist(), decisions)):
+        injection = None if decision is None else decision.resolve()
+        control = injection.embeds[0] if injection is not None and bool(injection.rows[0]) else None
         run.accept(token, embeds[i:i + 1], control)
