@@ -1,0 +1,85 @@
+"""Where a mixed-loop step's time goes, kernel by kernel: torch.profiler over a few decode steps.
+
+Usage: python benchmarks/mixed_step_profile.py --out DIR [--images 32] [--first 200] [--steps 10]
+Plain images (random Janus-Pro-7B-sized, bf16): steps `first` .. `first + steps` of the loop (all rows
+decoding by then) are profiled. Prints and writes the steps' wall time, the GPU's busy time over them,
+and the top kernels by GPU time and operators by host time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_common import requests_for
+from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.runner import Engine
+from twig_batch.model import load_janus
+from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
+from twig_batch.settings import GenerationSettings
+
+
+class ProfiledSteps:
+    """Wraps a loop's `_step`: the steps first .. first + count run under torch.profiler."""
+
+    def __init__(self, loop: MixedLoop, first: int, count: int):
+        self.loop, self.first, self.count = loop, first, count
+        self.step, self.prof, self.started = loop._step, None, 0.0
+        self.wall = 0.0
+        loop._step = self
+
+    def __call__(self, runs):
+        index = self.loop.steps
+        if index == self.first:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.started = time.perf_counter()
+        done = self.step(runs)
+        if index == self.first + self.count - 1:
+            torch.cuda.synchronize()
+            self.wall = time.perf_counter() - self.started
+            self.prof.__exit__(None, None, None)
+        return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--first", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    bundle = load_janus("random-7b", "cuda", torch.bfloat16)
+    settings = GenerationSettings(mode="plain")
+    engine = Engine.for_settings(bundle, settings)
+    requests = requests_for(args.images)
+    generate_mixed(bundle, requests[:2], settings, engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
+    loop = mixed_loop(bundle, engine, pages=8192)
+    watch = ProfiledSteps(loop, args.first, args.steps)
+    generate_mixed(bundle, requests, settings, engine=engine, loop=loop)
+    events = watch.prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    report = {"images": args.images, "steps": args.steps, "step_ms": 1000 * watch.wall / args.steps,
+              "gpu_busy_ms_per_step": gpu_us / 1000 / args.steps,
+              "top_gpu": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total / 1000 / args.steps,
+                           "calls_per_step": e.count / args.steps} for e in by_gpu],
+              "top_host": [{"name": e.key[:80], "ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
+                            "calls_per_step": e.count / args.steps} for e in by_host]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mixed_step_profile.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if not k.startswith("top")}))
+    for key in ("top_gpu", "top_host"):
+        print(key)
+        for row in report[key]:
+            print(f"  {row['ms_per_step']:8.3f} ms  {row['calls_per_step']:7.1f} calls  {row['name']}")
+
+
+if __name__ == "__main__":
+    main()
