@@ -111,13 +111,17 @@ class RejectFirstBand:
                 for r in requests]
 
 
-@pytest.mark.parametrize("mode,scorer", [("plain", None), ("seed", None), ("twig", None), ("twig", RejectFirstBand())])
-def test_every_mode_matches_the_reference_image_for_image(small, mode, scorer):
+@pytest.mark.parametrize("mode,scorer,fixed", [("plain", None, False), ("plain", None, True), ("seed", None, False),
+                                               ("twig", None, False), ("twig", RejectFirstBand(), True)])
+def test_every_mode_matches_the_reference_image_for_image(small, mode, scorer, fixed):
+    """`fixed`: one-token steps at fixed shapes, padded with rows that write the scratch page."""
     settings = GenerationSettings(mode=mode, bands=3, think_max_tokens=5, guidance_max_tokens=5)
     requests = requests_for(PROMPTS[:4])
     # Few pages: images start as others end, each at its own stage (twig's prompts show a canvas).
     pages = 900 if mode == "twig" else 40
-    got = generate_mixed(small, requests, settings, scorer=scorer, loop=mixed_loop(small, None, pages, 4, 48))
+    loop = mixed_loop(small, None, pages, 4, 48, fixed_steps=fixed)
+    got = generate_mixed(small, requests, settings, scorer=scorer, loop=loop)
+    assert bool(loop.decode_steps and loop.decode_steps.steps) == fixed
     for request, result in zip(requests, got):
         assert same(result, reference_staged(small, request, settings, scorer=scorer))
     if scorer is not None:

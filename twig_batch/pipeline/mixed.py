@@ -45,13 +45,13 @@ def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSet
 
 
 def mixed_loop(bundle, engine=None, pages: int | None = None, page_size: int = PAGE_SIZE,
-               step_tokens: int = STEP_TOKENS, profile: bool = False) -> MixedLoop:
+               step_tokens: int = STEP_TOKENS, profile: bool = False, fixed_steps: bool | None = None) -> MixedLoop:
     """A loop over `pages` KV pages of `page_size` slots (None: as many as the free memory holds, or
     `HOST_POOL_BYTES` worth off a GPU), running `engine`'s model (joined projections, compiled
-    kernels) or the model as written."""
+    kernels) or the model as written; `fixed_steps` as `MixedLoop` takes it."""
     model = engine.model if engine is not None else FastModel.plain(bundle.language_model)
     pool = PagePool(bundle.language_model, pages or pages_that_fit(bundle, page_size, step_tokens), page_size)
-    return MixedLoop(bundle, pool, model, step_tokens, profile=profile)
+    return MixedLoop(bundle, pool, model, step_tokens, profile=profile, fixed_steps=fixed_steps)
 
 
 def pages_that_fit(bundle, page_size: int, step_tokens: int) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from twig_batch.engine.fused import FastModel
+from twig_batch.engine.mixed.graphs import DecodeSteps
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import ImageRun, ImageStage, TextRun, TextStage
 from twig_batch.engine.mixed.step import Chunk, mixed_step
@@ -59,13 +60,18 @@ class MixedLoop:
     rows first, then prefill chunks); `max_rows`: sequences in one step at most."""
 
     def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = 2048,
-                 max_rows: int = 512, profile: bool = False):
+                 max_rows: int = 512, profile: bool = False, fixed_steps: bool | None = None):
         """With `profile`, each step waits for its forward pass, so that `seconds["forward"]` is the
-        device's time for it (without, the time to queue it) and `seconds["sample"]` the rest."""
+        device's time for it (without, the time to queue it) and `seconds["sample"]` the rest.
+        `fixed_steps`: steps where every row feeds one token run at fixed shapes (`graphs.DecodeSteps`,
+        CUDA graphs on a GPU; None: on a GPU only)."""
         if step_tokens < 1 or max_rows < 2:
             raise ValueError(f"a step needs a token and room for a CFG pair, got {step_tokens} tokens, {max_rows} rows")
         self.bundle, self.pool = bundle, pool
         self.model = model or FastModel.plain(bundle.language_model)
+        on_gpu = pool.k.is_cuda
+        self.decode_steps = DecodeSteps(self.model, pool, capture=on_gpu) if (
+            on_gpu if fixed_steps is None else fixed_steps) else None
         self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
         # Where the time goes: the programs' own work (decodes, canvases, prompts), building each step,
@@ -163,7 +169,10 @@ class MixedLoop:
                 chunks.append(Chunk(row.sequence, *row.take(count)))
             sampled.append((entry, run.pending == 0))
         since = self._clock("build", since)
-        hidden = mixed_step(self.model, self.pool, chunks)
+        if self.decode_steps is not None and all(c.embeds.shape[0] == 1 for c in chunks):
+            hidden = self.decode_steps(chunks)
+        else:
+            hidden = mixed_step(self.model, self.pool, chunks)
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)

@@ -23,8 +23,10 @@ class PagePool:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.pages, self.page_size = pages, page_size
+        # One page more, never handed out: rows that only pad a fixed-shape step write there.
+        self.scratch_page = pages
         device = weight.device if device is None else device
-        shape = (cfg.num_hidden_layers, pages * page_size, self.kv_heads, self.head_dim)
+        shape = (cfg.num_hidden_layers, (pages + 1) * page_size, self.kv_heads, self.head_dim)
         self.k = torch.zeros(shape, dtype=dtype or weight.dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self._free = list(range(pages - 1, -1, -1))  # popped from the end: page 0 first
