@@ -219,9 +219,8 @@ class LatentController:
 
 
 class BandWatch:
-    """One image's band under the controller (`LatentController.watch`): `observe` as an
-    `ImageTokenObserver`'s, for that image's rows only, its verdict read at once; `close` when the band
-    is drawn."""
+    """One image's band under the controller (`LatentController.watch`): `observe_deferred` for that
+    image's rows only, `close` when the band is drawn."""
 
     def __init__(self, controller: LatentController, band: _Band):
         self.controller, self.band = controller, band
@@ -232,14 +231,9 @@ class BandWatch:
         return self.controller.max_control_slots
 
     @torch.no_grad()
-    def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
-        decision = self.observe_deferred(step, hidden, logits, tokens)
-        return None if decision is None else decision.resolve()
-
-    @torch.no_grad()
     def observe_deferred(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
                          tokens: torch.Tensor) -> Decision | None:
-        """`observe` without waiting for the device (`LatentController.observe_deferred`)."""
+        """`LatentController.observe_deferred` for this image's rows only."""
         return self.controller._evaluate(self.band, step, hidden, logits, tokens)
 
     def close(self) -> None:
