@@ -139,28 +139,81 @@ class LatentController:
 
     def _evaluate(self, band: _Band, step: int, hidden: torch.Tensor, logits: torch.Tensor,
                   tokens: torch.Tensor) -> "Decision | None":
-        cfg = self.config
         if hidden.shape[0] != len(band.images):
             raise ValueError(f"observer got {hidden.shape[0]} rows for a band of {len(band.images)} images")
         self._remember(band, hidden)
-        force_now = cfg.force_every > 0 and (step + 1) % cfg.force_every == 0
-        due = band.filled >= cfg.min_history and step % cfg.eval_every == 0
+        force_now, due = self._due(band, step)
         if not (due or force_now):
             return None
         forced = band.forced_rows & force_now
-        evaluated = forced | due
-        memory, m_vec = self.net.condenser(band.window[:, : min(band.filled, cfg.window)])
-        p_vec = self.p_vecs[band.images]
+        memory, m_vec, p_vec, injected = self._judge([band], [step], step, forced, forced | due, logits)
+        return Decision(self, band, injected, memory, m_vec, p_vec)
+
+    def _due(self, band: _Band, step: int) -> tuple[bool, bool]:
+        """(forced now, due for an evaluation) at `step`."""
+        cfg = self.config
+        return (cfg.force_every > 0 and (step + 1) % cfg.force_every == 0,
+                band.filled >= cfg.min_history and step % cfg.eval_every == 0)
+
+    @torch.no_grad()
+    def evaluate_watches(self, watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
+                         logits: torch.Tensor) -> Verdicts:
+        """Each watch's evaluation of its image's token at `steps[i]` (row i of `hidden` [B, D] and
+        `logits` [B, V]), with `observe_deferred`'s arithmetic and logs, as one batch of tensor
+        operations per window length rather than one per image."""
+        bands = [watch.band for watch in watches]
+        for i, band in enumerate(bands):
+            self._remember(band, hidden[i:i + 1])
+        timing = [self._due(band, step) for band, step in zip(bands, steps)]
+        by_fill: dict[int, list[int]] = {}
+        for i, band in enumerate(bands):
+            if any(timing[i]):
+                by_fill.setdefault(min(band.filled, self.config.window), []).append(i)
+        verdicts = Verdicts(self, len(watches))
+        device = self.bundle.device
+        for members in by_fill.values():
+            group = [bands[i] for i in members]
+            forced = torch.cat([band.forced_rows for band in group]) & torch.tensor([timing[i][0] for i in members],
+                                                                                     device=device)
+            evaluated = forced | torch.tensor([timing[i][1] for i in members], device=device)
+            steps_of = [steps[i] for i in members]
+            index = torch.tensor(members, device=logits.device)
+            judged = self._judge(group, steps_of, torch.tensor(steps_of, device=device), forced, evaluated,
+                                 logits[index])
+            verdicts.groups.append((members, group, judged[3], *judged[:3]))
+        return verdicts
+
+    def _judge(self, bands: list[_Band], steps: list[int], step, forced: torch.Tensor, evaluated: torch.Tensor,
+               logits: torch.Tensor) -> tuple:
+        """The trigger over the rows of `bands` (windows of the same length), each band at its step
+        (`steps`; `step`: the same as a number or a tensor over the rows): its verdicts logged, its
+        guard-rail counters moved on. Returns (memory, m_vec, p_vec, injected) over the rows."""
+        cfg = self.config
+        fill = min(bands[0].filled, cfg.window)
+        windows = [band.window[:, :fill] for band in bands]
+        memory, m_vec = self.net.condenser(windows[0] if len(bands) == 1 else torch.cat(windows))
+        p_vec = self.p_vecs[[image for band in bands for image in band.images]]
         s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
         u = entropy(logits)
-        delta, var = band.history.update(s, evaluated)
+        histories = [band.history for band in bands]
+        history = histories[0] if len(bands) == 1 else TriggerHistory.joined(histories)
+        delta, var = history.update(s, evaluated)
+        if len(bands) > 1:
+            history.parted(histories)
         fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
-        allowed = (band.injections < cfg.max_injections_per_band) & (step - band.last_injection >= cfg.min_gap)
-        injected = fired & allowed
-        band.pending.append((step, evaluated, s, delta, var, u, fired, forced, injected))
-        band.injections += injected.long()
-        band.last_injection = torch.where(injected, step, band.last_injection)
-        return Decision(self, band, injected, memory, m_vec, p_vec)
+        injections = torch.cat([band.injections for band in bands])
+        last_injection = torch.cat([band.last_injection for band in bands])
+        injected = fired & (injections < cfg.max_injections_per_band) & (step - last_injection >= cfg.min_gap)
+        injections = injections + injected.long()
+        last_injection = torch.where(injected, step, last_injection)
+        first = 0
+        for band, band_step in zip(bands, steps):
+            rows = slice(first, first + len(band.images))
+            band.pending.append((band_step, evaluated[rows], s[rows], delta[rows], var[rows], u[rows], fired[rows],
+                                 forced[rows], injected[rows]))
+            band.injections, band.last_injection = injections[rows], last_injection[rows]
+            first = rows.stop
+        return memory, m_vec, p_vec, injected
 
     def trigger_log(self, image: int) -> list[dict]:
         self._log_pending()
@@ -218,9 +271,36 @@ class LatentController:
         return self.net.shaper(c_vec)
 
 
+class Verdicts:
+    """Many watches' evaluations of one step (`LatentController.evaluate_watches`), still on the
+    device; `resolve` reads them all at once (one wait) and thinks and shapes the control tokens of
+    the images injected."""
+
+    def __init__(self, controller: "LatentController", watches: int):
+        self.controller, self.watches = controller, watches
+        self.groups: list[tuple] = []  # (watch indices, bands, injected, memory, m_vec, p_vec)
+
+    def resolve(self) -> list[Injection | None]:
+        """An injection (or None) per watch, in the order the watches were given."""
+        injections: list[Injection | None] = [None] * self.watches
+        if not self.groups:
+            return injections
+        flags = torch.cat([group[2] for group in self.groups]).tolist()  # the one wait for the device
+        first = 0
+        for members, bands, injected, memory, m_vec, p_vec in self.groups:
+            for j, (index, band) in enumerate(zip(members, bands)):
+                if flags[first + j]:
+                    rows = slice(j, j + 1)
+                    first_row = torch.zeros(1, dtype=torch.long, device=memory.device)
+                    embeds = self.controller._control_tokens(band, first_row, memory[rows], m_vec[rows], p_vec[rows])
+                    injections[index] = Injection(embeds=embeds.to(self.controller.bundle.dtype), rows=injected[rows])
+            first += len(members)
+        return injections
+
+
 class BandWatch:
-    """One image's band under the controller (`LatentController.watch`): `observe_deferred` for that
-    image's rows only, `close` when the band is drawn."""
+    """One image's band under the controller (`LatentController.watch`): `observe_together` evaluates
+    many images' tokens, each at its own band and step; `close` when the band is drawn."""
 
     def __init__(self, controller: LatentController, band: _Band):
         self.controller, self.band = controller, band
@@ -230,11 +310,26 @@ class BandWatch:
     def max_control_slots(self) -> int:
         return self.controller.max_control_slots
 
+    @staticmethod
     @torch.no_grad()
-    def observe_deferred(self, step: int, hidden: torch.Tensor, logits: torch.Tensor,
-                         tokens: torch.Tensor) -> Decision | None:
-        """`LatentController.observe_deferred` for this image's rows only."""
-        return self.controller._evaluate(self.band, step, hidden, logits, tokens)
+    def observe_together(watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
+                         logits: torch.Tensor) -> list[Injection | None]:
+        """Each watch's verdict on its image's token at `steps[i]` (row i of `hidden`, `logits`), the
+        watches of one controller evaluated as one batch, every verdict read in one wait."""
+        by_controller: dict[int, list[int]] = {}
+        for i, watch in enumerate(watches):
+            by_controller.setdefault(id(watch.controller), []).append(i)
+        pending = []
+        for members in by_controller.values():
+            index = torch.tensor(members, device=hidden.device)
+            mine = [watches[i] for i in members]
+            pending.append((members, mine[0].controller.evaluate_watches(mine, [steps[i] for i in members],
+                                                                        hidden[index], logits[index])))
+        injections: list[Injection | None] = [None] * len(watches)
+        for members, verdicts in pending:
+            for i, injection in zip(members, verdicts.resolve()):
+                injections[i] = injection
+        return injections
 
     def close(self) -> None:
         self.controller._log_pending(self.band)

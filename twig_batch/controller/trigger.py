@@ -56,3 +56,21 @@ class TriggerHistory:
         mean = (self.ring * filled).sum(1) / n
         var = (((self.ring - mean.unsqueeze(1)) * filled) ** 2).sum(1) / n
         return delta, torch.where(evaluated, var, math.nan)
+
+    @classmethod
+    def joined(cls, histories: list["TriggerHistory"]) -> "TriggerHistory":
+        """One history over the images of several (each one's rows in order), updated as one batch;
+        `parted` gives each its rows back."""
+        joined = cls.__new__(cls)
+        joined.window = histories[0].window
+        joined.previous, joined.ring, joined.count = (torch.cat([getattr(h, name) for h in histories])
+                                                      for name in ("previous", "ring", "count"))
+        return joined
+
+    def parted(self, histories: list["TriggerHistory"]) -> None:
+        """Hands each of the `histories` it was `joined` from its own rows back (views)."""
+        first = 0
+        for history in histories:
+            rows = slice(first, first + history.previous.shape[0])
+            history.previous, history.ring, history.count = self.previous[rows], self.ring[rows], self.count[rows]
+            first = rows.stop

@@ -220,12 +220,17 @@ class MixedLoop:
 
 def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
                        embeds: torch.Tensor) -> None:
-    """Each image run takes its token, behind the control tokens its controller injects, if any.
-    Every watched run's trigger is evaluated before any verdict is read: one wait for the device."""
-    decisions = [None if run.stage.watch is None else
-                 run.stage.watch.observe_deferred(run.step, hidden[i:i + 1], logits[i:i + 1], tokens[i:i + 1])
-                 for i, run in enumerate(runs)]
-    for i, (run, token, decision) in enumerate(zip(runs, tokens.tolist(), decisions)):
-        injection = None if decision is None else decision.resolve()
-        control = injection.embeds[0] if injection is not None and bool(injection.rows[0]) else None
-        run.accept(token, embeds[i:i + 1], control)
+    """Each image run takes its token, behind the control tokens its controller injects, if any. The
+    watched runs' triggers are evaluated together (`observe_together` of their watches' kind)."""
+    controls: list[torch.Tensor | None] = [None] * len(runs)
+    watched = [i for i, run in enumerate(runs) if run.stage.watch is not None]
+    if watched:
+        watches = [runs[i].stage.watch for i in watched]
+        index = torch.tensor(watched, device=hidden.device)
+        injections = type(watches[0]).observe_together(watches, [runs[i].step for i in watched], hidden[index],
+                                                       logits[index])
+        for i, injection in zip(watched, injections):
+            if injection is not None and bool(injection.rows[0]):
+                controls[i] = injection.embeds[0]
+    for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
+        run.accept(token, embeds[i:i + 1], controls[i])
