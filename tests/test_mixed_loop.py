@@ -100,7 +100,8 @@ def requests_for(prompts, base_seed=100):
 def same(a, b):
     return (torch.equal(a.codes, b.codes) and a.thoughts == b.thoughts and a.reflections == b.reflections
             and a.redrawn_bands == b.redrawn_bands and a.image.tobytes() == b.image.tobytes()
-            and [(lbl, im.tobytes()) for lbl, im in a.band_images] == [(lbl, im.tobytes()) for lbl, im in b.band_images])
+            and [(label, im.tobytes()) for label, im in a.band_images]
+            == [(label, im.tobytes()) for label, im in b.band_images])
 
 
 class RejectFirstBand:
@@ -188,7 +189,8 @@ def test_with_the_controller_every_image_matches_the_reference_and_its_trigger_l
     # Room for two or three images at once: each joins as another ends, so the controller evaluates
     # images at different steps and window lengths in one batch.
     pages = 900 if mode == "twig" else 70
-    got = generate_mixed(small, requests, settings, controller, scorer=scorer, loop=mixed_loop(small, None, pages, 4, 48))
+    loop = mixed_loop(small, None, pages, 4, 48)
+    got = generate_mixed(small, requests, settings, controller, scorer=scorer, loop=loop)
     for request, result in zip(requests, got):
         alone = LatentController(small, [request.prompt], CONTROLLER)
         if mode == "plain":  # one pass over the whole image, as Janus-Pro draws it: the controller sees one band

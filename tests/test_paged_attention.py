@@ -52,5 +52,5 @@ def test_the_kernel_reads_the_pages_in_place_as_the_gathered_form_does():
 
     for seed in range(2):
         q, keys, values, layout, _ = step_case(seed)
-        torch.testing.assert_close(paged_attention(q, keys, values, layout), gathered_attention(q, keys, values, layout),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(paged_attention(q, keys, values, layout),
+                                   gathered_attention(q, keys, values, layout), rtol=1e-4, atol=1e-5)

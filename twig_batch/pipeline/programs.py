@@ -160,6 +160,7 @@ def _reflect_and_think(bundle, askers: Askers, ask: ReflectionRequest, settings,
         return (yield from _ask(bundle, scorer, [ask], settings))[0], None
     thought = ThoughtRequest(ask.prompt, ask.band + 1, ask.bands, ask.earlier, ask.canvas, ask.seed)
     features = canvas_features(bundle, [ask.canvas])
-    stages = _stages(bundle, scorer, [ask], settings, features) + _stages(bundle, thinker, [thought], settings, features)
+    stages = (_stages(bundle, scorer, [ask], settings, features)
+              + _stages(bundle, thinker, [thought], settings, features))
     answer, next_thought = yield stages
     return clean_text(bundle, answer), clean_text(bundle, next_thought)

@@ -10,7 +10,8 @@ every step:
    after it wait behind it, so no image starves;
 2. builds one step: every run that is decoding feeds its one token, runs still prefilling share what
    is left of the step's token budget in chunks (a run's two CFG rows always take the same chunk);
-3. runs it (`step.mixed_step`) and samples for every run that has fed all it had: text runs from the
+3. runs it (`step.mixed_step`; a step where every row feeds one token at fixed shapes, `graphs.py`,
+   replayed as a CUDA graph on a GPU) and samples for every run that has fed all it had: text runs from the
    language head, image runs from the generation head with classifier-free guidance, in groups of one
    sampling rule, each row with the noise of its own seed and step (so no image depends on the others);
 4. ends the runs that are done (their pages go back at once) and hands each program its results when
@@ -31,6 +32,8 @@ from twig_batch.engine.mixed.stages import ImageRun, ImageStage, TextRun, TextSt
 from twig_batch.engine.mixed.step import Chunk, mixed_step
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.seeds import STREAM_TEXT
+
+MIN_STEP_TOKENS = 8
 
 
 class _Program:
@@ -65,8 +68,9 @@ class MixedLoop:
         device's time for it (without, the time to queue it) and `seconds["sample"]` the rest.
         `fixed_steps`: steps where every row feeds one token run at fixed shapes (`graphs.DecodeSteps`,
         CUDA graphs on a GPU; None: on a GPU only)."""
-        if step_tokens < 1 or max_rows < 2:
-            raise ValueError(f"a step needs a token and room for a CFG pair, got {step_tokens} tokens, {max_rows} rows")
+        if step_tokens < MIN_STEP_TOKENS or max_rows < 2:
+            raise ValueError(f"a step needs at least {MIN_STEP_TOKENS} tokens (a CFG pair's prefill chunk, when a "
+                             f"quarter goes to prefills) and 2 rows, got {step_tokens} tokens, {max_rows} rows")
         self.bundle, self.pool = bundle, pool
         self.model = model or FastModel.plain(bundle.language_model)
         on_gpu = pool.k.is_cuda
@@ -74,8 +78,9 @@ class MixedLoop:
             on_gpu if fixed_steps is None else fixed_steps) else None
         self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
-        # Where the time goes: the programs' own work (decodes, canvases, prompts), building each step,
-        # its forward pass, sampling (with the wait for the device) and handing the tokens on.
+        # Where the time goes: admission and the programs' own work (decodes, canvases, prompts),
+        # building each step, its forward pass, sampling (with the wait for the device) and handing the
+        # tokens on.
         self.seconds = dict.fromkeys(("programs", "build", "forward", "sample"), 0.0)
 
     def _clock(self, phase: str, since: float) -> float:

@@ -83,5 +83,6 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
         q, keys, values, out, layout.tables, layout.held, layout.counts, layout.starts,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         layout.tables.stride(0), dim ** -0.5, heads // keys.shape[1],
-        LONGEST=-(-layout.length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim, BLOCK_M=block_m, BLOCK_N=64)
+        LONGEST=-(-layout.length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim,
+        BLOCK_M=block_m, BLOCK_N=64)
     return out

@@ -13,7 +13,8 @@ import triton.language as tl
 def paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, held_ptr, count_ptr, start_ptr,
                            q_stride_n, q_stride_h, kv_stride_s, kv_stride_h, out_stride_n, out_stride_h,
                            table_stride, scale, group,
-                           LONGEST: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           LONGEST: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     block = tl.program_id(2)

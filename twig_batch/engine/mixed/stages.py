@@ -26,6 +26,10 @@ class TextStage:
     max_new_tokens: int
     temperature: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"a text stage writes at least one token, got max_new_tokens={self.max_new_tokens}")
+
 
 @dataclass(frozen=True)
 class ImageStage:
@@ -95,7 +99,8 @@ class TextRun(_Run):
         self.done = False
         if self.admitted:
             ids_tensor = torch.tensor([ids], device=bundle.device)
-            self.rows = [_Row(PagedSequence(pool, self.reservation), embed_prompts(bundle, ids_tensor, [stage.prompt])[0])]
+            embeds = embed_prompts(bundle, ids_tensor, [stage.prompt])[0]
+            self.rows = [_Row(PagedSequence(pool, self.reservation), embeds)]
 
     @property
     def step(self) -> int:
