@@ -12,6 +12,7 @@ from twig_batch.engine.mixed.stages import ImageStage, TextStage
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
+from twig_batch.pipeline.programs import HostWork
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.thinking import ModelThinker
 from twig_batch.prompts import t2i_prompt_ids
@@ -202,3 +203,23 @@ def test_with_the_controller_every_image_matches_the_reference_and_its_trigger_l
             assert same(result, reference)
             assert_same_log(result.trigger_log, reference.trigger_log)
         assert result.record()["n_injections"] >= 3
+
+
+def test_images_that_reach_a_decode_together_are_decoded_and_seen_in_one_call(small, monkeypatch):
+    """Room for every image at once: they finish each band in the same step, so each band's decodes
+    (and twig's canvases for the vision model) are one call for all of them; nothing changes."""
+    settings = GenerationSettings(mode="twig", bands=3, think_max_tokens=5)
+    requests = requests_for(PROMPTS[:4])
+    batches = {"decode": [], "features": []}
+    for name in batches:
+        original = getattr(HostWork, name)
+
+        def spy(work, items, original=original, name=name):
+            batches[name].append(len(items))
+            return original(work, items)
+
+        monkeypatch.setattr(HostWork, name, spy)
+    got = generate_mixed(small, requests, settings, loop=mixed_loop(small, pages=4000, page_size=4))
+    assert max(batches["decode"]) == len(requests) and max(batches["features"]) == len(requests)
+    for request, result in zip(requests, got):
+        assert same(result, reference_staged(small, request, settings))

@@ -14,7 +14,8 @@ from twig_batch.engine.memory import HEADROOM, free_device_bytes, prefill_bytes_
 from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.pipeline.guidance import ModelGuide
-from twig_batch.pipeline.programs import Askers, image_program
+from twig_batch.pipeline.bands import BandSchedule
+from twig_batch.pipeline.programs import Askers, HostWork, image_program
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.request import ImageRequest, ImageResult
 from twig_batch.pipeline.text_lengths import emulated_text_lengths
@@ -41,7 +42,8 @@ def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSet
     askers = Askers(templates, thinker or ModelThinker(templates, lengths=lengths),
                     scorer or ModelScorer(templates, lengths=lengths), guide or ModelGuide(templates, lengths=lengths))
     loop = loop or mixed_loop(bundle, engine)
-    return loop.run(image_program(bundle, r, settings, askers, observer, i) for i, r in enumerate(requests))
+    work = HostWork(bundle, BandSchedule(bundle.grid, settings.bands))
+    return loop.run(image_program(bundle, r, settings, askers, work, observer, i) for i, r in enumerate(requests))
 
 
 def mixed_loop(bundle, engine=None, pages: int | None = None, page_size: int = PAGE_SIZE,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from twig_batch.engine.mixed.stages import ImageStage, TextStage
+from twig_batch.engine.mixed.stages import HostCall, ImageStage, TextStage
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
 from twig_batch.pipeline.guidance import GuidanceRequest
@@ -36,11 +36,41 @@ class Askers:
         self.templates, self.thinker, self.scorer, self.guide = templates, thinker, scorer, guide
 
 
-def image_program(bundle, request: ImageRequest, settings: GenerationSettings, askers: Askers, observer=None,
-                  image: int = 0):
+class HostWork:
+    """The programs' work beside the model, for many images at once (`HostCall`s of one call's
+    programs share these two bound methods, so the loop batches them)."""
+
+    def __init__(self, bundle, schedule: BandSchedule):
+        self.bundle, self.schedule = bundle, schedule
+
+    def decode(self, items: list[tuple[torch.Tensor, int, bool]]) -> list[tuple]:
+        """(band pixels, canvas or None) per (codes so far, band just drawn, canvas wanted?), the
+        images of each band decoded together, and their canvases."""
+        results: list = [None] * len(items)
+        by_band: dict[int, list[int]] = {}
+        for index, (_, band, _) in enumerate(items):
+            by_band.setdefault(band, []).append(index)
+        for band, members in by_band.items():
+            rows = self.schedule.rows_after(band) * self.schedule.grid
+            codes = torch.stack([items[i][0][:rows] for i in members])
+            pixels = band_pixels(self.bundle, codes, self.schedule, band)
+            seen = [i for i in members if items[i][2]]
+            canvases = canvas_pixels(self.bundle, torch.stack([items[i][0][:rows] for i in seen])) if seen else []
+            canvas_of = dict(zip(seen, canvases))
+            for n, index in enumerate(members):
+                results[index] = (pixels[n:n + 1], canvas_of.get(index))
+        return results
+
+    def features(self, canvases: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The vision model's features of each canvas, all canvases in one batch."""
+        return canvas_features(self.bundle, canvases)
+
+
+def image_program(bundle, request: ImageRequest, settings: GenerationSettings, askers: Askers, work: HostWork,
+                  observer=None, image: int = 0):
     """The program of `request`'s image in `settings.mode`; `observer` (the latent controller) knows
-    it as its request `image` and watches each of its bands."""
-    canvas = _Canvas(bundle, request, settings, BandSchedule(bundle.grid, settings.bands), observer, image)
+    it as its request `image` and watches each of its bands. `work` is shared by the call's programs."""
+    canvas = _Canvas(bundle, request, settings, work, observer, image)
     if settings.mode == "plain":
         return _plain(canvas)
     if settings.mode == "seed":
@@ -50,13 +80,25 @@ def image_program(bundle, request: ImageRequest, settings: GenerationSettings, a
     raise ValueError(f"unknown mode {settings.mode!r}")
 
 
-def _ask(bundle, asker, requests: list, settings: GenerationSettings, features=None):
+def _ask(bundle, asker, requests: list, settings: GenerationSettings, work: HostWork):
     """The asker's answers to `requests`: as text stages when the model writes them, else on the host."""
     if not hasattr(asker, "prompts"):
         answer = getattr(asker, "think", None) or getattr(asker, "reflect", None) or asker.guide
         return answer(bundle, requests, settings)
+    features = yield from _seen(requests, work)
     ids = yield _stages(bundle, asker, requests, settings, features)
     return [clean_text(bundle, written) for written in ids]
+
+
+def _seen(requests: list, work: HostWork):
+    """The vision features of each request's canvas (None without one), or None when no request has
+    a canvas field (stage plans)."""
+    if not all(hasattr(r, "canvas") for r in requests):
+        return None
+    shown = [i for i, r in enumerate(requests) if r.canvas is not None]
+    features = (yield [HostCall(work.features, requests[i].canvas) for i in shown]) if shown else []
+    feature_of = dict(zip(shown, features))
+    return [feature_of.get(i) for i in range(len(requests))]
 
 
 def _stages(bundle, asker, requests: list, settings: GenerationSettings, features=None) -> list[TextStage]:
@@ -68,10 +110,10 @@ def _stages(bundle, asker, requests: list, settings: GenerationSettings, feature
 class _Canvas:
     """An image drawn band by band: its codes so far, its band images and pixels."""
 
-    def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, schedule: BandSchedule,
+    def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, work: HostWork,
                  observer=None, image: int = 0):
-        self.bundle, self.request, self.settings, self.schedule = bundle, request, settings, schedule
-        self.observer, self.image = observer, image
+        self.bundle, self.request, self.settings, self.schedule = bundle, request, settings, work.schedule
+        self.work, self.observer, self.image = work, observer, image
         self.codes = torch.zeros(0, dtype=torch.long)
         self.band_images: list = []
         self.pixels = self.canvas = None
@@ -86,11 +128,12 @@ class _Canvas:
         drawn = yield [stage]
         self.codes = torch.cat([self.codes[:start], drawn[0]])
 
-    def show(self, band: int, redrawn: bool = False, canvas: bool = True) -> None:
-        """Decodes the image after band `band` (and, with `canvas`, the full-size canvas the model looks at)."""
-        self.pixels = band_pixels(self.bundle, self.codes[None], self.schedule, band)
+    def show(self, band: int, redrawn: bool = False, canvas: bool = True):
+        """Decodes the image after band `band` (and, with `canvas`, the full-size canvas the model
+        looks at), beside the other programs' decodes."""
+        [(self.pixels, seen)] = yield [HostCall(self.work.decode, (self.codes, band, canvas))]
         if canvas:
-            self.canvas = canvas_pixels(self.bundle, self.codes[None])[0]
+            self.canvas = seen
         self.band_images.append((band_label(band, self.schedule.bands, redrawn), to_pil(self.pixels)[0]))
 
     def result(self, texts=(), reflections=(), redrawn=()) -> ImageResult:
@@ -104,7 +147,7 @@ def _plain(image: _Canvas):
     request, schedule = image.request, image.schedule
     yield from image.draw(request.prompt.strip(), 0, request.seed, n_tokens=image.bundle.image_tokens)
     for band in range(schedule.bands):
-        image.show(band, canvas=False)
+        yield from image.show(band, canvas=False)
     return image.result()
 
 
@@ -112,10 +155,10 @@ def _seed(image: _Canvas, askers: Askers):
     bundle, request, settings = image.bundle, image.request, image.settings
     prompt, bands = request.prompt.strip(), image.schedule.bands
     asks = [GuidanceRequest(prompt, band, bands, request.seed) for band in range(bands)]
-    plans = yield from _ask(bundle, askers.guide, asks, settings)
+    plans = yield from _ask(bundle, askers.guide, asks, settings, image.work)
     for band in range(bands):
         yield from image.draw(condition_text("seed", askers.templates, prompt, band, bands, plans), band, request.seed)
-        image.show(band, canvas=False)
+        yield from image.show(band, canvas=False)
     return image.result(plans)
 
 
@@ -131,15 +174,15 @@ def _twig(image: _Canvas, askers: Askers):
     for band in range(bands):
         if ahead is None:
             ask = ThoughtRequest(prompt, band, bands, tuple(texts), image.canvas if band else None, seed)
-            ahead = (yield from _ask(bundle, askers.thinker, [ask], settings))[0]
+            ahead = (yield from _ask(bundle, askers.thinker, [ask], settings, image.work))[0]
         texts.append(ahead)
         ahead = None
         yield from image.draw(condition(band), band, seed)
-        image.show(band)
+        yield from image.show(band)
         if not settings.reflect:
             continue
         ask = ReflectionRequest(prompt, band, bands, texts[band], tuple(texts), image.canvas, seed)
-        answer, ahead = yield from _reflect_and_think(bundle, askers, ask, settings, band + 1 < bands)
+        answer, ahead = yield from _reflect_and_think(bundle, askers, ask, settings, band + 1 < bands, image.work)
         verdict = read_reflection(answer, band, settings.theta)
         reflections.append(verdict.record())
         if verdict.accepted:
@@ -148,18 +191,19 @@ def _twig(image: _Canvas, askers: Askers):
         texts[band] = verdict.improved
         redrawn.append(band)
         yield from image.draw(condition(band), band, redraw_seed(seed, band))
-        image.show(band, redrawn=True)
+        yield from image.show(band, redrawn=True)
     return image.result(texts, reflections, redrawn)
 
 
-def _reflect_and_think(bundle, askers: Askers, ask: ReflectionRequest, settings, think_ahead: bool):
+def _reflect_and_think(bundle, askers: Askers, ask: ReflectionRequest, settings, think_ahead: bool,
+                       work: HostWork):
     """(the reflection's answer, the next band's thought or None). Both in one yield when the model
     writes both; the thought is asked only later otherwise."""
     thinker, scorer = askers.thinker, askers.scorer
     if not (think_ahead and hasattr(thinker, "prompts") and hasattr(scorer, "prompts")):
-        return (yield from _ask(bundle, scorer, [ask], settings))[0], None
+        return (yield from _ask(bundle, scorer, [ask], settings, work))[0], None
     thought = ThoughtRequest(ask.prompt, ask.band + 1, ask.bands, ask.earlier, ask.canvas, ask.seed)
-    features = canvas_features(bundle, [ask.canvas])
+    features = yield from _seen([ask], work)  # both questions show this canvas
     stages = (_stages(bundle, scorer, [ask], settings, features)
               + _stages(bundle, thinker, [thought], settings, features))
     answer, next_thought = yield stages

@@ -1,9 +1,11 @@
 """The mixed loop: many images' programs at once, every stage of every image in the same steps.
 
 Each image is a program (`pipeline/programs.py`): a generator that asks for stages (texts, bands of
-image tokens), gets their results back and asks for the next, doing its host work (decoding a band,
-reading a reflection) in between. The loop holds the programs not started yet in a queue and, at
-every step:
+image tokens), gets their results back and asks for the next, reading reflections and building
+prompts in between; work beside the model that costs less for many images at once (a band decoded,
+a canvas seen by the vision model) it asks for as a `HostCall`, which the loop makes for every
+program waiting on it at once, before the next step. The loop holds the programs not started yet in
+a queue and, at every step:
 1. admits stages: first those asked by programs already running (in the order asked), then the first
    stages of new programs, while the page pool can promise what each stage may need (`stages.py`) and
    the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
@@ -28,7 +30,7 @@ import torch
 from twig_batch.engine.fused import FastModel
 from twig_batch.engine.mixed.graphs import DecodeSteps
 from twig_batch.engine.mixed.pages import PagePool
-from twig_batch.engine.mixed.stages import ImageRun, ImageStage, TextRun, TextStage
+from twig_batch.engine.mixed.stages import HostCall, ImageRun, ImageStage, TextRun, TextStage
 from twig_batch.engine.mixed.step import Chunk, mixed_step
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.seeds import STREAM_TEXT
@@ -93,6 +95,7 @@ class MixedLoop:
         """Every program's return value, in the programs' order."""
         waiting = deque(enumerate(programs))
         asked: deque = deque()  # (program, stage index, stage): asked by a running program, not admitted
+        host: list = []  # (program, stage index, HostCall): waiting for the next round of host calls
         runs: list = []  # (program, stage index, run)
         outcomes: dict[int, object] = {}
 
@@ -100,27 +103,39 @@ class MixedLoop:
             stages = program.ask(sent)
             if not stages:
                 outcomes[program.index] = program.outcome
-            asked.extend((program, i, stage) for i, stage in enumerate(stages))
+            for i, stage in enumerate(stages):
+                (host if isinstance(stage, HostCall) else asked).append((program, i, stage))
 
-        while waiting or asked or runs:
+        def finish(program: _Program, i: int, result) -> None:
+            program.results[i] = result
+            program.left -= 1
+            if program.left == 0:
+                start(program, program.results)
+
+        while waiting or asked or host or runs:
             since = time.perf_counter()
+            while host:  # what the host calls hand back may ask for more host calls
+                calls, host[:] = list(host), []
+                for (program, i, _), result in zip(calls, _call_together([call for _, _, call in calls])):
+                    finish(program, i, result)
             self._admit(asked, runs)
-            while not asked and waiting and self._rows(runs) + 2 <= self.max_rows:
+            while not asked and not host and waiting and self._rows(runs) + 2 <= self.max_rows:
                 index, generator = waiting.popleft()
                 start(_Program(index, generator), None)
                 self._admit(asked, runs)
-            if not runs:
-                _, _, stage = asked[0]
-                raise RuntimeError(f"a stage needs more KV pages than the pool holds: {self._describe(stage)}")
             self._clock("programs", since)
+            if host:
+                continue
+            if not runs:
+                if asked:
+                    _, _, stage = asked[0]
+                    raise RuntimeError(f"a stage needs more KV pages than the pool holds: {self._describe(stage)}")
+                continue
             done = self._step(runs)
             since = time.perf_counter()
             for program, i, run in done:
                 run.close()
-                program.results[i] = run.result()
-                program.left -= 1
-                if program.left == 0:
-                    start(program, program.results)
+                finish(program, i, run.result())
             self._clock("programs", since)
         return [outcomes[i] for i in sorted(outcomes)]
 
@@ -143,7 +158,7 @@ class MixedLoop:
             return TextRun(stage, self.bundle, self.pool, self.bundle.tokens.eos)
         if isinstance(stage, ImageStage):
             return ImageRun(stage, self.bundle, self.pool)
-        raise TypeError(f"an image program asked for {stage!r}, not a TextStage or an ImageStage")
+        raise TypeError(f"an image program asked for {stage!r}, not a TextStage, an ImageStage or a HostCall")
 
     def _describe(self, stage) -> str:
         run_pages = self.pool.pages_for
@@ -239,3 +254,15 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
                 controls[i] = injection.embeds[0]
     for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
         run.accept(token, embeds[i:i + 1], controls[i])
+
+
+def _call_together(calls: list[HostCall]) -> list:
+    """Each call's result, every call of one `batch` made as one."""
+    by_batch: dict = {}
+    for index, call in enumerate(calls):
+        by_batch.setdefault(call.batch, []).append(index)
+    results: list = [None] * len(calls)
+    for batch, members in by_batch.items():
+        for index, result in zip(members, batch([calls[i].item for i in members])):
+            results[index] = result
+    return results

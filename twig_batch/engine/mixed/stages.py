@@ -45,6 +45,15 @@ class ImageStage:
     watch: object | None = None
 
 
+@dataclass(frozen=True)
+class HostCall:
+    """Work a program needs beside the model's steps (a band decoded, a canvas seen by the vision
+    model) that costs less for many images at once: the loop makes one call of `batch` over the
+    `item`s of every program waiting on the same `batch`, which returns one result per item."""
+    batch: object
+    item: object
+
+
 class _Row:
     """One sequence of a run and the input it still has to feed: embeddings [P, D] at positions [P]."""
 
