@@ -240,8 +240,9 @@ class MixedLoop:
 
 def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
                        embeds: torch.Tensor) -> None:
-    """Each image run takes its token, behind the control tokens its controller injects, if any. The
-    watched runs' triggers are evaluated together (`observe_together` of their watches' kind)."""
+    """Each image run takes its token (left on the device), behind the control tokens its controller
+    injects, if any. The watched runs' triggers are evaluated together (`observe_together` of their
+    watches' kind); only their verdicts are read back."""
     controls: list[torch.Tensor | None] = [None] * len(runs)
     watched = [i for i, run in enumerate(runs) if run.stage.watch is not None]
     if watched:
@@ -252,8 +253,8 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
         for i, injection in zip(watched, injections):
             if injection is not None and bool(injection.rows[0]):
                 controls[i] = injection.embeds[0]
-    for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
-        run.accept(token, embeds[i:i + 1], controls[i])
+    for i, run in enumerate(runs):
+        run.accept(tokens[i], embeds[i:i + 1], controls[i])
 
 
 def _call_together(calls: list[HostCall]) -> list:

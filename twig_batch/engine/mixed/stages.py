@@ -137,7 +137,9 @@ class ImageRun(_Run):
         prefix = 0 if stage.prefix_codes is None else stage.prefix_codes.numel()
         control = 0 if stage.watch is None else stage.watch.max_control_slots
         super().__init__(pool, len(stage.cond_ids) + prefix + control + stage.n_tokens - 1, 2)
-        self.codes: list[int] = []
+        # Each token as the device drew it (a 0-dim tensor): an image's codes are read back once, when
+        # its band is done, so a step never waits for the device to know them.
+        self.codes: list[torch.Tensor] = []
         self.done = False
         if self.admitted:
             pair = torch.tensor([stage.cond_ids, unconditional_ids(stage.cond_ids, bundle.tokens.pad)],
@@ -152,7 +154,7 @@ class ImageRun(_Run):
     def step(self) -> int:
         return self.stage.first_step + len(self.codes)
 
-    def accept(self, token: int, embeds: torch.Tensor, control: torch.Tensor | None = None) -> None:
+    def accept(self, token: torch.Tensor, embeds: torch.Tensor, control: torch.Tensor | None = None) -> None:
         """`token` drawn, `embeds` [1, D] its input embedding; `control` [K, D]: control tokens that go
         into the cache before it (none after the last token: nothing would read them)."""
         self.codes.append(token)
@@ -165,4 +167,4 @@ class ImageRun(_Run):
             row.feed(embeds)
 
     def result(self) -> torch.Tensor:
-        return torch.tensor(self.codes, dtype=torch.long)
+        return torch.stack(self.codes).to("cpu", torch.long)
