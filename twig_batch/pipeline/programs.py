@@ -1,8 +1,9 @@
 """Each mode as one image's program for the mixed loop (`engine/mixed/loop.py`).
 
 A program is a generator: it yields the stages it needs next (a list: texts and bands of image
-tokens that do not wait for each other) and gets their results back, decoding bands and reading
-reflections itself in between, then returns the image's `ImageResult`. It is `reference/staged.py`
+tokens that do not wait for each other, or host calls: band decodes and canvas features, made for
+every image that needs one at the same time, `HostWork`) and gets their results back, reading
+reflections and building prompts itself in between, then returns the image's `ImageResult`. It is `reference/staged.py`
 for one image, step for step, with the model's asks turned into yields, so the two give the same
 tokens, texts and pixels.
 
