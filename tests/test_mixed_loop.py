@@ -1,6 +1,9 @@
 """The mixed loop against the reference loops, token for token (tiny model, float64, CPU): texts and
 bands of image tokens from many images in the same steps, prefills cut into chunks, KV pages taken and
 given back as rows grow and end, images joining as others free their pages."""
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -223,3 +226,16 @@ def test_images_that_reach_a_decode_together_are_decoded_and_seen_in_one_call(sm
     assert max(batches["decode"]) == len(requests) and max(batches["features"]) == len(requests)
     for request, result in zip(requests, got):
         assert same(result, reference_staged(small, request, settings))
+
+
+def test_texts_end_at_their_stop_token_wherever_it_falls(tiny64):
+    """A stop token the tiny model does draw (random weights never draw their real one): texts end
+    there, at different steps, and every other text runs on; each as the reference writes it."""
+    stop = 55  # drawn by the first prompt as its 2nd token and by the second as its 8th
+    bundle = copy.copy(tiny64)
+    bundle.tokens = dataclasses.replace(tiny64.tokens, eos=stop)
+    prompts = [TextPrompt(tiny64.encode(p * (i + 1)), seed=7 * i) for i, p in enumerate(PROMPTS)]
+    loop = MixedLoop(bundle, PagePool(tiny64.language_model, pages=64, page_size=4), step_tokens=16)
+    written = loop.run(ask_once(TextStage(p, 12, 1.0)) for p in prompts)
+    assert written == [reference_text(tiny64, p, 12, 1.0, stop_id=stop) for p in prompts]
+    assert sorted(len(w) for w in written)[:2] == [1, 7] and max(len(w) for w in written) == 12
