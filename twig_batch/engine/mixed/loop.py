@@ -80,6 +80,7 @@ class MixedLoop:
             on_gpu if fixed_steps is None else fixed_steps) else None
         self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
+        self._unread: list[_ReadBack] = []  # text tokens of the last step, on their way to the host
         # Where the time goes: admission and the programs' own work (decodes, canvases, prompts),
         # building each step, its forward pass, sampling (with the wait for the device) and handing the
         # tokens on.
@@ -189,6 +190,11 @@ class MixedLoop:
                 chunks.append(Chunk(row.sequence, *row.take(count)))
             sampled.append((entry, run.pending == 0))
         since = self._clock("build", since)
+        earlier, self._unread = self._unread, []
+        if not chunks:  # every run waits for its last text token to be read back
+            if not earlier:
+                raise RuntimeError("the mixed loop has runs but nothing to feed and no token to read back")
+            return self._ended(runs, earlier)
         if self.decode_steps is not None and all(c.embeds.shape[0] == 1 for c in chunks):
             hidden = self.decode_steps(chunks)
         else:
@@ -206,10 +212,18 @@ class MixedLoop:
                 ready.append((entry, hidden[first:first + rows]))
             first += rows
         self._sample(ready)
-        done = [entry for entry, _ in ready if entry[2].done]
+        done = self._ended(runs, earlier)
+        self._clock("sample", since)
+        return done
+
+    def _ended(self, runs: list, earlier: list["_ReadBack"]) -> list:
+        """The runs done (removed from `runs`) once the text tokens of the step before are read back:
+        by then this step is queued, so the device does not wait for the host while it reads."""
+        for read_back in earlier:
+            read_back.deliver()
+        done = [entry for entry in runs if entry[2].done]
         for entry in done:
             runs.remove(entry)
-        self._clock("sample", since)
         return done
 
     def _sample(self, ready: list) -> None:
@@ -229,8 +243,9 @@ class MixedLoop:
                 tokens = sample_tokens(self.bundle.text_logits(hidden), seeds, steps, rule[1], stream=STREAM_TEXT,
                                        kernels=self.model.kernels)
                 embeds = self.bundle.embed_text(tokens)  # the group's tokens embedded at once
-                for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
-                    run.accept(token, embeds[i:i + 1])
+                for i, run in enumerate(runs):
+                    run.accept(embeds[i:i + 1])
+                self._unread.append(_ReadBack(runs, tokens))
             else:
                 seeds = torch.tensor([run.stage.seed for run in runs], dtype=torch.int64, device=device)
                 settings = runs[0].stage.settings  # the group's: one settings object
@@ -255,6 +270,28 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
                 controls[i] = injection.embeds[0]
     for i, run in enumerate(runs):
         run.accept(tokens[i], embeds[i:i + 1], controls[i])
+
+
+class _ReadBack:
+    """One step's text tokens copied to the host without waiting (pinned memory on a GPU); `deliver`
+    waits for that copy alone and hands each run its token."""
+
+    def __init__(self, runs: list[TextRun], tokens: torch.Tensor):
+        self.runs = runs
+        self.ready = None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = tokens
+
+    def deliver(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        for run, token in zip(self.runs, self.host.tolist()):
+            run.read(token)
 
 
 def _call_together(calls: list[HostCall]) -> list:

@@ -105,6 +105,7 @@ class TextRun(_Run):
         ids = stage.prompt.ids
         super().__init__(pool, len(ids) + self.budget - 1, 1)  # the last token is never fed back
         self.written: list[int] = []
+        self.drawn = 0  # tokens drawn so far, read back or not
         self.done = False
         if self.admitted:
             ids_tensor = torch.tensor([ids], device=bundle.device)
@@ -114,18 +115,25 @@ class TextRun(_Run):
     @property
     def step(self) -> int:
         """The index of the token it samples next (its noise step)."""
-        return len(self.written)
+        return self.drawn
 
-    def accept(self, token: int, embeds: torch.Tensor) -> None:
-        """`token` drawn, `embeds` [1, D] its input embedding (the loop embeds a step's tokens at once)."""
+    def accept(self, embeds: torch.Tensor) -> None:
+        """A token was drawn (its value is read back later, `read`); `embeds` [1, D] is its input
+        embedding, fed next unless the budget is drawn: a text goes on as if the token were not the
+        stop token, and what it draws after a stop token is dropped when the stop is read."""
+        self.drawn += 1
+        if self.drawn < self.budget:
+            self.rows[0].feed(embeds)
+
+    def read(self, token: int) -> None:
+        """The value of its next drawn token, read back from the device."""
+        if self.done:
+            return  # drawn after its stop token
         if token == self.stop:
             self.done = True
             return
         self.written.append(token)
-        if len(self.written) == self.budget:
-            self.done = True
-            return
-        self.rows[0].feed(embeds)
+        self.done = len(self.written) == self.budget
 
     def result(self) -> list[int]:
         return self.written
