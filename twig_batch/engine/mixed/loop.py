@@ -17,7 +17,10 @@ a queue and, at every step:
    language head, image runs from the generation head with classifier-free guidance, in groups of one
    sampling rule, each row with the noise of its own seed and step (so no image depends on the others);
 4. ends the runs that are done (their pages go back at once) and hands each program its results when
-   every stage it asked for is done.
+   every stage it asked for is done. Nothing a step needs waits for the device: image rows keep their
+   tokens there until their band is done, text rows' tokens are read back one step late (a text goes
+   on as if it had not drawn its stop token, and what it draws after it is dropped); only the latent
+   controller's verdicts are read within the step.
 """
 from __future__ import annotations
 
