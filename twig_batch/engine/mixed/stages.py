@@ -1,7 +1,8 @@
 """What an image's program asks the mixed loop for, and how each ask runs there.
 
 A program (`pipeline/programs.py`) asks for stages: a text (`TextStage`, one sequence, language
-head) or a band of image tokens (`ImageStage`, a CFG pair of sequences, generation head). Each stage
+head), a band of image tokens (`ImageStage`, a CFG pair of sequences, generation head), or work beside
+the model (`HostCall`, made by the loop for many programs at once). Each model stage
 runs as a `TextRun` or an `ImageRun`: its sequences' prompt waits to be prefilled (in chunks, by the
 loop), then each sampled token is fed back until the stage ends. A run knows what it still has to
 feed (`pending`), what it needs of the page pool, and when it is done; the loop decides when it runs
