@@ -68,6 +68,22 @@ def start_and_kill(ray_cluster, prompts, dest, extra, parts_before):
         time.sleep(0.1)
     driver.kill()
     driver.wait(timeout=30)
+    actors_gone(deadline)
+
+
+def actors_gone(deadline: float) -> None:
+    """Waits until Ray has ended the killed driver's model actors: until then one may still be
+    writing the images of a call it had started, and a snapshot of the folder would race with it."""
+    # The GCS's actor table: the shared cluster runs no dashboard, which Ray's state API would need.
+    from ray._private import state
+
+    while True:
+        alive = [a["State"] for a in state.actors().values()
+                 if a["ActorClassName"] == "ImageGenerator" and a["State"] != "DEAD"]
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"the killed driver's model actors are still {alive}"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
