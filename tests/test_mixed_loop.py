@@ -133,6 +133,39 @@ def test_every_mode_matches_the_reference_image_for_image(small, mode, scorer, f
         assert all(r.redrawn_bands == [0] for r in got)
 
 
+def test_a_fixed_step_with_fewer_rows_leaves_the_slots_of_its_earlier_rows_alone(tiny64):
+    """A one-token step after one with more rows (same shape): the rows it no longer has only pad, and a
+    page the earlier rows' sequence gave back keeps what its new owner wrote there."""
+    from twig_batch.engine.fused import FastModel
+    from twig_batch.engine.mixed.graphs import DecodeSteps
+    from twig_batch.engine.mixed.pages import PagedSequence
+    from twig_batch.engine.mixed.step import Chunk, mixed_step
+
+    model = FastModel.plain(tiny64.language_model)
+    pool = PagePool(tiny64.language_model, pages=8, page_size=4)
+    steps = DecodeSteps(model, pool, capture=False)
+    g = torch.Generator().manual_seed(0)
+    width = tiny64.language_model.config.hidden_size
+
+    def token():
+        return torch.randn(1, width, generator=g, dtype=torch.float64)
+
+    def one_each(sequences):
+        return [Chunk(s, token(), torch.tensor([s.length])) for s in sequences]
+
+    a, b, c = (PagedSequence(pool, pool.reserve(2)) for _ in range(3))
+    steps(one_each([a, b, c]))
+    given_back = list(c.table)
+    c.free()
+    d = PagedSequence(pool, pool.reserve(2))
+    mixed_step(model, pool, [Chunk(d, torch.cat([token(), token()]), torch.arange(2))])
+    assert d.table == given_back
+    written = pool.k[:, d.slots()].clone()
+    steps(one_each([a, b]))
+    assert len(steps.steps) == 1  # both steps ran at the same fixed shape
+    assert torch.equal(pool.k[:, d.slots()], written)
+
+
 def test_a_stage_larger_than_the_pool_is_named(small):
     stage = ImageStage(t2i_prompt_ids(small, PROMPTS[1]), 1, GenerationSettings(), n_tokens=36)
     loop = MixedLoop(small, PagePool(small.language_model, pages=4, page_size=4))

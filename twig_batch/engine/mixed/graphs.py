@@ -13,6 +13,7 @@ import torch
 
 from twig_batch.engine.forward import run_layers
 from twig_batch.engine.fused import FastModel
+from twig_batch.engine.transfer import to_device
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.paged_attention import (LENGTH_BUCKET, StepLayout, gathered_attention,
                                                      paged_attention)
@@ -62,16 +63,25 @@ class _FixedStep:
         self.graph = self.out = None
 
     def load(self, chunks, held: list[int], write: list[int]) -> None:
-        count, pool = len(chunks), self.steps.pool
-        self.embeds[:count].copy_(torch.cat([c.embeds for c in chunks]))
-        self.positions[:count].copy_(torch.cat([c.positions for c in chunks]))
-        self.write[:count].copy_(torch.tensor(write))
-        self.layout.held[:count].copy_(torch.tensor(held, dtype=torch.int32))
-        tables = torch.full((count, self.layout.tables.shape[1]), pool.scratch_page, dtype=torch.int32)
-        for row, chunk in enumerate(chunks):
+        """Every row of the buffers, the padding rows too: a padding row left from an earlier step
+        with more rows would write its old sequence's slot, whoever holds that page now."""
+        count, pool, layout = len(chunks), self.steps.pool, self.layout
+        pad = self.rows - count
+        width = layout.tables.shape[1]
+        values = write + [pool.scratch_page * pool.page_size] * pad + held + [0] * pad
+        for chunk in chunks:
             table = chunk.sequence.table
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        self.layout.tables[:count].copy_(tables)
+            values += table
+            values += [pool.scratch_page] * (width - len(table))
+        values += [pool.scratch_page] * (width * pad)
+        staged = to_device(values, torch.long, self.write.device)  # one copy the host does not wait for
+        rows = self.rows
+        self.write.copy_(staged[:rows])
+        self.layout.held.copy_(staged[rows:2 * rows])
+        # A row's next token sits at the position of the count of tokens it holds (`stages._Row.feed`).
+        self.positions.copy_(staged[rows:2 * rows])
+        self.layout.tables.copy_(staged[2 * rows:].view(rows, width))
+        self.embeds[:count].copy_(torch.cat([c.embeds for c in chunks]))
 
     def body(self) -> torch.Tensor:
         pool, layout = self.steps.pool, self.layout

@@ -35,6 +35,7 @@ from twig_batch.engine.mixed.graphs import DecodeSteps
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import HostCall, ImageRun, ImageStage, TextRun, TextStage
 from twig_batch.engine.mixed.step import Chunk, mixed_step
+from twig_batch.engine.transfer import to_device
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.seeds import STREAM_TEXT
 
@@ -240,9 +241,9 @@ class MixedLoop:
         for rule, members in groups.items():
             runs = [run for run, _ in members]
             hidden = torch.cat([h for _, h in members])
-            steps = torch.tensor([run.step for run in runs], dtype=torch.int64, device=device)
+            steps = to_device([run.step for run in runs], torch.long, device)
             if rule[0] == "text":
-                seeds = torch.tensor([run.stage.prompt.seed for run in runs], dtype=torch.int64, device=device)
+                seeds = to_device([run.stage.prompt.seed for run in runs], torch.long, device)
                 tokens = sample_tokens(self.bundle.text_logits(hidden), seeds, steps, rule[1], stream=STREAM_TEXT,
                                        kernels=self.model.kernels)
                 embeds = self.bundle.embed_text(tokens)  # the group's tokens embedded at once
@@ -250,7 +251,7 @@ class MixedLoop:
                     run.accept(embeds[i:i + 1])
                 self._unread.append(_ReadBack(runs, tokens))
             else:
-                seeds = torch.tensor([run.stage.seed for run in runs], dtype=torch.int64, device=device)
+                seeds = to_device([run.stage.seed for run in runs], torch.long, device)
                 settings = runs[0].stage.settings  # the group's: one settings object
                 logits, tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)
                 _take_image_tokens(runs, hidden[0::2], logits, tokens, self.bundle.embed_image_codes(tokens))
@@ -265,7 +266,7 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
     watched = [i for i, run in enumerate(runs) if run.stage.watch is not None]
     if watched:
         watches = [runs[i].stage.watch for i in watched]
-        index = torch.tensor(watched, device=hidden.device)
+        index = to_device(watched, torch.long, hidden.device)
         injections = type(watches[0]).observe_together(watches, [runs[i].step for i in watched], hidden[index],
                                                        logits[index])
         for i, injection in zip(watched, injections):

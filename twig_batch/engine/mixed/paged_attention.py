@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from twig_batch.engine.transfer import to_device
+
 LENGTH_BUCKET = 512  # the kernel's loop runs to the step's longest sequence rounded up to this
 
 
@@ -41,7 +43,7 @@ class StepLayout:
         padded = [t + [0] * (most - len(t)) for t in tables]
 
         def tensor(values):
-            return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+            return to_device(values, torch.int32, device)
 
         return cls(tensor(starts), tensor(counts), tensor(held), tensor(padded), page_size, max(counts),
                    max(h + n for h, n in zip(held, counts)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from twig_batch.engine.inputs import TextPrompt, embed_prompts
+from twig_batch.engine.transfer import to_device
 from twig_batch.engine.mixed.pages import PagedSequence, PagePool
 from twig_batch.prompts import unconditional_ids
 from twig_batch.settings import GenerationSettings
@@ -109,7 +110,7 @@ class TextRun(_Run):
         self.drawn = 0  # tokens drawn so far, read back or not
         self.done = False
         if self.admitted:
-            ids_tensor = torch.tensor([ids], device=bundle.device)
+            ids_tensor = to_device([ids], torch.long, bundle.device)
             embeds = embed_prompts(bundle, ids_tensor, [stage.prompt])[0]
             self.rows = [_Row(PagedSequence(pool, self.reservation), embeds)]
 
@@ -151,11 +152,11 @@ class ImageRun(_Run):
         self.codes: list[torch.Tensor] = []
         self.done = False
         if self.admitted:
-            pair = torch.tensor([stage.cond_ids, unconditional_ids(stage.cond_ids, bundle.tokens.pad)],
-                                device=bundle.device)
+            pair = to_device([stage.cond_ids, unconditional_ids(stage.cond_ids, bundle.tokens.pad)], torch.long,
+                             bundle.device)
             embeds = bundle.embed_text(pair)
             if prefix:
-                image = bundle.embed_image_codes(stage.prefix_codes.to(bundle.device).view(1, -1))
+                image = bundle.embed_image_codes(to_device(stage.prefix_codes, torch.long, bundle.device).view(1, -1))
                 embeds = torch.cat([embeds, image.expand(2, -1, -1)], dim=1)
             self.rows = [_Row(PagedSequence(pool, self.reservation), e) for e in embeds]
 

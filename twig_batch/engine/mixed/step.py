@@ -15,6 +15,7 @@ import torch
 from twig_batch.engine.forward import run_layers
 from twig_batch.engine.fused import FastModel
 from twig_batch.engine.mixed.pages import PagedSequence, PagePool
+from twig_batch.engine.transfer import to_device
 from twig_batch.engine.mixed.paged_attention import StepLayout, gathered_attention, paged_attention
 
 
@@ -34,10 +35,10 @@ def mixed_step(model: FastModel, pool: PagePool, chunks: list[Chunk], attention=
         attention = paged_attention if device.type == "cuda" else gathered_attention
     counts = [c.embeds.shape[0] for c in chunks]
     held = [c.sequence.length for c in chunks]  # tokens each sequence holds before this step
-    write = torch.tensor([s for c, n in zip(chunks, counts) for s in c.sequence.slots_for(n)]).to(device)
+    write = to_device([s for c, n in zip(chunks, counts) for s in c.sequence.slots_for(n)], torch.long, device)
     layout = StepLayout.build(counts, held, [c.sequence.table for c in chunks], pool.page_size, device)
     embeds = torch.cat([c.embeds for c in chunks]).unsqueeze(0)
-    positions = torch.cat([c.positions for c in chunks]).to(device).unsqueeze(0)
+    positions = to_device(torch.cat([c.positions for c in chunks]), torch.long, device).unsqueeze(0)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [1, H, N, d]; k, v [1, KVH, N, d] -> this layer's slots, then each sequence reads its own.
@@ -46,5 +47,5 @@ def mixed_step(model: FastModel, pool: PagePool, chunks: list[Chunk], attention=
         return attention(q[0].transpose(0, 1), pool.k[i], pool.v[i], layout).transpose(0, 1).unsqueeze(0)
 
     hidden = run_layers(model, embeds, positions, (pool.heads, pool.kv_heads, pool.head_dim), attend_kv)[0]
-    last = torch.tensor(counts).cumsum(0).to(device) - 1
+    last = to_device(torch.tensor(counts).cumsum(0) - 1, torch.long, device)
     return hidden[last]
