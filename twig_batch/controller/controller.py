@@ -6,7 +6,8 @@ the prompt; images whose trigger fires (and that the guard rails allow) think, t
 K control tokens, which the engine appends to exactly those images' KV caches.
 
 State is per request index (the `images` of `begin_band`) and starts fresh at every band: a band is
-drawn from a new prefill, and a redrawn band must not inherit the discarded attempt's history.
+drawn from a new prefill, and a redrawn band must not inherit the discarded attempt's history. Bands
+drawn each on its own schedule (the mixed loop) are `watch`ed instead: `watches.py` keeps their state.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from twig_batch.settings import ControllerConfig
 from twig_batch.controller.think import ThinkContext, prompt_vector, think_ids
 from twig_batch.controller.trigger import TriggerHistory, trigger_fires
 from twig_batch.controller.trigger_log import TriggerLog
+from twig_batch.controller.watches import NEVER, BandWatch, WatchPool
 from twig_batch.controller.weights import ControllerNet, build_controller_net
 from twig_batch.engine.hooks import Injection
 from twig_batch.engine.fused import FastModel
@@ -75,9 +77,6 @@ class Decision:
         return Injection(embeds=embeds, rows=self.injected)
 
 
-NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
-
-
 class LatentController:
     def __init__(self, bundle, prompts: list[str], config: ControllerConfig | None = None,
                  weights: ControllerNet | str | os.PathLike | None = None, model: FastModel | None = None):
@@ -99,7 +98,7 @@ class LatentController:
         self.logs = [TriggerLog() for _ in self.prompts]
         self._attempts: dict[tuple[int, int], int] = {}
         self._current: _Band | None = None
-        self._watched: list[_Band] = []  # bands being drawn under a `watch`
+        self._pool: WatchPool | None = None  # the bands drawn under a `watch`
 
     # -- ImageTokenObserver ------------------------------------------------------------------------
     def begin_band(self, images: list[int], band: int) -> None:
@@ -107,21 +106,26 @@ class LatentController:
         self._log_pending()
         self._current = band_state
 
-    def watch(self, image: int, band: int) -> "BandWatch":
+    def watch(self, image: int, band: int) -> BandWatch:
         """One image's drawing of `band`, watched on its own, beside any other image's at any band
-        (the mixed loop's way: `observe` there takes that image's rows only)."""
-        return BandWatch(self, self._open([image], band))
+        (the mixed loop's way: `BandWatch.observe_together` evaluates many at once)."""
+        if self._pool is None:
+            self._pool = WatchPool(self)
+        return self._pool.open(int(image), band, self._attempts_of([image], band)[0])
 
     def _open(self, images: list[int], band: int) -> _Band:
         images = [int(i) for i in images]
+        return _Band(images, band, self._attempts_of(images, band), self.config, self.bundle.device)
+
+    def _attempts_of(self, images: list[int], band: int) -> list[int]:
+        """How often each of `images` has drawn `band` before (now counted as drawing it once more)."""
+        attempts = []
         for image in images:
             if not 0 <= image < len(self.prompts):
                 raise IndexError(f"image {image} is not one of this controller's {len(self.prompts)} requests")
-        attempts = []
-        for image in images:
             attempts.append(self._attempts.get((image, band), 0))
             self._attempts[(image, band)] = attempts[-1] + 1
-        return _Band(images, band, attempts, self.config, self.bundle.device)
+        return attempts
 
     @torch.no_grad()
     def observe(self, step: int, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor) -> Injection | None:
@@ -154,34 +158,6 @@ class LatentController:
         cfg = self.config
         return (cfg.force_every > 0 and (step + 1) % cfg.force_every == 0,
                 band.filled >= cfg.min_history and step % cfg.eval_every == 0)
-
-    @torch.no_grad()
-    def evaluate_watches(self, watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
-                         logits: torch.Tensor) -> Verdicts:
-        """Each watch's evaluation of its image's token at `steps[i]` (row i of `hidden` [B, D] and
-        `logits` [B, V]), with `observe_deferred`'s arithmetic and logs, as one batch of tensor
-        operations per window length rather than one per image."""
-        bands = [watch.band for watch in watches]
-        for i, band in enumerate(bands):
-            self._remember(band, hidden[i:i + 1])
-        timing = [self._due(band, step) for band, step in zip(bands, steps)]
-        by_fill: dict[int, list[int]] = {}
-        for i, band in enumerate(bands):
-            if any(timing[i]):
-                by_fill.setdefault(min(band.filled, self.config.window), []).append(i)
-        verdicts = Verdicts(self, len(watches))
-        device = self.bundle.device
-        for members in by_fill.values():
-            group = [bands[i] for i in members]
-            forced = torch.cat([band.forced_rows for band in group]) & torch.tensor([timing[i][0] for i in members],
-                                                                                     device=device)
-            evaluated = forced | torch.tensor([timing[i][1] for i in members], device=device)
-            steps_of = [steps[i] for i in members]
-            index = torch.tensor(members, device=logits.device)
-            judged = self._judge(group, steps_of, torch.tensor(steps_of, device=device), forced, evaluated,
-                                 logits[index])
-            verdicts.groups.append((members, group, judged[3], *judged[:3]))
-        return verdicts
 
     def _judge(self, bands: list[_Band], steps: list[int], step, forced: torch.Tensor, evaluated: torch.Tensor,
                logits: torch.Tensor) -> tuple:
@@ -217,8 +193,8 @@ class LatentController:
 
     def trigger_log(self, image: int) -> list[dict]:
         self._log_pending()
-        for band in self._watched:
-            self._log_pending(band)
+        if self._pool is not None:
+            self._pool.flush()
         return [dict(r) for r in self.logs[image].records]
 
     # -- the rest ----------------------------------------------------------------------------------
@@ -229,6 +205,8 @@ class LatentController:
 
     def summary(self, image: int) -> dict:
         self._log_pending()
+        if self._pool is not None:
+            self._pool.flush()
         return self.logs[image].summary()
 
     def end(self) -> None:
@@ -266,71 +244,8 @@ class LatentController:
             texts = [self.bundle.embed_text(torch.tensor(self.think_ids[i], dtype=torch.long, device=self.bundle.device))
                      for i in band.images]
             band.think = ThinkContext(self.bundle, texts, self.config.memory_tokens, self.model)
-        z_vec = band.think.latents(rows, memory)
-        c_vec = self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale)
-        return self.net.shaper(c_vec)
+        return self.shape_controls(band.think.latents(rows, memory), m_vec, p_vec)
 
-
-class Verdicts:
-    """Many watches' evaluations of one step (`LatentController.evaluate_watches`), still on the
-    device; `resolve` reads them all at once (one wait) and thinks and shapes the control tokens of
-    the images injected."""
-
-    def __init__(self, controller: "LatentController", watches: int):
-        self.controller, self.watches = controller, watches
-        self.groups: list[tuple] = []  # (watch indices, bands, injected, memory, m_vec, p_vec)
-
-    def resolve(self) -> list[Injection | None]:
-        """An injection (or None) per watch, in the order the watches were given."""
-        injections: list[Injection | None] = [None] * self.watches
-        if not self.groups:
-            return injections
-        flags = torch.cat([group[2] for group in self.groups]).tolist()  # the one wait for the device
-        first = 0
-        for members, bands, injected, memory, m_vec, p_vec in self.groups:
-            for j, (index, band) in enumerate(zip(members, bands)):
-                if flags[first + j]:
-                    rows = slice(j, j + 1)
-                    first_row = torch.zeros(1, dtype=torch.long, device=memory.device)
-                    embeds = self.controller._control_tokens(band, first_row, memory[rows], m_vec[rows], p_vec[rows])
-                    injections[index] = Injection(embeds=embeds.to(self.controller.bundle.dtype), rows=injected[rows])
-            first += len(members)
-        return injections
-
-
-class BandWatch:
-    """One image's band under the controller (`LatentController.watch`): `observe_together` evaluates
-    many images' tokens, each at its own band and step; `close` when the band is drawn."""
-
-    def __init__(self, controller: LatentController, band: _Band):
-        self.controller, self.band = controller, band
-        controller._watched.append(band)
-
-    @property
-    def max_control_slots(self) -> int:
-        return self.controller.max_control_slots
-
-    @staticmethod
-    @torch.no_grad()
-    def observe_together(watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
-                         logits: torch.Tensor) -> list[Injection | None]:
-        """Each watch's verdict on its image's token at `steps[i]` (row i of `hidden`, `logits`), the
-        watches of one controller evaluated as one batch, every verdict read in one wait."""
-        by_controller: dict[int, list[int]] = {}
-        for i, watch in enumerate(watches):
-            by_controller.setdefault(id(watch.controller), []).append(i)
-        pending = []
-        for members in by_controller.values():
-            index = torch.tensor(members, device=hidden.device)
-            mine = [watches[i] for i in members]
-            pending.append((members, mine[0].controller.evaluate_watches(mine, [steps[i] for i in members],
-                                                                        hidden[index], logits[index])))
-        injections: list[Injection | None] = [None] * len(watches)
-        for members, verdicts in pending:
-            for i, injection in zip(members, verdicts.resolve()):
-                injections[i] = injection
-        return injections
-
-    def close(self) -> None:
-        self.controller._log_pending(self.band)
-        self.controller._watched.remove(self.band)
+    def shape_controls(self, z_vec: torch.Tensor, m_vec: torch.Tensor, p_vec: torch.Tensor) -> torch.Tensor:
+        """K control tokens [n, K, D] from the thinks' latents, the windows' summaries and the prompts."""
+        return self.net.shaper(self.net.translator(z_vec, m_vec, p_vec, self.config.max_scale))

@@ -19,8 +19,10 @@ a queue and, at every step:
 4. ends the runs that are done (their pages go back at once) and hands each program its results when
    every stage it asked for is done. Nothing a step needs waits for the device: image rows keep their
    tokens there until their band is done, text rows' tokens are read back one step late (a text goes
-   on as if it had not drawn its stop token, and what it draws after it is dropped); only the latent
-   controller's verdicts are read within the step.
+   on as if it had not drawn its stop token, and what it draws after it is dropped), and so are the
+   latent controller's verdicts: a run injected after a token has fed that token in the next step
+   already, so that step takes it back and feeds it again behind the control tokens, for that run
+   alone, before its rows are sampled.
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ class MixedLoop:
         self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
         self._unread: list[_ReadBack] = []  # text tokens of the last step, on their way to the host
+        self._verdicts: list[_Verdicts] = []  # the controller's verdicts on the last step's image tokens
         # Where the time goes: admission and the programs' own work (decodes, canvases, prompts),
         # building each step, its forward pass, sampling (with the wait for the device) and handing the
         # tokens on.
@@ -142,6 +145,7 @@ class MixedLoop:
                 run.close()
                 finish(program, i, run.result())
             self._clock("programs", since)
+        self._verdicts = []  # on the last runs' last tokens: nothing reads control tokens after them
         return [outcomes[i] for i in sorted(outcomes)]
 
     def _rows(self, runs) -> int:
@@ -178,6 +182,7 @@ class MixedLoop:
         """One step over `runs`; returns (and removes from `runs`) those that are done."""
         since = time.perf_counter()
         chunks, sampled = [], []
+        first_row: dict[int, int] = {}  # run -> the index of its first row's chunk
         budget = self.step_tokens
         for _, _, run in runs:
             if run.pending == 1:  # decoding: every decoding row goes into every step
@@ -190,19 +195,25 @@ class MixedLoop:
                 continue
             if run.pending > 1:
                 budget -= count * len(run.rows)
+            first_row[id(run)] = len(chunks)
             for row in run.rows:
                 chunks.append(Chunk(row.sequence, *row.take(count)))
             sampled.append((entry, run.pending == 0))
         since = self._clock("build", since)
         earlier, self._unread = self._unread, []
+        verdicts, self._verdicts = self._verdicts, []
         if not chunks:  # every run waits for its last text token to be read back
             if not earlier:
                 raise RuntimeError("the mixed loop has runs but nothing to feed and no token to read back")
+            for pending in verdicts:  # only runs that are done wait on these: nothing to redo
+                pending.redo(self.model, self.pool, chunks, first_row, None)
             return self._ended(runs, earlier)
         if self.decode_steps is not None and all(c.embeds.shape[0] == 1 for c in chunks):
             hidden = self.decode_steps(chunks)
         else:
             hidden = mixed_step(self.model, self.pool, chunks)
+        for pending in verdicts:  # the step is queued: the device works while the verdicts are read
+            hidden = pending.redo(self.model, self.pool, chunks, first_row, hidden)
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)
@@ -254,26 +265,57 @@ class MixedLoop:
                 seeds = to_device([run.stage.seed for run in runs], torch.long, device)
                 settings = runs[0].stage.settings  # the group's: one settings object
                 logits, tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)
-                _take_image_tokens(runs, hidden[0::2], logits, tokens, self.bundle.embed_image_codes(tokens))
+                verdicts = _take_image_tokens(runs, hidden[0::2], logits, tokens,
+                                              self.bundle.embed_image_codes(tokens))
+                if verdicts is not None:
+                    self._verdicts.append(verdicts)
 
 
 def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
-                       embeds: torch.Tensor) -> None:
-    """Each image run takes its token (left on the device), behind the control tokens its controller
-    injects, if any. The watched runs' triggers are evaluated together (`observe_together` of their
-    watches' kind); only their verdicts are read back."""
-    controls: list[torch.Tensor | None] = [None] * len(runs)
-    watched = [i for i, run in enumerate(runs) if run.stage.watch is not None]
-    if watched:
-        watches = [runs[i].stage.watch for i in watched]
-        index = to_device(watched, torch.long, hidden.device)
-        injections = type(watches[0]).observe_together(watches, [runs[i].step for i in watched], hidden[index],
-                                                       logits[index])
-        for i, injection in zip(watched, injections):
-            if injection is not None and bool(injection.rows[0]):
-                controls[i] = injection.embeds[0]
+                       embeds: torch.Tensor) -> "_Verdicts | None":
+    """Each image run takes its token (left on the device). The watched runs' triggers are evaluated
+    together (`observe_together` of their watches' kind); their verdicts are read a step later."""
     for i, run in enumerate(runs):
-        run.accept(tokens[i], embeds[i:i + 1], controls[i])
+        run.accept(tokens[i], embeds[i:i + 1])
+    watched = [run for run in runs if run.stage.watch is not None]
+    if not watched:
+        return None
+    watches = [run.stage.watch for run in watched]
+    index = to_device([i for i, run in enumerate(runs) if run.stage.watch is not None], torch.long, hidden.device)
+    verdicts = type(watches[0]).observe_together(watches, [run.step - 1 for run in watched], hidden[index],
+                                                 logits[index])
+    return _Verdicts(watched, verdicts)
+
+
+class _Verdicts:
+    """The controller's verdicts on one step's image tokens, read once the next step is queued. A run
+    injected there has fed its token in that next step already: `redo` takes the token back and feeds
+    it again behind the control tokens, in one extra pass over the injected runs' rows."""
+
+    def __init__(self, runs: list[ImageRun], verdicts):
+        self.runs, self.verdicts = runs, verdicts
+
+    def redo(self, model: FastModel, pool: PagePool, chunks: list[Chunk], first_row: dict[int, int],
+             hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """`hidden` (the step's, over `chunks`; None when no step ran) with the injected runs' rows
+        redone. A run whose band is over gets no control tokens (nothing would read them)."""
+        controls = self.verdicts.resolve([not run.done for run in self.runs])
+        redo, places = [], []
+        for run, control in zip(self.runs, controls):
+            if control is None:
+                continue
+            first = first_row[id(run)]
+            for r, row in enumerate(run.rows):
+                chunk = chunks[first + r]
+                row.sequence.rewind(1)
+                positions = chunk.positions[0] + torch.arange(control.shape[0] + 1)
+                redo.append(Chunk(row.sequence, torch.cat([control.to(chunk.embeds.dtype), chunk.embeds]), positions))
+                places.append(first + r)
+        if not redo:
+            return hidden
+        hidden = hidden.clone()  # a captured step's output is the graph's own buffer
+        hidden[to_device(places, torch.long, hidden.device)] = mixed_step(model, pool, redo)
+        return hidden
 
 
 class _ReadBack:

@@ -99,6 +99,10 @@ class PagedSequence:
         self.length += count
         return slots
 
+    def rewind(self, count: int) -> None:
+        """Forget its last `count` tokens (their pages stay: the tokens fed next overwrite their slots)."""
+        self.length -= count
+
     def slots(self) -> list[int]:
         """Every slot it holds, in token order."""
         size = self.pool.page_size

@@ -164,15 +164,13 @@ class ImageRun(_Run):
     def step(self) -> int:
         return self.stage.first_step + len(self.codes)
 
-    def accept(self, token: torch.Tensor, embeds: torch.Tensor, control: torch.Tensor | None = None) -> None:
-        """`token` drawn, `embeds` [1, D] its input embedding; `control` [K, D]: control tokens that go
-        into the cache before it (none after the last token: nothing would read them)."""
+    def accept(self, token: torch.Tensor, embeds: torch.Tensor) -> None:
+        """`token` drawn, `embeds` [1, D] its input embedding (fed next, unless it was the last; the
+        loop puts the controller's control tokens before it when they come)."""
         self.codes.append(token)
         if len(self.codes) == self.stage.n_tokens:
             self.done = True
             return
-        if control is not None:
-            embeds = torch.cat([control.to(embeds.dtype), embeds])
         for row in self.rows:
             row.feed(embeds)
 

@@ -1,0 +1,266 @@
+"""The latent controller over images that each draw their bands on their own schedule (the mixed loop).
+
+Every band being drawn under a watch holds a slot of one pool: its hidden-state window, trigger
+history and guard-rail counters are rows of pool-wide tensors, so one step's evaluation of any number
+of images, each at its own step of its own band, is one set of tensor operations per window length
+(all images past their first `window` tokens share one). The arithmetic is `LatentController._judge`'s,
+row for row. Evaluations are kept on the device and moved into the per-image logs in one transfer
+when a log is asked for; verdicts are read by `Verdicts.resolve`, which an engine may call once the
+next step is queued.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from twig_batch.controller.think import ThinkContext
+from twig_batch.controller.trigger import TriggerHistory, trigger_fires
+from twig_batch.engine.sampling import entropy
+from twig_batch.engine.transfer import to_device
+
+NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
+_LOGGED = ("evaluated", "s_t", "delta_s", "var_s", "u_t", "fired", "forced", "injected")
+
+
+class WatchPool:
+    """The state of every watched band of one controller, a slot per band; slots are reused once a
+    band is closed (what its evaluations logged is kept apart from the slot)."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.capacity = 0
+        self.free: list[int] = []
+        self.filled: list[int] = []  # image tokens each slot's band has drawn (host: it decides the timing)
+        self.fresh: list[int] = []  # slots opened since the last evaluation, their device state not reset yet
+        self.window = self.previous = self.ring = self.count = self.injections = self.last_injection = None
+        self.pending: list[tuple] = []  # (identities, steps, values [8, n] on the device) per evaluated group
+
+    def open(self, image: int, band: int, attempt: int) -> "BandWatch":
+        if not self.free:
+            self._grow()
+        slot = self.free.pop()
+        self.filled[slot] = 0
+        self.fresh.append(slot)
+        return BandWatch(self, slot, image, band, attempt)
+
+    def _grow(self) -> None:
+        old, cfg, bundle = self.capacity, self.controller.config, self.controller.bundle
+        size = max(64, 2 * old)
+        hidden_size, device = bundle.model.config.text_config.hidden_size, bundle.device
+
+        def grown(tensor: torch.Tensor | None, shape: tuple, dtype) -> torch.Tensor:
+            new = torch.zeros((size, *shape), dtype=dtype, device=device)
+            if tensor is not None:
+                new[:old] = tensor
+            return new
+
+        self.window = grown(self.window, (cfg.window, hidden_size), bundle.dtype)
+        self.previous = grown(self.previous, (), torch.float64)
+        self.ring = grown(self.ring, (cfg.var_window,), torch.float64)
+        self.count = grown(self.count, (), torch.long)
+        self.injections = grown(self.injections, (), torch.long)
+        self.last_injection = grown(self.last_injection, (), torch.long)
+        self.filled += [0] * (size - old)
+        self.free += list(range(size - 1, old - 1, -1))  # popped from the end: the lowest slot first
+        self.capacity = size
+
+    @torch.no_grad()
+    def evaluate(self, watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
+                 logits: torch.Tensor) -> "Verdicts":
+        """Each watch's evaluation of its image's token at `steps[i]` (row i of `hidden` [B, D] and
+        `logits` [B, V]), every host value the step needs in one copy to the device."""
+        cfg = self.controller.config
+        slots = [watch.slot for watch in watches]
+        places = [self.filled[slot] % cfg.window for slot in slots]
+        timing = []
+        for watch, slot, step in zip(watches, slots, steps):
+            self.filled[slot] += 1
+            timing.append((cfg.force_every > 0 and (step + 1) % cfg.force_every == 0,
+                           self.filled[slot] >= cfg.min_history and step % cfg.eval_every == 0))
+        groups: dict[int, list[int]] = {}  # window length -> the watches evaluated with it
+        for i, slot in enumerate(slots):
+            if any(timing[i]):
+                groups.setdefault(min(self.filled[slot], cfg.window), []).append(i)
+        fresh, self.fresh = self.fresh, []
+        values = slots + places + fresh
+        for members in groups.values():
+            forced = [timing[i][0] and watches[i].forceable for i in members]
+            values += members + [slots[i] for i in members] + [watches[i].image for i in members] + forced
+            values += [f or timing[i][1] for f, i in zip(forced, members)] + [steps[i] for i in members]
+        staged = to_device(values, torch.long, hidden.device)
+        n, f = len(slots), len(fresh)
+        if f:
+            self._reset(staged[2 * n:2 * n + f])
+        self.window[staged[:n], staged[n:2 * n]] = hidden.to(self.window.dtype)
+        verdicts, first = Verdicts(self.controller, watches), 2 * n + f
+        for fill, members in groups.items():
+            columns = staged[first:first + 6 * len(members)].view(6, len(members))
+            first += columns.numel()
+            verdicts.groups.append((members, *self._judge(watches, members, steps, fill, columns, logits)))
+        return verdicts
+
+    def _reset(self, slots: torch.Tensor) -> None:
+        self.previous[slots] = math.nan
+        self.ring[slots] = 0.0
+        self.count[slots] = 0
+        self.injections[slots] = 0
+        self.last_injection[slots] = NEVER
+
+    def _judge(self, watches, members: list[int], steps: list[int], fill: int, columns: torch.Tensor,
+               logits: torch.Tensor) -> tuple:
+        """The trigger over `members` (watches whose windows hold `fill` states); `columns`: their
+        indices, slots, images, forced and evaluated flags and steps on the device. Returns (injected,
+        memory, m_vec, p_vec) over them."""
+        controller, cfg = self.controller, self.controller.config
+        index, slots, images, forced, evaluated, step = columns
+        forced, evaluated = forced.bool(), evaluated.bool()
+        memory, m_vec = controller.net.condenser(self.window[slots, :fill])
+        p_vec = controller.p_vecs[images]
+        s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
+        u = entropy(logits[index])
+        history = TriggerHistory.__new__(TriggerHistory)
+        history.window = cfg.var_window
+        history.previous, history.ring, history.count = self.previous[slots], self.ring[slots], self.count[slots]
+        delta, var = history.update(s, evaluated)
+        self.previous[slots], self.ring[slots], self.count[slots] = history.previous, history.ring, history.count
+        fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
+        injections, last_injection = self.injections[slots], self.last_injection[slots]
+        injected = fired & (injections < cfg.max_injections_per_band) & (step - last_injection >= cfg.min_gap)
+        self.injections[slots] = injections + injected.long()
+        self.last_injection[slots] = torch.where(injected, step, last_injection)
+        logged = torch.stack([t.to(torch.float64) for t in (evaluated, s, delta, var, u, fired, forced, injected)])
+        self.pending.append(([watches[i].identity for i in members], [steps[i] for i in members], logged))
+        return injected, memory, m_vec, p_vec
+
+    def flush(self) -> None:
+        """Moves every evaluation made so far into the per-image logs: one transfer."""
+        if not self.pending:
+            return
+        identities = [identity for entry in self.pending for identity in entry[0]]
+        steps = [step for entry in self.pending for step in entry[1]]
+        values = torch.cat([entry[2] for entry in self.pending], dim=1).cpu().tolist()
+        self.pending.clear()
+        evaluated, s, delta, var, u, fired, forced, injected = values
+        logs = self.controller.logs
+        for j, ((image, band, attempt), step) in enumerate(zip(identities, steps)):
+            if evaluated[j]:
+                logs[image].add(band=band, attempt=attempt, step=step, s_t=s[j], delta_s=delta[j], var_s=var[j],
+                                u_t=u[j], fired=bool(fired[j]), forced=bool(forced[j]), injected=bool(injected[j]))
+
+
+class BandWatch:
+    """One image's band under the controller (`LatentController.watch`): `observe_together` evaluates
+    many images' tokens, each at its own band and step; `close` when the band is drawn."""
+
+    def __init__(self, pool: WatchPool, slot: int, image: int, band: int, attempt: int):
+        self.pool, self.slot = pool, slot
+        self.identity = (image, band, attempt)
+        config = pool.controller.config
+        self.forceable = not config.force_images or image in config.force_images
+        self.think: tuple[ThinkContext, int] | None = None  # its think text's context and row, at its first injection
+
+    @property
+    def image(self) -> int:
+        return self.identity[0]
+
+    @property
+    def max_control_slots(self) -> int:
+        return self.pool.controller.max_control_slots
+
+    @staticmethod
+    @torch.no_grad()
+    def observe_together(watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
+                         logits: torch.Tensor) -> "Verdicts":
+        """Every watch's verdict on its image's token at `steps[i]` (row i of `hidden`, `logits`),
+        still on the device: the watches of each controller are evaluated as one batch."""
+        by_pool: dict[int, list[int]] = {}
+        for i, watch in enumerate(watches):
+            by_pool.setdefault(id(watch.pool), []).append(i)
+        if len(by_pool) == 1:
+            return watches[0].pool.evaluate(watches, steps, hidden, logits)
+        parts = []
+        for members in by_pool.values():
+            index = to_device(members, torch.long, hidden.device)
+            parts.append((members, watches[members[0]].pool.evaluate([watches[i] for i in members],
+                                                                      [steps[i] for i in members], hidden[index],
+                                                                      logits[index])))
+        return _JoinedVerdicts(len(watches), parts)
+
+    def close(self) -> None:
+        self.pool.free.append(self.slot)
+
+
+class Verdicts:
+    """One step's evaluations of many watches (`WatchPool.evaluate`), still on the device."""
+
+    def __init__(self, controller, watches: list[BandWatch]):
+        self.controller, self.watches = controller, watches
+        self.groups: list[tuple] = []  # (watch indices, injected, memory, m_vec, p_vec)
+
+    def resolve(self, wanted: list[bool] | None = None) -> list[torch.Tensor | None]:
+        """Control tokens [K, D] for each watch injected (None for the others), in the watches'
+        order: one wait for the device. The thinks of the injected watches run as one batch; a watch
+        not `wanted` (its band is over: nothing would read its tokens) is not thought for."""
+        controls: list[torch.Tensor | None] = [None] * len(self.watches)
+        if not self.groups:
+            return controls
+        flags = torch.cat([group[1] for group in self.groups]).tolist()  # the one wait for the device
+        chosen: list[tuple[int, int, int]] = []  # (watch index, group, row in the group)
+        first = 0
+        for g, (members, *_) in enumerate(self.groups):
+            for j, index in enumerate(members):
+                if flags[first + j] and (wanted is None or wanted[index]):
+                    chosen.append((index, g, j))
+            first += len(members)
+        if chosen:
+            shaped = self._shape([self.watches[index] for index, _, _ in chosen], chosen)
+            for (index, _, _), control in zip(chosen, shaped):
+                controls[index] = control
+        return controls
+
+    def _shape(self, watches: list[BandWatch], chosen: list[tuple[int, int, int]]) -> torch.Tensor:
+        controller = self.controller
+        bundle, device = controller.bundle, controller.bundle.device
+        new = [watch for watch in watches if watch.think is None]
+        if new:  # one context over every watch thinking for the first time this step
+            texts = [bundle.embed_text(to_device(controller.think_ids[watch.image], torch.long, device)) for watch in new]
+            context = ThinkContext(bundle, texts, controller.config.memory_tokens, controller.model)
+            for row, watch in enumerate(new):
+                watch.think = (context, row)
+        # `chosen` runs group by group: each group's rows are gathered once, in order.
+        memory, m_vec, p_vec = [], [], []
+        for g, (_, _, group_memory, group_m, group_p) in enumerate(self.groups):
+            rows = [j for _, group, j in chosen if group == g]
+            if rows:
+                rows = to_device(rows, torch.long, device)
+                memory.append(group_memory[rows])
+                m_vec.append(group_m[rows])
+                p_vec.append(group_p[rows])
+        memory, m_vec, p_vec = torch.cat(memory), torch.cat(m_vec), torch.cat(p_vec)
+        by_context: dict[int, list[int]] = {}
+        for i, watch in enumerate(watches):
+            by_context.setdefault(id(watch.think[0]), []).append(i)
+        z_vec = torch.empty(len(watches), memory.shape[-1], dtype=bundle.dtype, device=device)
+        for members in by_context.values():
+            context = watches[members[0]].think[0]
+            rows = to_device([watches[i].think[1] for i in members], torch.long, device)
+            index = to_device(members, torch.long, device)
+            z_vec[index] = context.latents(rows, memory[index]).to(z_vec.dtype)
+        return controller.shape_controls(z_vec, m_vec, p_vec).to(bundle.dtype)
+
+
+class _JoinedVerdicts:
+    """Verdicts of watches from several controllers, resolved together in the watches' order."""
+
+    def __init__(self, count: int, parts: list[tuple[list[int], Verdicts]]):
+        self.count, self.parts = count, parts
+
+    def resolve(self, wanted: list[bool] | None = None) -> list[torch.Tensor | None]:
+        controls: list[torch.Tensor | None] = [None] * self.count
+        for members, verdicts in self.parts:
+            mine = None if wanted is None else [wanted[i] for i in members]
+            for i, control in zip(members, verdicts.resolve(mine)):
+                controls[i] = control
+        return controls
