@@ -1,8 +1,9 @@
 """Where a mixed-loop step's time goes, kernel by kernel: torch.profiler over a few decode steps.
 
-Usage: python benchmarks/mixed_step_profile.py --out DIR [--images 32] [--first 200] [--steps 10]
-Plain images (random Janus-Pro-7B-sized, bf16): steps `first` .. `first + steps` of the loop (all rows
-decoding by then) are profiled. Prints and writes the steps' wall time, the GPU's busy time over them,
+Usage: python benchmarks/mixed_step_profile.py --out DIR [--mode plain] [--images 32] [--first 200] [--steps 10]
+Images of `mode` (random Janus-Pro-7B-sized, bf16; seed and twig: BENCHMARK.md's workloads, seed with
+its controller): steps `first` .. `first + steps` of the loop are profiled (plain: all rows decoding
+by then). Prints and writes the steps' wall time, the GPU's busy time over them,
 and the top kernels by GPU time and operators by host time.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import requests_for
+from bench_common import requests_for, workload_settings
+from mixed_speed import controller_for
 from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
@@ -39,10 +41,12 @@ class ProfiledSteps:
             self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.prof.__enter__()
             self.started = time.perf_counter()
+            self.fed = (self.loop.fed_rows, self.loop.fed_tokens)
         done = self.step(runs)
         if index == self.first + self.count - 1:
             torch.cuda.synchronize()
             self.wall = time.perf_counter() - self.started
+            self.fed = (self.loop.fed_rows - self.fed[0], self.loop.fed_tokens - self.fed[1])
             self.prof.__exit__(None, None, None)
         return done
 
@@ -50,30 +54,34 @@ class ProfiledSteps:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", choices=("plain", "seed", "twig"), default="plain")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--first", type=int, default=200)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
-    settings = GenerationSettings(mode="plain")
+    settings = GenerationSettings(mode="plain") if args.mode == "plain" else workload_settings(args.mode)
     engine = Engine.for_settings(bundle, settings)
     requests = requests_for(args.images)
-    generate_mixed(bundle, requests[:2], settings, engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
+    generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
+                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
     loop = mixed_loop(bundle, engine, pages=8192)
     watch = ProfiledSteps(loop, args.first, args.steps)
-    generate_mixed(bundle, requests, settings, engine=engine, loop=loop)
+    generate_mixed(bundle, requests, settings, controller_for(bundle, settings, requests, engine), engine=engine,
+                   loop=loop)
     events = watch.prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
-    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
-    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    report = {"images": args.images, "steps": args.steps, "step_ms": 1000 * watch.wall / args.steps,
-              "gpu_busy_ms_per_step": gpu_us / 1000 / args.steps,
+    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    report = {"mode": args.mode, "images": args.images, "first": args.first, "steps": args.steps, "step_ms": 1000 * watch.wall / args.steps,
+              "gpu_busy_ms_per_step": gpu_us / 1000 / args.steps, "rows_per_step": watch.fed[0] / args.steps,
+              "tokens_per_step": watch.fed[1] / args.steps,
               "top_gpu": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total / 1000 / args.steps,
                            "calls_per_step": e.count / args.steps} for e in by_gpu],
               "top_host": [{"name": e.key[:80], "ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
                             "calls_per_step": e.count / args.steps} for e in by_host]}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mixed_step_profile.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"mixed_step_profile_{args.mode}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if not k.startswith("top")}))
     for key in ("top_gpu", "top_host"):
         print(key)
