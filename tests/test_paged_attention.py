@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from twig_batch.engine.mixed.paged_attention import StepLayout, gathered_attention
 
 HEADS, KV_HEADS, DIM, PAGE = 4, 2, 16, 4
-COUNTS = [1, 5, 17, 40, 1]  # decoding rows and prefill chunks of several sizes
+COUNTS = [1, 5, 17, 140, 1]  # decoding rows and prefill chunks of several sizes
 HELD = [9, 3, 30, 0, 70]  # tokens each sequence held before the step
 
 
-def step_case(seed=0):
-    """A pool whose pages are handed out shuffled, sequences of COUNTS new tokens after HELD ones."""
+def step_case(seed=0, counts=COUNTS, held=HELD):
+    """A pool whose pages are handed out shuffled, sequences of `counts` new tokens after `held` ones."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [h + n for h, n in zip(HELD, COUNTS)]
+    lengths = [h + n for h, n in zip(held, counts)]
     pages_needed = [-(-n // PAGE) for n in lengths]
     order = torch.randperm(sum(pages_needed) + 3, generator=g).tolist()
     tables, first = [], 0
@@ -26,8 +26,8 @@ def step_case(seed=0):
     slots = (sum(pages_needed) + 3) * PAGE
     keys = torch.randn(slots, KV_HEADS, DIM, generator=g)
     values = torch.randn(slots, KV_HEADS, DIM, generator=g)
-    q = torch.randn(sum(COUNTS), HEADS, DIM, generator=g)
-    return q, keys, values, StepLayout.build(COUNTS, HELD, tables, PAGE, "cpu"), tables
+    q = torch.randn(sum(counts), HEADS, DIM, generator=g)
+    return q, keys, values, StepLayout.build(counts, held, tables, PAGE, "cpu"), tables
 
 
 def test_gathered_attention_is_causal_attention_over_each_sequence_alone():
@@ -50,7 +50,8 @@ def test_the_kernel_reads_the_pages_in_place_as_the_gathered_form_does():
     pytest.importorskip("triton")
     from twig_batch.engine.mixed.paged_attention import paged_attention
 
-    for seed in range(2):
-        q, keys, values, layout, _ = step_case(seed)
+    # Steps with prefill chunks, then a step of decoding rows alone (the kernel's smaller blocks).
+    for seed, counts, held in ((0, COUNTS, HELD), (1, COUNTS, HELD), (2, [1, 1, 1], [9, 0, 70])):
+        q, keys, values, layout, _ = step_case(seed, counts, held)
         torch.testing.assert_close(paged_attention(q, keys, values, layout),
                                    gathered_attention(q, keys, values, layout), rtol=1e-4, atol=1e-5)

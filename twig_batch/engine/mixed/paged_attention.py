@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from twig_batch.engine.transfer import to_device
 
 LENGTH_BUCKET = 512  # the kernel's loop runs to the step's longest sequence rounded up to this
+# Queries one program of the kernel takes: a decoding row has one, so a step of them all takes the
+# smallest block `tl.dot` allows; a step with prefill chunks takes larger blocks, each of which reads
+# its sequence's keys and values once for all its queries.
+DECODE_BLOCK, PREFILL_BLOCK = 16, 64
 
 
 @dataclass
@@ -79,7 +83,7 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
 
     heads, dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
-    block_m = 16
+    block_m = DECODE_BLOCK if layout.width <= DECODE_BLOCK else PREFILL_BLOCK
     grid = (layout.counts.shape[0], heads, triton.cdiv(layout.width, block_m))
     paged_attention_kernel[grid](
         q, keys, values, out, layout.tables, layout.held, layout.counts, layout.starts,
