@@ -151,14 +151,14 @@ def test_a_fixed_step_with_fewer_rows_leaves_the_slots_of_its_earlier_rows_alone
         return torch.randn(1, width, generator=g, dtype=torch.float64)
 
     def one_each(sequences):
-        return [Chunk(s, token(), torch.tensor([s.length])) for s in sequences]
+        return [Chunk(s, token(), 0, 1) for s in sequences]
 
     a, b, c = (PagedSequence(pool, pool.reserve(2)) for _ in range(3))
     steps(one_each([a, b, c]))
     given_back = list(c.table)
     c.free()
     d = PagedSequence(pool, pool.reserve(2))
-    mixed_step(model, pool, [Chunk(d, torch.cat([token(), token()]), torch.arange(2))])
+    mixed_step(model, pool, [Chunk(d, torch.cat([token(), token()]), 0, 2)])
     assert d.table == given_back
     written = pool.k[:, d.slots()].clone()
     steps(one_each([a, b]))

@@ -15,6 +15,7 @@ from twig_batch.engine.forward import run_layers
 from twig_batch.engine.fused import FastModel
 from twig_batch.engine.transfer import to_device
 from twig_batch.engine.mixed.pages import PagePool
+from twig_batch.engine.mixed.step import chunk_embeds
 from twig_batch.engine.mixed.paged_attention import (LENGTH_BUCKET, StepLayout, gathered_attention,
                                                      paged_attention)
 
@@ -81,7 +82,7 @@ class _FixedStep:
         # A row's next token sits at the position of the count of tokens it holds (`stages._Row.feed`).
         self.positions.copy_(staged[rows:2 * rows])
         self.layout.tables.copy_(staged[2 * rows:].view(rows, width))
-        self.embeds[:count].copy_(torch.cat([c.embeds for c in chunks]))
+        self.embeds[:count].copy_(chunk_embeds(chunks))
 
     def body(self) -> torch.Tensor:
         pool, layout = self.steps.pool, self.layout

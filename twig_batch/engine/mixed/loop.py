@@ -36,7 +36,7 @@ from twig_batch.engine.fused import FastModel
 from twig_batch.engine.mixed.graphs import DecodeSteps
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import HostCall, ImageRun, ImageStage, TextRun, TextStage
-from twig_batch.engine.mixed.step import Chunk, mixed_step
+from twig_batch.engine.mixed.step import Chunk, gather_rows, mixed_step
 from twig_batch.engine.transfer import to_device
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.seeds import STREAM_TEXT
@@ -197,7 +197,7 @@ class MixedLoop:
                 budget -= count * len(run.rows)
             first_row[id(run)] = len(chunks)
             for row in run.rows:
-                chunks.append(Chunk(row.sequence, *row.take(count)))
+                chunks.append(row.take(count))
             sampled.append((entry, run.pending == 0))
         since = self._clock("build", since)
         earlier, self._unread = self._unread, []
@@ -208,7 +208,7 @@ class MixedLoop:
             for pending in verdicts:  # only runs that are done wait on these: nothing to redo
                 pending.redo(self.model, self.pool, chunks, first_row, None)
             return self._ended(runs, earlier)
-        if self.decode_steps is not None and all(c.embeds.shape[0] == 1 for c in chunks):
+        if self.decode_steps is not None and all(c.count == 1 for c in chunks):
             hidden = self.decode_steps(chunks)
         else:
             hidden = mixed_step(self.model, self.pool, chunks)
@@ -219,14 +219,13 @@ class MixedLoop:
         since = self._clock("forward", since)
         self.steps += 1
         self.fed_rows += len(chunks)
-        self.fed_tokens += sum(c.embeds.shape[0] for c in chunks)
-        ready, first = [], 0
+        self.fed_tokens += sum(c.count for c in chunks)
+        ready, first = [], 0  # (entry, the index of its first row in `hidden`) of each run that samples
         for entry, complete in sampled:
-            rows = len(entry[2].rows)
             if complete:
-                ready.append((entry, hidden[first:first + rows]))
-            first += rows
-        self._sample(ready)
+                ready.append((entry, first))
+            first += len(entry[2].rows)
+        self._sample(ready, hidden)
         done = self._ended(runs, earlier)
         self._clock("sample", since)
         return done
@@ -241,31 +240,33 @@ class MixedLoop:
             runs.remove(entry)
         return done
 
-    def _sample(self, ready: list) -> None:
-        """Samples a token for every run in `ready` (entry, its rows' hidden states), a group per rule."""
+    def _sample(self, ready: list, hidden: torch.Tensor) -> None:
+        """Samples a token for every run in `ready` ((entry, its first row in `hidden`)), a group per
+        rule, each group's rows gathered at once."""
         groups: dict[tuple, list] = {}
-        for entry, hidden in ready:
+        for entry, first in ready:
             run = entry[2]
             rule = ("text", run.stage.temperature) if isinstance(run, TextRun) else ("image", id(run.stage.settings))
-            groups.setdefault(rule, []).append((run, hidden))
+            groups.setdefault(rule, []).append((run, first))
         device = self.bundle.device
         for rule, members in groups.items():
             runs = [run for run, _ in members]
-            hidden = torch.cat([h for _, h in members])
+            group_hidden = gather_rows([(hidden, first, len(run.rows)) for run, first in members])
             steps = to_device([run.step for run in runs], torch.long, device)
             if rule[0] == "text":
                 seeds = to_device([run.stage.prompt.seed for run in runs], torch.long, device)
-                tokens = sample_tokens(self.bundle.text_logits(hidden), seeds, steps, rule[1], stream=STREAM_TEXT,
-                                       kernels=self.model.kernels)
+                tokens = sample_tokens(self.bundle.text_logits(group_hidden), seeds, steps, rule[1],
+                                       stream=STREAM_TEXT, kernels=self.model.kernels)
                 embeds = self.bundle.embed_text(tokens)  # the group's tokens embedded at once
                 for i, run in enumerate(runs):
-                    run.accept(embeds[i:i + 1])
+                    run.accept(embeds, i)
                 self._unread.append(_ReadBack(runs, tokens))
             else:
                 seeds = to_device([run.stage.seed for run in runs], torch.long, device)
                 settings = runs[0].stage.settings  # the group's: one settings object
-                logits, tokens = draw_image_step(self.bundle, hidden, seeds, steps, settings, self.model.kernels)
-                verdicts = _take_image_tokens(runs, hidden[0::2], logits, tokens,
+                logits, tokens = draw_image_step(self.bundle, group_hidden, seeds, steps, settings,
+                                                 self.model.kernels)
+                verdicts = _take_image_tokens(runs, group_hidden[0::2], logits, tokens,
                                               self.bundle.embed_image_codes(tokens))
                 if verdicts is not None:
                     self._verdicts.append(verdicts)
@@ -276,7 +277,7 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
     """Each image run takes its token (left on the device). The watched runs' triggers are evaluated
     together (`observe_together` of their watches' kind); their verdicts are read a step later."""
     for i, run in enumerate(runs):
-        run.accept(tokens[i], embeds[i:i + 1])
+        run.accept(tokens, embeds, i)
     watched = [run for run in runs if run.stage.watch is not None]
     if not watched:
         return None
@@ -308,12 +309,11 @@ class _Verdicts:
             for r, row in enumerate(run.rows):
                 chunk = chunks[first + r]
                 row.sequence.rewind(1)
-                positions = chunk.positions[0] + torch.arange(control.shape[0] + 1)
-                redo.append(Chunk(row.sequence, torch.cat([control.to(chunk.embeds.dtype), chunk.embeds]), positions))
+                token = chunk.source[chunk.first:chunk.first + 1]
+                redo.append(Chunk(row.sequence, torch.cat([control.to(token.dtype), token]), 0, control.shape[0] + 1))
                 places.append(first + r)
         if not redo:
             return hidden
-        hidden = hidden.clone()  # a captured step's output is the graph's own buffer
         hidden[to_device(places, torch.long, hidden.device)] = mixed_step(model, pool, redo)
         return hidden
 

@@ -17,6 +17,7 @@ import torch
 from twig_batch.engine.inputs import TextPrompt, embed_prompts
 from twig_batch.engine.transfer import to_device
 from twig_batch.engine.mixed.pages import PagedSequence, PagePool
+from twig_batch.engine.mixed.step import Chunk, gather_rows
 from twig_batch.prompts import unconditional_ids
 from twig_batch.settings import GenerationSettings
 
@@ -57,22 +58,22 @@ class HostCall:
 
 
 class _Row:
-    """One sequence of a run and the input it still has to feed: embeddings [P, D] at positions [P]."""
+    """One sequence of a run and the input it still has to feed: rows `first` .. `first + left` of
+    `source` [n, D] (its prompt's embeddings, or the embeddings a step drew for many rows)."""
 
-    def __init__(self, sequence: PagedSequence, embeds: torch.Tensor):
+    def __init__(self, sequence: PagedSequence, source: torch.Tensor):
         self.sequence = sequence
-        self.embeds = embeds
-        self.positions = torch.arange(embeds.shape[0])
+        self.feed(source, 0, source.shape[0])
 
-    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, positions = self.embeds[:count], self.positions[:count]
-        self.embeds, self.positions = self.embeds[count:], self.positions[count:]
-        return embeds, positions
+    def take(self, count: int) -> Chunk:
+        chunk = Chunk(self.sequence, self.source, self.first, count)
+        self.first += count
+        self.left -= count
+        return chunk
 
-    def feed(self, embeds: torch.Tensor) -> None:
-        """Tokens [n, D] to feed next, right after everything fed so far."""
-        self.embeds = embeds
-        self.positions = self.sequence.length + torch.arange(embeds.shape[0])
+    def feed(self, source: torch.Tensor, first: int, count: int) -> None:
+        """Rows `first` .. `first + count` of `source` to feed next, right after everything fed so far."""
+        self.source, self.first, self.left = source, first, count
 
 
 class _Run:
@@ -89,7 +90,7 @@ class _Run:
     @property
     def pending(self) -> int:
         """Tokens each row still has to feed before the run samples again."""
-        return self.rows[0].embeds.shape[0]
+        return self.rows[0].left
 
     def close(self) -> None:
         for row in self.rows:
@@ -119,13 +120,13 @@ class TextRun(_Run):
         """The index of the token it samples next (its noise step)."""
         return self.drawn
 
-    def accept(self, embeds: torch.Tensor) -> None:
-        """A token was drawn (its value is read back later, `read`); `embeds` [1, D] is its input
-        embedding, fed next unless the budget is drawn: a text goes on as if the token were not the
-        stop token, and what it draws after a stop token is dropped when the stop is read."""
+    def accept(self, embeds: torch.Tensor, row: int) -> None:
+        """A token was drawn (its value is read back later, `read`); row `row` of `embeds` [n, D] is
+        its input embedding, fed next unless the budget is drawn: a text goes on as if the token were
+        not the stop token, and what it draws after a stop token is dropped when the stop is read."""
         self.drawn += 1
         if self.drawn < self.budget:
-            self.rows[0].feed(embeds)
+            self.rows[0].feed(embeds, row, 1)
 
     def read(self, token: int) -> None:
         """The value of its next drawn token, read back from the device."""
@@ -147,9 +148,9 @@ class ImageRun(_Run):
         prefix = 0 if stage.prefix_codes is None else stage.prefix_codes.numel()
         control = 0 if stage.watch is None else stage.watch.max_control_slots
         super().__init__(pool, len(stage.cond_ids) + prefix + control + stage.n_tokens - 1, 2)
-        # Each token as the device drew it (a 0-dim tensor): an image's codes are read back once, when
-        # its band is done, so a step never waits for the device to know them.
-        self.codes: list[torch.Tensor] = []
+        # Each token as the device drew it (row i of its step's tokens): an image's codes are read
+        # back once, when its band is done, so a step never waits for the device to know them.
+        self.codes: list[tuple[torch.Tensor, int]] = []
         self.done = False
         if self.admitted:
             pair = to_device([stage.cond_ids, unconditional_ids(stage.cond_ids, bundle.tokens.pad)], torch.long,
@@ -164,15 +165,16 @@ class ImageRun(_Run):
     def step(self) -> int:
         return self.stage.first_step + len(self.codes)
 
-    def accept(self, token: torch.Tensor, embeds: torch.Tensor) -> None:
-        """`token` drawn, `embeds` [1, D] its input embedding (fed next, unless it was the last; the
-        loop puts the controller's control tokens before it when they come)."""
-        self.codes.append(token)
+    def accept(self, tokens: torch.Tensor, embeds: torch.Tensor, row: int) -> None:
+        """Row `row` of a step's `tokens` [n] was drawn for it, row `row` of `embeds` [n, D] is its
+        input embedding (fed next, unless it was the last; the loop puts the controller's control
+        tokens before it when they come)."""
+        self.codes.append((tokens, row))
         if len(self.codes) == self.stage.n_tokens:
             self.done = True
             return
-        for row in self.rows:
-            row.feed(embeds)
+        for sequence_row in self.rows:
+            sequence_row.feed(embeds, row, 1)
 
     def result(self) -> torch.Tensor:
-        return torch.stack(self.codes).to("cpu", torch.long)
+        return gather_rows([(tokens, row, 1) for tokens, row in self.codes]).to("cpu", torch.long)

@@ -21,10 +21,36 @@ from twig_batch.engine.mixed.paged_attention import StepLayout, gathered_attenti
 
 @dataclass
 class Chunk:
-    """New tokens of one sequence: their input embeddings [T, D] and positions [T]."""
+    """New tokens of one sequence: `count` of them, whose input embeddings are rows `first` .. of
+    `source` [n, D]. A decoding row's one token is a row of the embeddings its step drew for all
+    rows at once, so a step makes no tensor per row. Its tokens go at the positions that follow what
+    the sequence holds."""
     sequence: PagedSequence
-    embeds: torch.Tensor
-    positions: torch.Tensor
+    source: torch.Tensor
+    first: int
+    count: int
+
+
+def gather_rows(parts: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+    """Rows `first` .. `first + count` of each (source, first, count), in order, in one gather."""
+    sources: list[torch.Tensor] = []
+    base: dict[int, int] = {}  # source -> where its rows start among all sources' rows
+    index: list[int] = []
+    rows = 0
+    for source, first, count in parts:
+        start = base.get(id(source))
+        if start is None:
+            start = base[id(source)] = rows
+            sources.append(source)
+            rows += source.shape[0]
+        index.extend(range(start + first, start + first + count))
+    bank = sources[0] if len(sources) == 1 else torch.cat(sources)
+    return bank[to_device(index, torch.long, bank.device)]
+
+
+def chunk_embeds(chunks: list[Chunk]) -> torch.Tensor:
+    """[sum of counts, D]: every chunk's input embeddings, in order."""
+    return gather_rows([(c.source, c.first, c.count) for c in chunks])
 
 
 def mixed_step(model: FastModel, pool: PagePool, chunks: list[Chunk], attention=None) -> torch.Tensor:
@@ -33,12 +59,14 @@ def mixed_step(model: FastModel, pool: PagePool, chunks: list[Chunk], attention=
     device = pool.k.device
     if attention is None:
         attention = paged_attention if device.type == "cuda" else gathered_attention
-    counts = [c.embeds.shape[0] for c in chunks]
+    counts = [c.count for c in chunks]
     held = [c.sequence.length for c in chunks]  # tokens each sequence holds before this step
-    write = to_device([s for c, n in zip(chunks, counts) for s in c.sequence.slots_for(n)], torch.long, device)
+    write = [s for c, n in zip(chunks, counts) for s in c.sequence.slots_for(n)]
+    positions = [h + j for h, n in zip(held, counts) for j in range(n)]  # a token's position: what precedes it
+    staged = to_device(write + positions, torch.long, device)
+    write, positions = staged[:len(write)], staged[len(write):].unsqueeze(0)
     layout = StepLayout.build(counts, held, [c.sequence.table for c in chunks], pool.page_size, device)
-    embeds = torch.cat([c.embeds for c in chunks]).unsqueeze(0)
-    positions = to_device(torch.cat([c.positions for c in chunks]), torch.long, device).unsqueeze(0)
+    embeds = chunk_embeds(chunks).unsqueeze(0)
 
     def attend_kv(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [1, H, N, d]; k, v [1, KVH, N, d] -> this layer's slots, then each sequence reads its own.
