@@ -1,6 +1,6 @@
 """The mixed loop beside the lockstep engine on one GPU (random Janus-Pro-7B-sized, bf16), per mode.
 
-Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64]
+Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64] [--no-lockstep]
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
 engine is sized as a worker sizes it, the mixed loop's pages fill the free memory. Reported per path:
@@ -46,14 +46,17 @@ def controller_for(bundle, settings, requests, engine):
                             weights=shared_controller_net(bundle, settings.controller), model=engine.model)
 
 
-def run_mode(bundle, mode: str, images: int, profile: bool) -> dict:
+def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = True) -> dict:
     settings = GenerationSettings(mode="plain") if mode == "plain" else workload_settings(mode)
     requests = requests_for(images)
     engine = Engine.for_settings(bundle, settings)
-    generate_images(bundle, requests[:2], settings, engine=engine)
-    engine.reserve(call_shape(bundle, settings), images)
-    lockstep, lockstep_s = timed(lambda: generate_images(bundle, requests, settings, engine=engine))
-    engine.release()
+    record = {"mode": mode, "images": images}
+    if lockstep:
+        generate_images(bundle, requests[:2], settings, engine=engine)
+        engine.reserve(call_shape(bundle, settings), images)
+        drawn, lockstep_s = timed(lambda: generate_images(bundle, requests, settings, engine=engine))
+        engine.release()
+        record |= {"lockstep_img_s": images / lockstep_s, "lockstep_s": lockstep_s}
     generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
                    engine=engine, loop=mixed_loop(bundle, engine, pages=4096))  # kernels compiled
     start_fresh()
@@ -62,14 +65,14 @@ def run_mode(bundle, mode: str, images: int, profile: bool) -> dict:
                                                   controller_for(bundle, settings, requests, engine), engine=engine,
                                                   loop=loop))
     steps = loop.steps
-    shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(lockstep, mixed))
-    return {"mode": mode, "images": images, "lockstep_img_s": images / lockstep_s, "mixed_img_s": images / mixed_s,
-            "lockstep_s": lockstep_s, "mixed_s": mixed_s, "mixed_steps": steps,
-            "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
-            "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages, "page_size": loop.pool.page_size,
-            "profiled": profile, "seconds": loop.seconds,
-            "codes_shared": shared / sum(r.codes.numel() for r in mixed),
-            "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
+    if lockstep:
+        shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(drawn, mixed))
+        record["codes_shared"] = shared / sum(r.codes.numel() for r in mixed)
+    return record | {"mixed_img_s": images / mixed_s, "mixed_s": mixed_s, "mixed_steps": steps,
+                     "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
+                     "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
+                     "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
+                     "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
 
 
 def main() -> None:
@@ -78,12 +81,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["plain", "seed", "twig"])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="wait for every step's forward pass, to time it")
+    parser.add_argument("--no-lockstep", action="store_true", help="the mixed loop alone (batches the lockstep "
+                        "engine cannot hold at once)")
     args = parser.parse_args()
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for mode in args.modes:
-        record = run_mode(bundle, mode, args.images, args.profile) | {"gpu": torch.cuda.get_device_name(),
+        record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep) | {"gpu": torch.cuda.get_device_name(),
                                                        "date": time.strftime("%Y-%m-%d")}
         records.append(record)
         print(json.dumps(record), flush=True)
