@@ -9,9 +9,9 @@ import torch
 
 from twig_batch.controller import ControllerConfig, LatentController
 from twig_batch.engine.inputs import TextPrompt
-from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.mixed.loop import HOST_WAIT, MixedLoop
 from twig_batch.engine.mixed.pages import PagePool
-from twig_batch.engine.mixed.stages import ImageStage, TextStage
+from twig_batch.engine.mixed.stages import HostCall, ImageStage, TextStage
 from twig_batch.model import load_janus
 from twig_batch.pipeline import ImageRequest
 from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
@@ -263,6 +263,26 @@ def test_images_that_reach_a_decode_together_are_decoded_and_seen_in_one_call(sm
     assert max(batches["decode"]) == len(requests) and max(batches["features"]) == len(requests)
     for request, result in zip(requests, got):
         assert same(result, reference_staged(small, request, settings))
+
+
+def test_host_calls_of_bands_ending_a_few_steps_apart_wait_for_each_other(small):
+    """Bands that end a step apart, within HOST_WAIT steps: their host calls run as one round rather
+    than a round each (every round stops the steps), and each program still gets its own result."""
+    rounds = []
+
+    def batch(items):
+        rounds.append(list(items))
+        return [-item for item in items]
+
+    def program(n):
+        yield [ImageStage(t2i_prompt_ids(small, PROMPTS[0]), n, GenerationSettings(), n_tokens=n)]
+        [answer] = yield [HostCall(batch, n)]
+        return answer
+
+    lengths = list(range(2, 2 + HOST_WAIT))  # all prefilled in the first step, then one ends per step
+    loop = MixedLoop(small, PagePool(small.language_model, 200, 4))
+    assert loop.run(program(n) for n in lengths) == [-n for n in lengths]
+    assert rounds == [lengths]
 
 
 def test_texts_end_at_their_stop_token_wherever_it_falls(tiny64):

@@ -4,8 +4,8 @@ Each image is a program (`pipeline/programs.py`): a generator that asks for stag
 image tokens), gets their results back and asks for the next, reading reflections and building
 prompts in between; work beside the model that costs less for many images at once (a band decoded,
 a canvas seen by the vision model) it asks for as a `HostCall`, which the loop makes for every
-program waiting on it at once, before the next step. The loop holds the programs not started yet in
-a queue and, at every step:
+program waiting on it at once, between two steps, once a few are waiting (`HOST_ROUND`, `HOST_WAIT`).
+The loop holds the programs not started yet in a queue and, at every step:
 1. admits stages: first those asked by programs already running (in the order asked), then the first
    stages of new programs, while the page pool can promise what each stage may need (`stages.py`) and
    the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
@@ -42,6 +42,9 @@ from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.seeds import STREAM_TEXT
 
 MIN_STEP_TOKENS = 8
+# Host calls wait for others to join them (each round of them stops the steps while it runs) until
+# HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs.
+HOST_ROUND, HOST_WAIT = 16, 4
 
 
 class _Program:
@@ -120,21 +123,25 @@ class MixedLoop:
             if program.left == 0:
                 start(program, program.results)
 
+        host_since = 0  # the step at which the oldest host call waiting was asked for
         while waiting or asked or host or runs:
             since = time.perf_counter()
-            while host:  # what the host calls hand back may ask for more host calls
-                calls, host[:] = list(host), []
-                for (program, i, _), result in zip(calls, _call_together([call for _, _, call in calls])):
-                    finish(program, i, result)
+            if host and (not runs or len(host) >= HOST_ROUND or self.steps - host_since >= HOST_WAIT):
+                while host:  # what the host calls hand back may ask for more host calls
+                    calls, host[:] = list(host), []
+                    for (program, i, _), result in zip(calls, _call_together([call for _, _, call in calls])):
+                        finish(program, i, result)
             self._admit(asked, runs)
-            while not asked and not host and waiting and self._rows(runs) + 2 <= self.max_rows:
+            while not asked and waiting and self._rows(runs) + 2 <= self.max_rows:
                 index, generator = waiting.popleft()
                 start(_Program(index, generator), None)
                 self._admit(asked, runs)
+            if not host:
+                host_since = self.steps
             self._clock("programs", since)
-            if host:
-                continue
             if not runs:
+                if host:
+                    continue
                 if asked:
                     _, _, stage = asked[0]
                     raise RuntimeError(f"a stage needs more KV pages than the pool holds: {self._describe(stage)}")
