@@ -1,4 +1,5 @@
-"""The controller's parts on their own: condenser, translator, shaper, think step, prompt vector."""
+"""The controller's parts on their own: condenser, translator, shaper, think step, prompt vector, watch pool."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -84,3 +85,44 @@ def test_the_window_holds_exactly_the_last_states(tiny64):
     _, m_vec = controller.net.condenser(states[12:20].transpose(0, 1))
     expected = F.cosine_similarity(m_vec, controller.p_vecs[0:1], dim=-1).item()
     assert abs(controller.trigger_log(0)[-1]["s_t"] - expected) < 1e-12
+
+
+def test_watches_keep_their_state_and_logs_when_the_pool_grows_and_when_slots_are_reused(tiny64):
+    """Many images' bands watched at once (the pool grows past its first 64 slots, and reuses the
+    slots of bands that ended): each one's trigger log is what it is when watched alone."""
+    config = ControllerConfig(min_history=1, window=4, var_window=4, force_every=3, min_gap=0)
+    prompts = [f"a cat number {i}" for i in range(80)]
+    width = tiny64.language_model.config.hidden_size
+
+    def state(image, band, step):  # the hidden state and logits of one image's token
+        g = torch.Generator().manual_seed(1000 * image + 100 * band + step)
+        return torch.randn(1, width, generator=g, dtype=torch.float64), torch.randn(1, 32, generator=g,
+                                                                                     dtype=torch.float64)
+
+    def observe(watches, step):
+        rows = [state(*watch.identity[:2], step) for watch in watches]
+        type(watches[0]).observe_together(watches, [step] * len(watches), torch.cat([h for h, _ in rows]),
+                                          torch.cat([u for _, u in rows]))
+
+    crowded = LatentController(tiny64, prompts, config)
+    watches = [crowded.watch(i, 0) for i in range(60)]
+    for step in range(8):
+        if step == 3:  # 20 bands end; 30 start, in their slots first, then in new ones
+            for ended in watches[1:21]:
+                ended.close()
+            watches = watches[:1] + watches[21:] + [crowded.watch(i, 1) for i in range(50, 80)]
+        observe(watches, step)
+    assert watches[0].pool.capacity > 64
+
+    exact = ("band", "attempt", "step", "fired", "forced", "injected")
+    for image, band, steps in ((0, 0, range(8)), (50, 1, range(3, 8)), (79, 1, range(3, 8))):
+        alone = LatentController(tiny64, prompts, config)
+        watch = alone.watch(image, band)
+        for step in steps:
+            observe([watch], step)
+        got = [r for r in crowded.trigger_log(image) if r["band"] == band]
+        want = alone.trigger_log(image)
+        assert [[r[k] for k in exact] for r in got] == [[r[k] for k in exact] for r in want]
+        for key in ("s_t", "delta_s", "var_s", "u_t"):  # other rows beside it in the batch: rounding only
+            assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-9, abs=1e-12, nan_ok=True)
+        assert sum(r["injected"] for r in want) >= 1

@@ -174,19 +174,12 @@ class BandWatch:
     def observe_together(watches: list["BandWatch"], steps: list[int], hidden: torch.Tensor,
                          logits: torch.Tensor) -> "Verdicts":
         """Every watch's verdict on its image's token at `steps[i]` (row i of `hidden`, `logits`),
-        still on the device: the watches of each controller are evaluated as one batch."""
-        by_pool: dict[int, list[int]] = {}
-        for i, watch in enumerate(watches):
-            by_pool.setdefault(id(watch.pool), []).append(i)
-        if len(by_pool) == 1:
-            return watches[0].pool.evaluate(watches, steps, hidden, logits)
-        parts = []
-        for members in by_pool.values():
-            index = to_device(members, torch.long, hidden.device)
-            parts.append((members, watches[members[0]].pool.evaluate([watches[i] for i in members],
-                                                                      [steps[i] for i in members], hidden[index],
-                                                                      logits[index])))
-        return _JoinedVerdicts(len(watches), parts)
+        evaluated as one batch and still on the device. The watches are one controller's (a call's
+        images share one)."""
+        pool = watches[0].pool
+        if any(watch.pool is not pool for watch in watches):
+            raise ValueError("watches of different controllers were observed together; a call's images share one")
+        return pool.evaluate(watches, steps, hidden, logits)
 
     def close(self) -> None:
         self.pool.free.append(self.slot)
@@ -249,18 +242,3 @@ class Verdicts:
             index = to_device(members, torch.long, device)
             z_vec[index] = context.latents(rows, memory[index]).to(z_vec.dtype)
         return controller.shape_controls(z_vec, m_vec, p_vec).to(bundle.dtype)
-
-
-class _JoinedVerdicts:
-    """Verdicts of watches from several controllers, resolved together in the watches' order."""
-
-    def __init__(self, count: int, parts: list[tuple[list[int], Verdicts]]):
-        self.count, self.parts = count, parts
-
-    def resolve(self, wanted: list[bool] | None = None) -> list[torch.Tensor | None]:
-        controls: list[torch.Tensor | None] = [None] * self.count
-        for members, verdicts in self.parts:
-            mine = None if wanted is None else [wanted[i] for i in members]
-            for i, control in zip(members, verdicts.resolve(mine)):
-                controls[i] = control
-        return controls
