@@ -67,6 +67,35 @@ def test_texts_of_many_lengths_match_the_reference_while_sharing_steps(tiny64):
         assert pool.available == pool.pages  # every page given back
 
 
+def test_questions_about_one_picture_share_the_pages_of_its_prefill(tiny64):
+    """Two texts asked together whose prompts begin with the same picture (a reflection and the next
+    thought): the second holds the first's full pages of that beginning and prefills only the rest,
+    each text as the reference writes it alone; every page is free again at the end."""
+    from twig_batch.engine.shared_prefix import picture_prefix
+    from twig_batch.pipeline.understanding import featured_prompts
+    from twig_batch.prompts import DEFAULT_TEMPLATES
+
+    width = tiny64.language_model.config.hidden_size
+    picture = torch.randn(tiny64.understanding_tokens, width, generator=torch.Generator().manual_seed(5),
+                          dtype=torch.float64)
+    prompts = featured_prompts(tiny64, ["how good is it?", "what comes next, below it?"], [picture, picture],
+                               DEFAULT_TEMPLATES)
+    page_size = 4
+    shared = picture_prefix(tiny64, prompts[0]) // page_size * page_size
+    assert shared > 0 and picture_prefix(tiny64, prompts[1]) == picture_prefix(tiny64, prompts[0])
+
+    def ask_both():
+        return (yield [TextStage(p, 6) for p in prompts])
+
+    pool = PagePool(tiny64.language_model, pages=400, page_size=page_size)
+    loop = MixedLoop(tiny64, pool, step_tokens=256)
+    [written] = loop.run([ask_both()])
+    assert written == [reference_text(tiny64, p, 6) for p in prompts]
+    prefilled = sum(len(p.ids) for p in prompts) - shared
+    assert loop.fed_tokens == prefilled + sum(len(w) for w in written) - len(written)  # each last token unfed
+    assert pool.available == pool.pages
+
+
 def test_bands_of_image_tokens_match_the_reference_with_images_joining_as_pages_free(small):
     settings = GenerationSettings(mode="plain")
     codes = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
@@ -193,7 +222,12 @@ def test_twig_asks_the_reference_questions_thinking_ahead_beside_each_reflection
     reference_staged(small, request, settings, thinker=ModelThinker(text=text), scorer=ModelScorer(text=text))
     asked = []
     run_for = MixedLoop._run_for
-    monkeypatch.setattr(MixedLoop, "_run_for", lambda loop, stage: asked.append(stage) or run_for(loop, stage))
+
+    def recording_run_for(loop, stage, *rest):
+        asked.append(stage)
+        return run_for(loop, stage, *rest)
+
+    monkeypatch.setattr(MixedLoop, "_run_for", recording_run_for)
     generate_mixed(small, [request], settings, loop=mixed_loop(small, pages=900, page_size=4))
 
     def key(prompt):

@@ -27,21 +27,39 @@ class SharingPlan:
     source: list[int]  # for each later row, the row whose prefix it copies
 
 
+def picture_prefix(bundle, prompt) -> int | None:
+    """The tokens `prompt` has up to the end of its picture (BOS, system text, the image block), or
+    None when it shows no picture or asks nothing after it."""
+    image = bundle.tokens.image
+    if prompt.image_features is None or image not in prompt.ids:
+        return None
+    end = len(prompt.ids) - prompt.ids[::-1].index(image) + 1  # past the last placeholder and end-of-image
+    return end if end < len(prompt.ids) else None
+
+
+def _picture_key(prompt, end: int) -> tuple:
+    features = prompt.image_features
+    return tuple(prompt.ids[:end]), features.data_ptr(), tuple(features.shape), str(features.device)
+
+
+def shared_picture_prefix(bundle, first, second) -> int:
+    """The tokens two prompts begin with alike, picture and all (the very same feature tensor), or 0."""
+    end = picture_prefix(bundle, first)
+    if end is None or picture_prefix(bundle, second) != end:
+        return 0
+    return end if _picture_key(first, end) == _picture_key(second, end) else 0
+
+
 def sharing_plan(bundle, prompts) -> SharingPlan | None:
     """None unless every prompt shows a picture after the same P - (image block) tokens and at least
     two show the same one (equal ids up to P and the very same feature tensor)."""
-    image = bundle.tokens.image
     lengths, groups = set(), {}
     for index, prompt in enumerate(prompts):
-        features = prompt.image_features
-        if features is None or image not in prompt.ids:
-            return None
-        end = len(prompt.ids) - prompt.ids[::-1].index(image) + 1  # past the last placeholder and end-of-image
-        if end >= len(prompt.ids):  # nothing after the picture: no question of its own to prefill
+        end = picture_prefix(bundle, prompt)
+        if end is None:
             return None
         lengths.add(end)
-        key = (tuple(prompt.ids[:end]), features.data_ptr(), tuple(features.shape), str(features.device))
-        groups.setdefault(key, []).append(index)
+        groups.setdefault(_picture_key(prompt, end), []).append(index)
     if len(lengths) != 1 or len(groups) == len(prompts):
         return None
     members = list(groups.values())

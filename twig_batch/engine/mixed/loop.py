@@ -39,6 +39,7 @@ from twig_batch.engine.mixed.stages import HostCall, ImageRun, ImageStage, TextR
 from twig_batch.engine.mixed.step import Chunk, gather_rows, mixed_step
 from twig_batch.engine.transfer import to_device
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
+from twig_batch.engine.shared_prefix import shared_picture_prefix
 from twig_batch.seeds import STREAM_TEXT
 
 MIN_STEP_TOKENS = 8
@@ -161,7 +162,7 @@ class MixedLoop:
     def _admit(self, asked: deque, runs: list) -> None:
         while asked:
             program, i, stage = asked[0]
-            run = self._run_for(stage)
+            run = self._run_for(stage, program, runs)
             if not run.admitted or self._rows(runs) + len(run.rows) > self.max_rows:
                 if run.admitted:
                     run.reservation.close()
@@ -169,12 +170,23 @@ class MixedLoop:
             asked.popleft()
             runs.append((program, i, run))
 
-    def _run_for(self, stage):
+    def _run_for(self, stage, program: _Program, runs: list):
         if isinstance(stage, TextStage):
-            return TextRun(stage, self.bundle, self.pool, self.bundle.tokens.eos)
+            leader, pages = self._leader_for(stage, program, runs)
+            return TextRun(stage, self.bundle, self.pool, self.bundle.tokens.eos, leader, pages)
         if isinstance(stage, ImageStage):
             return ImageRun(stage, self.bundle, self.pool)
         raise TypeError(f"an image program asked for {stage!r}, not a TextStage, an ImageStage or a HostCall")
+
+    def _leader_for(self, stage: TextStage, program: _Program, runs: list) -> tuple[TextRun | None, int]:
+        """A running text of the same program whose prompt begins as `stage`'s does, picture and all
+        (a reflection and the next thought look at one canvas), and the full pages of that beginning."""
+        for owner, _, run in runs:
+            if owner is program and isinstance(run, TextRun) and not run.done:
+                shared = shared_picture_prefix(self.bundle, run.stage.prompt, stage.prompt) // self.pool.page_size
+                if shared:
+                    return run, shared
+        return None, 0
 
     def _describe(self, stage) -> str:
         run_pages = self.pool.pages_for
@@ -197,6 +209,8 @@ class MixedLoop:
         budget = max(budget, self.step_tokens // 4)  # prefills never starve behind many decoding rows
         for entry in runs:
             run = entry[2]
+            if not run.may_feed():
+                continue
             count = run.pending if run.pending == 1 else min(run.pending, budget // len(run.rows))
             if count < 1:
                 continue

@@ -5,6 +5,8 @@ head_dim]: a sequence's token j sits in slot `table[j // page_size] * page_size 
 a sequence holds only the pages its tokens fill, whatever the others hold, and gives them back the
 moment it ends. What a sequence may still need is reserved (`Reservation`) when its stage is admitted,
 so a sequence that started is never cut short for lack of pages: admission is where a stage waits.
+Sequences that begin with the same tokens (two questions about one picture) may hold the same full
+pages of that beginning: a page is free again once the last sequence holding it lets it go.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class PagePool:
         self.v = torch.zeros_like(self.k)
         self._free = list(range(pages - 1, -1, -1))  # popped from the end: page 0 first
         self.reserved = 0  # pages promised to admitted stages and not yet taken
+        self._sharers: dict[int, int] = {}  # page -> sequences holding it beside the one that filled it
 
     @classmethod
     def bytes_per_page(cls, lm, page_size: int, dtype: torch.dtype) -> int:
@@ -57,8 +60,23 @@ class PagePool:
     def _take(self) -> int:
         return self._free.pop()
 
+    def _share(self, pages: list[int]) -> None:
+        for page in pages:
+            self._sharers[page] = self._sharers.get(page, 0) + 1
+
     def _give_back(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        """Pages a sequence lets go of: free once no other sequence holds them."""
+        freed = []
+        for page in pages:
+            sharers = self._sharers.get(page, 0)
+            if sharers:
+                if sharers == 1:
+                    del self._sharers[page]
+                else:
+                    self._sharers[page] = sharers - 1
+            else:
+                freed.append(page)
+        self._free.extend(reversed(freed))
 
 
 class Reservation:
@@ -98,6 +116,15 @@ class PagedSequence:
             slots.append(self.table[j // size] * size + j % size)
         self.length += count
         return slots
+
+    def share(self, other: "PagedSequence", pages: int) -> None:
+        """Begins with the first `pages` full pages of `other` (the same tokens at the same positions,
+        written by `other`): it holds them too, and writes its own tokens on pages of its own."""
+        if self.table or pages * self.pool.page_size > other.length:
+            raise ValueError("a sequence shares pages another has filled, before it holds any of its own")
+        self.table = other.table[:pages]
+        self.length = pages * self.pool.page_size
+        self.pool._share(self.table)
 
     def rewind(self, count: int) -> None:
         """Forget its last `count` tokens (their pages stay: the tokens fed next overwrite their slots)."""

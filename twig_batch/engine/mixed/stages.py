@@ -79,8 +79,8 @@ class _Row:
 class _Run:
     rows: list[_Row]
 
-    def __init__(self, pool: PagePool, tokens_per_row: int, row_count: int):
-        self.reservation = pool.reserve(row_count * pool.pages_for(tokens_per_row))
+    def __init__(self, pool: PagePool, tokens_per_row: int, row_count: int, shared_pages: int = 0):
+        self.reservation = pool.reserve(row_count * pool.pages_for(tokens_per_row) - shared_pages)
         self.pool = pool
 
     @property
@@ -92,6 +92,10 @@ class _Run:
         """Tokens each row still has to feed before the run samples again."""
         return self.rows[0].left
 
+    def may_feed(self) -> bool:
+        """Whether its rows may feed in the step being built."""
+        return True
+
     def close(self) -> None:
         for row in self.rows:
             row.sequence.free()
@@ -102,11 +106,18 @@ class _Run:
 
 
 class TextRun(_Run):
-    def __init__(self, stage: TextStage, bundle, pool: PagePool, stop: int):
+    def __init__(self, stage: TextStage, bundle, pool: PagePool, stop: int, leader: "TextRun | None" = None,
+                 shared_pages: int = 0):
+        """`leader`: a text run admitted before it whose prompt begins with the same tokens for
+        `shared_pages` full pages (the same picture): this run holds those pages of the leader's
+        instead of writing its own, and feeds from there once the leader has written them."""
         self.stage, self.bundle, self.stop = stage, bundle, stop
         self.budget = stage.prompt.budget(stage.max_new_tokens)
         ids = stage.prompt.ids
-        super().__init__(pool, len(ids) + self.budget - 1, 1)  # the last token is never fed back
+        self.leader = leader if shared_pages else None
+        self.shared_pages = shared_pages if self.leader else 0
+        # the last token is never fed back
+        super().__init__(pool, len(ids) + self.budget - 1, 1, self.shared_pages)
         self.written: list[int] = []
         self.drawn = 0  # tokens drawn so far, read back or not
         self.done = False
@@ -114,6 +125,20 @@ class TextRun(_Run):
             ids_tensor = to_device([ids], torch.long, bundle.device)
             embeds = embed_prompts(bundle, ids_tensor, [stage.prompt])[0]
             self.rows = [_Row(PagedSequence(pool, self.reservation), embeds)]
+            shared = self.shared_pages * pool.page_size
+            self.rows[0].feed(embeds, shared, len(ids) - shared)
+
+    def may_feed(self) -> bool:
+        """A run sharing its leader's pages feeds once the leader has written them (in an earlier
+        step), and takes them then."""
+        if self.leader is None:
+            return True
+        leading = self.leader.rows[0].sequence
+        if leading.length < self.shared_pages * self.pool.page_size:
+            return False
+        self.rows[0].sequence.share(leading, self.shared_pages)
+        self.leader = None
+        return True
 
     @property
     def step(self) -> int:
