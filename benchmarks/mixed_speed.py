@@ -88,8 +88,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for mode in args.modes:
-        record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep) | {"gpu": torch.cuda.get_device_name(),
-                                                       "date": time.strftime("%Y-%m-%d")}
+        record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep)
+        record |= {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
         records.append(record)
         print(json.dumps(record), flush=True)
         (args.out / "mixed_speed.json").write_text(json.dumps(records, indent=1))

@@ -73,7 +73,8 @@ def main() -> None:
     gpu_us = sum(e.self_device_time_total for e in events)
     by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
     by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
-    report = {"mode": args.mode, "images": args.images, "first": args.first, "steps": args.steps, "step_ms": 1000 * watch.wall / args.steps,
+    report = {"mode": args.mode, "images": args.images, "first": args.first, "steps": args.steps,
+              "step_ms": 1000 * watch.wall / args.steps,
               "gpu_busy_ms_per_step": gpu_us / 1000 / args.steps, "rows_per_step": watch.fed[0] / args.steps,
               "tokens_per_step": watch.fed[1] / args.steps,
               "top_gpu": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total / 1000 / args.steps,

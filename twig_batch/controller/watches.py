@@ -218,7 +218,8 @@ class Verdicts:
         bundle, device = controller.bundle, controller.bundle.device
         new = [watch for watch in watches if watch.think is None]
         if new:  # one context over every watch thinking for the first time this step
-            texts = [bundle.embed_text(to_device(controller.think_ids[watch.image], torch.long, device)) for watch in new]
+            texts = [bundle.embed_text(to_device(controller.think_ids[watch.image], torch.long, device))
+                     for watch in new]
             context = ThinkContext(bundle, texts, controller.config.memory_tokens, controller.model)
             for row, watch in enumerate(new):
                 watch.think = (context, row)
