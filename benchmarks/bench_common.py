@@ -210,6 +210,17 @@ def workload_settings(mode: str) -> GenerationSettings:
     return GenerationSettings(mode="seed", bands=3, guidance_max_tokens=300, controller=controller)
 
 
+def controller_for(bundle, settings, requests, engine):
+    """The latent controller of `settings` over `requests` (None without one), running `engine`'s model."""
+    if settings.controller is None:
+        return None
+    from twig_batch.controller import LatentController
+    from twig_batch.controller.weights import shared_controller_net
+
+    return LatentController(bundle, [r.prompt for r in requests], settings.controller,
+                            weights=shared_controller_net(bundle, settings.controller), model=engine.model)
+
+
 def requests_for(images: int) -> list[ImageRequest]:
     return [ImageRequest(str(i), f"{PROMPT} {i}", 0, i) for i in range(images)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import requests_for, start_fresh, workload_settings
+from bench_common import controller_for, requests_for, start_fresh, workload_settings
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
@@ -34,16 +34,6 @@ def timed(fn):
     out = fn()
     sync()
     return out, time.perf_counter() - start
-
-
-def controller_for(bundle, settings, requests, engine):
-    if settings.controller is None:
-        return None
-    from twig_batch.controller import LatentController
-    from twig_batch.controller.weights import shared_controller_net
-
-    return LatentController(bundle, [r.prompt for r in requests], settings.controller,
-                            weights=shared_controller_net(bundle, settings.controller), model=engine.model)
 
 
 def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = True) -> dict:

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import requests_for, workload_settings
-from mixed_speed import controller_for
+from bench_common import controller_for, requests_for, workload_settings
 from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
