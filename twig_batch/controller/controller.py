@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from twig_batch.settings import ControllerConfig
 from twig_batch.controller.think import ThinkContext, prompt_vector, think_ids
-from twig_batch.controller.trigger import TriggerHistory, trigger_fires
+from twig_batch.controller.trigger import TriggerHistory, fire_and_inject
 from twig_batch.controller.trigger_log import TriggerLog
 from twig_batch.controller.watches import NEVER, BandWatch, WatchPool
 from twig_batch.controller.weights import ControllerNet, build_controller_net
@@ -150,7 +150,7 @@ class LatentController:
         if not (due or force_now):
             return None
         forced = band.forced_rows & force_now
-        memory, m_vec, p_vec, injected = self._judge([band], [step], step, forced, forced | due, logits)
+        memory, m_vec, p_vec, injected = self._judge(band, step, forced, forced | due, logits)
         return Decision(self, band, injected, memory, m_vec, p_vec)
 
     def _due(self, band: _Band, step: int) -> tuple[bool, bool]:
@@ -159,42 +159,25 @@ class LatentController:
         return (cfg.force_every > 0 and (step + 1) % cfg.force_every == 0,
                 band.filled >= cfg.min_history and step % cfg.eval_every == 0)
 
-    def _judge(self, bands: list[_Band], steps: list[int], step, forced: torch.Tensor, evaluated: torch.Tensor,
+    def _judge(self, band: _Band, step: int, forced: torch.Tensor, evaluated: torch.Tensor,
                logits: torch.Tensor) -> tuple:
-        """The trigger over the rows of `bands` (windows of the same length), each band at its step
-        (`steps`; `step`: the same as a number or a tensor over the rows): its verdicts logged, its
-        guard-rail counters moved on. Returns (memory, m_vec, p_vec, injected) over the rows."""
+        """The trigger over the band's rows at `step`: its verdicts logged, its guard-rail counters
+        moved on. Returns (memory, m_vec, p_vec, injected) over the rows."""
         cfg = self.config
-        fill = min(bands[0].filled, cfg.window)
-        windows = [band.window[:, :fill] for band in bands]
-        memory, m_vec = self.net.condenser(windows[0] if len(bands) == 1 else torch.cat(windows))
-        p_vec = self.p_vecs[[image for band in bands for image in band.images]]
+        memory, m_vec = self.net.condenser(band.window[:, :min(band.filled, cfg.window)])
+        p_vec = self.p_vecs[band.images]
         s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
         u = entropy(logits)
-        histories = [band.history for band in bands]
-        history = histories[0] if len(bands) == 1 else TriggerHistory.joined(histories)
-        delta, var = history.update(s, evaluated)
-        if len(bands) > 1:
-            history.parted(histories)
-        fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
-        injections = torch.cat([band.injections for band in bands])
-        last_injection = torch.cat([band.last_injection for band in bands])
-        injected = fired & (injections < cfg.max_injections_per_band) & (step - last_injection >= cfg.min_gap)
-        injections = injections + injected.long()
-        last_injection = torch.where(injected, step, last_injection)
-        first = 0
-        for band, band_step in zip(bands, steps):
-            rows = slice(first, first + len(band.images))
-            band.pending.append((band_step, evaluated[rows], s[rows], delta[rows], var[rows], u[rows], fired[rows],
-                                 forced[rows], injected[rows]))
-            band.injections, band.last_injection = injections[rows], last_injection[rows]
-            first = rows.stop
+        delta, var = band.history.update(s, evaluated)
+        fired, injected = fire_and_inject(s, delta, var, u, forced, evaluated, band.injections, band.last_injection,
+                                          step, cfg)
+        band.injections = band.injections + injected.long()
+        band.last_injection = torch.where(injected, step, band.last_injection)
+        band.pending.append((step, evaluated, s, delta, var, u, fired, forced, injected))
         return memory, m_vec, p_vec, injected
 
     def trigger_log(self, image: int) -> list[dict]:
         self._log_pending()
-        if self._pool is not None:
-            self._pool.flush()
         return [dict(r) for r in self.logs[image].records]
 
     # -- the rest ----------------------------------------------------------------------------------
@@ -205,8 +188,6 @@ class LatentController:
 
     def summary(self, image: int) -> dict:
         self._log_pending()
-        if self._pool is not None:
-            self._pool.flush()
         return self.logs[image].summary()
 
     def end(self) -> None:
@@ -214,10 +195,12 @@ class LatentController:
         self._log_pending()
         self._current = None
 
-    def _log_pending(self, band: _Band | None = None) -> None:
-        """Move a band's evaluations (the current band's by default) into the per-image logs: one
-        transfer for many steps."""
-        band = band or self._current
+    def _log_pending(self) -> None:
+        """Move the evaluations not logged yet (the current band's, the watched bands') into the
+        per-image logs: one transfer for many steps."""
+        if self._pool is not None:
+            self._pool.flush()
+        band = self._current
         if band is None or not band.pending:
             return
         steps = [entry[0] for entry in band.pending]

@@ -24,6 +24,17 @@ def trigger_fires(s: torch.Tensor, delta_s: torch.Tensor, var_s: torch.Tensor, u
     return drifting | lost
 
 
+def fire_and_inject(s: torch.Tensor, delta_s: torch.Tensor, var_s: torch.Tensor, u: torch.Tensor, forced: torch.Tensor,
+                    evaluated: torch.Tensor, injections: torch.Tensor, last_injection: torch.Tensor, step,
+                    config: ControllerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fired, injected) per row: fired where evaluated and the rule (or a forced fire) says so;
+    injected where a fire gets past the guard rails (fewer than `max_injections_per_band` injections
+    so far, at least `min_gap` steps since the last; `step` a number or a tensor over the rows)."""
+    fired = (trigger_fires(s, delta_s, var_s, u, config) | forced) & evaluated
+    injected = fired & (injections < config.max_injections_per_band) & (step - last_injection >= config.min_gap)
+    return fired, injected
+
+
 class TriggerHistory:
     """The similarity history of a band's images, one row per image, kept on the model's device.
 
@@ -39,6 +50,13 @@ class TriggerHistory:
         self.previous = torch.full((images,), math.nan, dtype=torch.float64, device=device)
         self.ring = torch.zeros((images, var_window), dtype=torch.float64, device=device)
         self.count = torch.zeros(images, dtype=torch.long, device=device)
+
+    @classmethod
+    def of(cls, previous: torch.Tensor, ring: torch.Tensor, count: torch.Tensor) -> "TriggerHistory":
+        """A history over the given state (rows kept elsewhere, e.g. gathered from a larger pool)."""
+        history = cls.__new__(cls)
+        history.previous, history.ring, history.count, history.window = previous, ring, count, ring.shape[1]
+        return history
 
     def update(self, s: torch.Tensor, evaluated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Record s [B] for the `evaluated` [B] images; return (delta_s against each image's previous
@@ -56,21 +74,3 @@ class TriggerHistory:
         mean = (self.ring * filled).sum(1) / n
         var = (((self.ring - mean.unsqueeze(1)) * filled) ** 2).sum(1) / n
         return delta, torch.where(evaluated, var, math.nan)
-
-    @classmethod
-    def joined(cls, histories: list["TriggerHistory"]) -> "TriggerHistory":
-        """One history over the images of several (each one's rows in order), updated as one batch;
-        `parted` gives each its rows back."""
-        joined = cls.__new__(cls)
-        joined.window = histories[0].window
-        joined.previous, joined.ring, joined.count = (torch.cat([getattr(h, name) for h in histories])
-                                                      for name in ("previous", "ring", "count"))
-        return joined
-
-    def parted(self, histories: list["TriggerHistory"]) -> None:
-        """Hands each of the `histories` it was `joined` from its own rows back (views)."""
-        first = 0
-        for history in histories:
-            rows = slice(first, first + history.previous.shape[0])
-            history.previous, history.ring, history.count = self.previous[rows], self.ring[rows], self.count[rows]
-            first = rows.stop

@@ -4,7 +4,7 @@ Every band being drawn under a watch holds a slot of one pool: its hidden-state 
 history and guard-rail counters are rows of pool-wide tensors, so one step's evaluation of any number
 of images, each at its own step of its own band, is one set of tensor operations per window length
 (all images past their first `window` tokens share one). The arithmetic is `LatentController._judge`'s,
-row for row. Evaluations are kept on the device and moved into the per-image logs in one transfer
+row for row (`trigger.fire_and_inject`). Evaluations are kept on the device and moved into the per-image logs in one transfer
 when a log is asked for; verdicts are read by `Verdicts.resolve`, which an engine may call once the
 next step is queued.
 """
@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from twig_batch.controller.think import ThinkContext
-from twig_batch.controller.trigger import TriggerHistory, trigger_fires
+from twig_batch.controller.trigger import TriggerHistory, fire_and_inject
 from twig_batch.engine.sampling import entropy
 from twig_batch.engine.transfer import to_device
 
 NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
-_LOGGED = ("evaluated", "s_t", "delta_s", "var_s", "u_t", "fired", "forced", "injected")
 
 
 class WatchPool:
@@ -120,14 +119,11 @@ class WatchPool:
         p_vec = controller.p_vecs[images]
         s = F.cosine_similarity(m_vec.to(torch.float64), p_vec.to(torch.float64), dim=-1)
         u = entropy(logits[index])
-        history = TriggerHistory.__new__(TriggerHistory)
-        history.window = cfg.var_window
-        history.previous, history.ring, history.count = self.previous[slots], self.ring[slots], self.count[slots]
+        history = TriggerHistory.of(self.previous[slots], self.ring[slots], self.count[slots])
         delta, var = history.update(s, evaluated)
         self.previous[slots], self.ring[slots], self.count[slots] = history.previous, history.ring, history.count
-        fired = (trigger_fires(s, delta, var, u, cfg) | forced) & evaluated
         injections, last_injection = self.injections[slots], self.last_injection[slots]
-        injected = fired & (injections < cfg.max_injections_per_band) & (step - last_injection >= cfg.min_gap)
+        fired, injected = fire_and_inject(s, delta, var, u, forced, evaluated, injections, last_injection, step, cfg)
         self.injections[slots] = injections + injected.long()
         self.last_injection[slots] = torch.where(injected, step, last_injection)
         logged = torch.stack([t.to(torch.float64) for t in (evaluated, s, delta, var, u, fired, forced, injected)])
