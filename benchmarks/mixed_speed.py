@@ -1,13 +1,16 @@
 """The mixed loop beside the lockstep engine on one GPU (random Janus-Pro-7B-sized, bf16), per mode.
 
 Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64] [--no-lockstep]
+       [--syncs N]
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
 engine is sized as a worker sizes it, the mixed loop's pages fill the free memory. Reported per path:
 images/s, and for the mixed loop its steps, the sequences and tokens one step fed on average and where
 its time went (`MixedLoop.seconds`; with --profile each step waits for its forward pass, so
 "forward" is the device's time); and how many image codes the two paths share (bf16 sampling: a
-first differing token changes every later one).
+first differing token changes every later one). With --syncs N, the mixed loop then draws N images
+once more under torch's sync debug mode and the record counts where the host waited for the device
+(`sync_sites.py`; untimed).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench_common import controller_for, requests_for, start_fresh, workload_settings
+from sync_sites import counted_syncs
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
@@ -36,7 +40,7 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = True) -> dict:
+def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = True, sync_images: int = 0) -> dict:
     settings = GenerationSettings(mode="plain") if mode == "plain" else workload_settings(mode)
     requests = requests_for(images)
     engine = Engine.for_settings(bundle, settings)
@@ -58,11 +62,19 @@ def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = Tru
     if lockstep:
         shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(drawn, mixed))
         record["codes_shared"] = shared / sum(r.codes.numel() for r in mixed)
-    return record | {"mixed_img_s": images / mixed_s, "mixed_s": mixed_s, "mixed_steps": steps,
-                     "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
-                     "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
-                     "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
-                     "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
+    record |= {"mixed_img_s": images / mixed_s, "mixed_s": mixed_s, "mixed_steps": steps,
+               "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
+               "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
+               "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
+               "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
+    if sync_images:
+        del loop  # its pages: the run below takes what the free memory holds
+        start_fresh()
+        few = requests[:sync_images]
+        with counted_syncs() as sites:
+            generate_mixed(bundle, few, settings, controller_for(bundle, settings, few, engine), engine=engine)
+        record["syncs"] = {"images": len(few), "sites": dict(sites.most_common())}
+    return record
 
 
 def main() -> None:
@@ -73,12 +85,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="wait for every step's forward pass, to time it")
     parser.add_argument("--no-lockstep", action="store_true", help="the mixed loop alone (batches the lockstep "
                         "engine cannot hold at once)")
+    parser.add_argument("--syncs", type=int, default=0, metavar="N",
+                        help="then N images under torch's sync debug mode: where the host waits (untimed)")
     args = parser.parse_args()
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for mode in args.modes:
-        record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep)
+        record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep, args.syncs)
         record |= {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
         records.append(record)
         print(json.dumps(record), flush=True)

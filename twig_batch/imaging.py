@@ -13,7 +13,8 @@ DECODE_CHUNK = 16
 
 @torch.no_grad()
 def decode_codes(bundle, codes: torch.Tensor, token_rows: int | None = None) -> torch.Tensor:
-    """Decode codes [B, token_rows * grid] (raster order) to uint8 pixels [B, rows*ds, grid*ds, 3].
+    """Decode codes [B, token_rows * grid] (raster order) to uint8 pixels [B, rows*ds, grid*ds, 3], left
+    on the decoder's device (`to_pil` reads them; reading here would wait for everything queued).
 
     `token_rows` smaller than the grid decodes just the rows generated so far (a band image).
     Images are decoded DECODE_CHUNK at a time (the decoder treats each image on its own).
@@ -30,7 +31,7 @@ def _decode(bundle, codes: torch.Tensor, rows: int) -> torch.Tensor:
     latent = latent.view(codes.shape[0], rows, bundle.grid, -1).permute(0, 3, 1, 2).contiguous()
     pixels = vq.decoder(vq.post_quant_conv(latent)).float()
     pixels = ((pixels.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)  # truncation, as Janus-Pro's recipe
-    return pixels.permute(0, 2, 3, 1).cpu()
+    return pixels.permute(0, 2, 3, 1)
 
 
 def fill_to_grid(codes: torch.Tensor, grid: int) -> torch.Tensor:
@@ -41,4 +42,5 @@ def fill_to_grid(codes: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    return [Image.fromarray(p.numpy(), mode="RGB") for p in pixels]
+    """uint8 pixels [B, H, W, 3] (on any device: read in one copy) as PIL images."""
+    return [Image.fromarray(p.numpy(), mode="RGB") for p in pixels.cpu()]

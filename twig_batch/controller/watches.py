@@ -4,8 +4,8 @@ Every band being drawn under a watch holds a slot of one pool: its hidden-state 
 history and guard-rail counters are rows of pool-wide tensors, so one step's evaluation of any number
 of images, each at its own step of its own band, is one set of tensor operations per window length
 (all images past their first `window` tokens share one). The arithmetic is `LatentController._judge`'s,
-row for row (`trigger.fire_and_inject`). Evaluations are kept on the device and moved into the per-image logs in one transfer
-when a log is asked for; verdicts are read by `Verdicts.resolve`, which an engine may call once the
+row for row (`trigger.fire_and_inject`). Evaluations are copied to the host as they are made, without waiting, and moved into the per-image
+logs when a log is asked for; verdicts are read by `Verdicts.resolve`, which an engine may call once the
 next step is queued.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from twig_batch.controller.think import ThinkContext
 from twig_batch.controller.trigger import TriggerHistory, fire_and_inject
 from twig_batch.engine.sampling import entropy
-from twig_batch.engine.transfer import to_device
+from twig_batch.engine.transfer import HostCopy, to_device
 
 NEVER = -(2 ** 40)  # "no injection yet": any step minus this clears every gap
 
@@ -34,7 +34,7 @@ class WatchPool:
         self.filled: list[int] = []  # image tokens each slot's band has drawn (host: it decides the timing)
         self.fresh: list[int] = []  # slots opened since the last evaluation, their device state not reset yet
         self.window = self.previous = self.ring = self.count = self.injections = self.last_injection = None
-        self.pending: list[tuple] = []  # (identities, steps, values [8, n] on the device) per evaluated group
+        self.pending: list[tuple] = []  # (identities, steps, values [8, n] on their way to the host) per evaluated group
 
     def open(self, image: int, band: int, attempt: int) -> "BandWatch":
         if not self.free:
@@ -98,6 +98,7 @@ class WatchPool:
             columns = staged[first:first + 6 * len(members)].view(6, len(members))
             first += columns.numel()
             verdicts.groups.append((members, *self._judge(watches, members, steps, fill, columns, logits)))
+        verdicts.read_flags()
         return verdicts
 
     def _reset(self, slots: torch.Tensor) -> None:
@@ -127,16 +128,17 @@ class WatchPool:
         self.injections[slots] = injections + injected.long()
         self.last_injection[slots] = torch.where(injected, step, last_injection)
         logged = torch.stack([t.to(torch.float64) for t in (evaluated, s, delta, var, u, fired, forced, injected)])
-        self.pending.append(([watches[i].identity for i in members], [steps[i] for i in members], logged))
+        self.pending.append(([watches[i].identity for i in members], [steps[i] for i in members], HostCopy(logged)))
         return injected, memory, m_vec, p_vec
 
     def flush(self) -> None:
-        """Moves every evaluation made so far into the per-image logs: one transfer."""
+        """Moves every evaluation made so far into the per-image logs (each on its way to the host since
+        it was made: no wait for what was queued after it)."""
         if not self.pending:
             return
         identities = [identity for entry in self.pending for identity in entry[0]]
         steps = [step for entry in self.pending for step in entry[1]]
-        values = torch.cat([entry[2] for entry in self.pending], dim=1).cpu().tolist()
+        values = torch.cat([entry[2].values() for entry in self.pending], dim=1).tolist()
         self.pending.clear()
         evaluated, s, delta, var, u, fired, forced, injected = values
         logs = self.controller.logs
@@ -187,15 +189,22 @@ class Verdicts:
     def __init__(self, controller, watches: list[BandWatch]):
         self.controller, self.watches = controller, watches
         self.groups: list[tuple] = []  # (watch indices, injected, memory, m_vec, p_vec)
+        self.flags: HostCopy | None = None  # every group's injected flags, on their way to the host
+
+    def read_flags(self) -> None:
+        """Starts the injected flags' copy to the host (once every group is judged), so that
+        `resolve` waits for the evaluation alone, not for whatever the engine queued after it."""
+        if self.groups:
+            self.flags = HostCopy(torch.cat([group[1] for group in self.groups]))
 
     def resolve(self, wanted: list[bool] | None = None) -> list[torch.Tensor | None]:
         """Control tokens [K, D] for each watch injected (None for the others), in the watches'
         order: one wait for the device. The thinks of the injected watches run as one batch; a watch
         not `wanted` (its band is over: nothing would read its tokens) is not thought for."""
         controls: list[torch.Tensor | None] = [None] * len(self.watches)
-        if not self.groups:
+        if self.flags is None:
             return controls
-        flags = torch.cat([group[1] for group in self.groups]).tolist()  # the one wait for the device
+        flags = self.flags.values().tolist()  # the one wait for the device
         chosen: list[tuple[int, int, int]] = []  # (watch index, group, row in the group)
         first = 0
         for g, (members, *_) in enumerate(self.groups):

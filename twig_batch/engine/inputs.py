@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twig_batch.engine.transfer import to_device
 from twig_batch.prompts import unconditional_ids
 
 
@@ -73,14 +74,17 @@ def cfg_prefill_inputs(bundle, cond_rows: list[list[int]], prefix_codes: torch.T
 def embed_prompts(bundle, ids: torch.Tensor, prompts: list[TextPrompt]) -> torch.Tensor:
     """Token embeddings [B, W, D] with each prompt's vision features scattered into its placeholders."""
     embeds = bundle.embed_text(ids)
+    width = ids.shape[1]
     for row, prompt in enumerate(prompts):
         if prompt.image_features is None:
             continue
-        slots = ids[row] == bundle.tokens.image
+        # The placeholders' columns from the host's ids (the row is left-padded to `width`): asking
+        # the device which columns they are would wait for everything queued on it.
+        slots = [width - len(prompt.ids) + i for i, token in enumerate(prompt.ids) if token == bundle.tokens.image]
         features = prompt.image_features.to(embeds.device, embeds.dtype)
-        if int(slots.sum()) != features.shape[0]:
-            raise ValueError(f"prompt has {int(slots.sum())} image placeholders for {features.shape[0]} features")
-        embeds[row, slots] = features
+        if len(slots) != features.shape[0]:
+            raise ValueError(f"prompt has {len(slots)} image placeholders for {features.shape[0]} features")
+        embeds[row, to_device(slots, torch.long, embeds.device)] = features
     return embeds
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from twig_batch.engine.mixed.stages import HostCall, ImageStage, TextStage
+from twig_batch.engine.transfer import HostCopy
 from twig_batch.imaging import to_pil
 from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
 from twig_batch.pipeline.guidance import GuidanceRequest
@@ -109,15 +110,18 @@ def _stages(bundle, asker, requests: list, settings: GenerationSettings, feature
 
 
 class _Canvas:
-    """An image drawn band by band: its codes so far, its band images and pixels."""
+    """An image drawn band by band: its codes so far, its band images and pixels. Codes and pixels
+    stay on the model's device while it is drawn, each on its way to the host as soon as it is made
+    (`HostCopy`), so that no program waits for the device before its image is done."""
 
     def __init__(self, bundle, request: ImageRequest, settings: GenerationSettings, work: HostWork,
                  observer=None, image: int = 0):
         self.bundle, self.request, self.settings, self.schedule = bundle, request, settings, work.schedule
         self.work, self.observer, self.image = work, observer, image
-        self.codes = torch.zeros(0, dtype=torch.long)
-        self.band_images: list = []
-        self.pixels = self.canvas = None
+        self.codes = torch.zeros(0, dtype=torch.long, device=bundle.device)
+        self.codes_read: HostCopy | None = None
+        self.band_images: list[tuple[str, HostCopy]] = []
+        self.canvas = None
 
     def draw(self, condition: str, band: int, seed: int, n_tokens: int | None = None):
         """Draws band `band` (every band from it on with `n_tokens`) again from `condition`."""
@@ -128,19 +132,21 @@ class _Canvas:
                            watch)
         drawn = yield [stage]
         self.codes = torch.cat([self.codes[:start], drawn[0]])
+        self.codes_read = HostCopy(self.codes)
 
     def show(self, band: int, redrawn: bool = False, canvas: bool = True):
         """Decodes the image after band `band` (and, with `canvas`, the full-size canvas the model
         looks at), beside the other programs' decodes."""
-        [(self.pixels, seen)] = yield [HostCall(self.work.decode, (self.codes, band, canvas))]
+        [(pixels, seen)] = yield [HostCall(self.work.decode, (self.codes, band, canvas))]
         if canvas:
             self.canvas = seen
-        self.band_images.append((band_label(band, self.schedule.bands, redrawn), to_pil(self.pixels)[0]))
+        self.band_images.append((band_label(band, self.schedule.bands, redrawn), HostCopy(pixels)))
 
     def result(self, texts=(), reflections=(), redrawn=()) -> ImageResult:
         log = [] if self.observer is None else self.observer.trigger_log(self.image)
-        return ImageResult(request=self.request, codes=self.codes, image=to_pil(self.pixels)[0],
-                           mode=self.settings.mode, band_images=self.band_images, thoughts=list(texts),
+        band_images = [(label, to_pil(pixels.values())[0]) for label, pixels in self.band_images]
+        return ImageResult(request=self.request, codes=self.codes_read.values(), image=band_images[-1][1],
+                           mode=self.settings.mode, band_images=band_images, thoughts=list(texts),
                            reflections=list(reflections), redrawn_bands=list(redrawn), trigger_log=log)
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from twig_batch.engine.inputs import TextPrompt
+from twig_batch.engine.transfer import to_device
 from twig_batch.pipeline.text_generation import BatchedText
 from twig_batch.pipeline.text_lengths import TextLengths, stops_for
 from twig_batch.prompts import DEFAULT_TEMPLATES, Templates, chat_ids
@@ -36,8 +37,8 @@ def vision_input(bundle, pixels: torch.Tensor) -> torch.Tensor:
         resized = [Image.fromarray(p.numpy()).resize((size, size), Image.BICUBIC) for p in pixels.cpu()]
         pixels = torch.stack([torch.from_numpy(np.array(image)) for image in resized])
     x = (pixels.to(bundle.device, torch.float64) * (1 / 255)).to(torch.float32).permute(0, 3, 1, 2)
-    mean = torch.tensor(bundle.image_mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.image_std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = to_device(bundle.image_mean, torch.float32, x.device).view(1, 3, 1, 1)
+    std = to_device(bundle.image_std, torch.float32, x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(bundle.dtype)
 
 

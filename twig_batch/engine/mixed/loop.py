@@ -37,7 +37,7 @@ from twig_batch.engine.mixed.graphs import DecodeSteps
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import HostCall, ImageRun, ImageStage, TextRun, TextStage
 from twig_batch.engine.mixed.step import Chunk, gather_rows, mixed_step
-from twig_batch.engine.transfer import to_device
+from twig_batch.engine.transfer import HostCopy, to_device
 from twig_batch.engine.sampling import draw_image_step, sample_tokens
 from twig_batch.engine.shared_prefix import shared_picture_prefix
 from twig_batch.seeds import STREAM_TEXT
@@ -340,24 +340,14 @@ class _Verdicts:
 
 
 class _ReadBack:
-    """One step's text tokens copied to the host without waiting (pinned memory on a GPU); `deliver`
-    waits for that copy alone and hands each run its token."""
+    """One step's text tokens on their way to the host; `deliver` waits for that copy alone and hands
+    each run its token."""
 
     def __init__(self, runs: list[TextRun], tokens: torch.Tensor):
-        self.runs = runs
-        self.ready = None
-        if tokens.is_cuda:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.host = tokens
+        self.runs, self.tokens = runs, HostCopy(tokens)
 
     def deliver(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
-        for run, token in zip(self.runs, self.host.tolist()):
+        for run, token in zip(self.runs, self.tokens.values().tolist()):
             run.read(token)
 
 

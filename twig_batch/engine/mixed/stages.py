@@ -202,4 +202,6 @@ class ImageRun(_Run):
             sequence_row.feed(embeds, row, 1)
 
     def result(self) -> torch.Tensor:
-        return gather_rows([(tokens, row, 1) for tokens, row in self.codes]).to("cpu", torch.long)
+        """The band's codes [n_tokens], left on the device (reading them would wait for every step
+        queued): a program that needs their values reads them when it is done."""
+        return gather_rows([(tokens, row, 1) for tokens, row in self.codes]).long()
