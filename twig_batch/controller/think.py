@@ -12,6 +12,7 @@ import torch
 
 from twig_batch.engine.fused import FastModel
 from twig_batch.engine.static_decoder import StaticKVCache, forward_static
+from twig_batch.engine.transfer import to_device
 
 
 def clean_prompt_ids(bundle, prompt: str) -> list[int]:
@@ -32,7 +33,7 @@ def prompt_vector(bundle, prompt: str) -> torch.Tensor:
     ids = clean_prompt_ids(bundle, prompt)
     if not ids:
         return torch.zeros(bundle.model.config.text_config.hidden_size, dtype=bundle.dtype, device=bundle.device)
-    return bundle.embed_text(torch.tensor(ids, device=bundle.device)).mean(dim=0)
+    return bundle.embed_text(to_device(ids, torch.long, bundle.device)).mean(dim=0)
 
 
 @torch.no_grad()
@@ -69,8 +70,9 @@ class ThinkContext:
         self.model = model or FastModel.plain(lm)
         n, d = len(texts), bundle.model.config.text_config.hidden_size
         self.bundle, self.memory_tokens = bundle, memory_tokens
-        self.lengths = torch.tensor([t.shape[0] for t in texts], device=bundle.device)
-        width = int(self.lengths.max()) if n else 0
+        lengths = [t.shape[0] for t in texts]
+        self.lengths = to_device(lengths, torch.long, bundle.device)
+        width = max(lengths, default=0)
         self.cache = StaticKVCache(lm, n, width + memory_tokens)
         # Sums in at least float32: a bf16 sum of a long text would round away its later tokens.
         self.sum_dtype = torch.promote_types(bundle.dtype, torch.float32)
@@ -99,6 +101,6 @@ class ThinkContext:
         valid = torch.ones((len(rows), m), dtype=torch.bool, device=rows.device)
         self.cache.used = self.width
         hidden = forward_static(self.model, self.cache, inputs, positions, valid, columns=columns,
-                                rows=rows)
+                                rows=rows, columns_end=self.width + m)
         z = (self.text_sum[rows] + hidden.to(self.sum_dtype).sum(1)) / (lengths + m).unsqueeze(1)
         return z.to(hidden.dtype)

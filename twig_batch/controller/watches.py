@@ -102,11 +102,12 @@ class WatchPool:
         return verdicts
 
     def _reset(self, slots: torch.Tensor) -> None:
-        self.previous[slots] = math.nan
-        self.ring[slots] = 0.0
-        self.count[slots] = 0
-        self.injections[slots] = 0
-        self.last_injection[slots] = NEVER
+        # index_fill_ takes its value on the host; an indexed assignment of a number would wait for the device
+        self.previous.index_fill_(0, slots, math.nan)
+        self.ring.index_fill_(0, slots, 0.0)
+        self.count.index_fill_(0, slots, 0)
+        self.injections.index_fill_(0, slots, 0)
+        self.last_injection.index_fill_(0, slots, NEVER)
 
     def _judge(self, watches, members: list[int], steps: list[int], fill: int, columns: torch.Tensor,
                logits: torch.Tensor) -> tuple:

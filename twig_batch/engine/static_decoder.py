@@ -20,6 +20,7 @@ from twig_batch.engine.forward import CacheTensors, forward_at
 from twig_batch.engine.fp8_kv import FP8
 from twig_batch.engine.fused import FastModel
 from twig_batch.engine.kv_arena import KVArenas
+from twig_batch.engine.transfer import to_device
 
 # Attention reads the cache up to the next multiple of this: a graph per bucket, captured once per
 # worker (graphs.py keeps them), against reading 16 columns too many on average.
@@ -113,7 +114,7 @@ class StaticKVCache:
 
 def forward_static(model: FastModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
                    valid: torch.Tensor, first_rows: bool = False, columns: torch.Tensor | None = None,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, columns_end: int | None = None) -> torch.Tensor:
     """Run `embeds` [R, T, D] at per-row `positions` [R, T] through `model` (the engine's
     `FastModel`, or `FastModel.plain(lm)`), writing cache columns used..used+T.
 
@@ -127,13 +128,17 @@ def forward_static(model: FastModel, cache: StaticKVCache, embeds: torch.Tensor,
     (a scratch column, e.g. `used`, that a later pass overwrites); valid ones must not.
 
     With `rows` (a device tensor of cache row indices, one per input row; needs `columns`) the pass
-    reads and writes those rows of the cache only; the others are left alone.
+    reads and writes those rows of the cache only; the others are left alone. `columns_end`: one past
+    the largest of `columns`, where the caller knows it (found on the device, it waits for everything
+    queued there).
     """
     length = embeds.shape[1]
-    end = cache.used + length if columns is None else max(cache.used, int(columns.max()) + 1)
+    if columns is not None and columns_end is None:
+        columns_end = int(columns.max()) + 1
+    end = cache.used + length if columns is None else max(cache.used, columns_end)
     if end > cache.max_len:
         raise RuntimeError(f"KV cache full: {end} > {cache.max_len} columns")
-    start = torch.tensor(cache.used, device=embeds.device)
+    start = to_device([cache.used], torch.long, embeds.device)[0]
     attend = attend_width(cache, end)
     tensors = cache.tensors()
     if rows is not None:

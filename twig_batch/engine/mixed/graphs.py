@@ -58,9 +58,10 @@ class _FixedStep:
         scratch = pool.scratch_page * pool.page_size
         self.write = torch.full((rows,), scratch, dtype=torch.long, device=device)
         int32 = {"dtype": torch.int32, "device": device}
-        self.layout = StepLayout(torch.arange(rows, **int32), torch.ones(rows, **int32), torch.zeros(rows, **int32),
+        every_row = torch.arange(rows, **int32)
+        self.layout = StepLayout(every_row, torch.ones(rows, **int32), torch.zeros(rows, **int32),
                                  torch.full((rows, length // pool.page_size), pool.scratch_page, **int32),
-                                 pool.page_size, 1, length)
+                                 pool.page_size, 1, length, [(every_row, 1, length)])
         self.graph = self.out = None
 
     def load(self, chunks, held: list[int], write: list[int]) -> None:

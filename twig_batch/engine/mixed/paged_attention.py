@@ -29,7 +29,10 @@ DECODE_BLOCK, PREFILL_BLOCK = 16, 64
 class StepLayout:
     """R sequences in one step: `starts`, `counts` [R] their new tokens among the packed ones,
     `held` [R] the tokens each held before, `tables` [R, most pages] their page tables (device
-    tensors, int32), `page_size`; `width`, `length`: the most new tokens and the most tokens of any."""
+    tensors, int32), `page_size`; `width`, `length`: the most new tokens and the most tokens of any.
+    `parts`: the kernel's launches, (rows [r] on the device, int32; their most new tokens; their most
+    tokens) each: the decoding rows apart from the prefill chunks, so that a row of one query is not
+    run in blocks sized for the longest chunk of the step."""
     starts: torch.Tensor
     counts: torch.Tensor
     held: torch.Tensor
@@ -37,6 +40,7 @@ class StepLayout:
     page_size: int
     width: int
     length: int
+    parts: list[tuple[torch.Tensor, int, int]]
 
     @classmethod
     def build(cls, counts: list[int], held: list[int], tables: list[list[int]], page_size: int, device) -> "StepLayout":
@@ -46,11 +50,19 @@ class StepLayout:
         most = max(len(t) for t in tables)
         padded = [t + [0] * (most - len(t)) for t in tables]
 
-        def tensor(values):
-            return to_device(values, torch.int32, device)
-
-        return cls(tensor(starts), tensor(counts), tensor(held), tensor(padded), page_size, max(counts),
-                   max(h + n for h, n in zip(held, counts)))
+        decoding = [i for i, n in enumerate(counts) if n == 1]
+        chunked = [i for i, n in enumerate(counts) if n > 1]
+        staged = to_device(starts + counts + held + decoding + chunked + [v for t in padded for v in t],
+                           torch.int32, device)  # one copy
+        r = len(counts)
+        order, tables = staged[3 * r:4 * r], staged[4 * r:].view(r, most)
+        parts = []
+        for first, rows in ((0, decoding), (len(decoding), chunked)):
+            if rows:
+                parts.append((order[first:first + len(rows)], max(counts[i] for i in rows),
+                              max(held[i] + counts[i] for i in rows)))
+        return cls(staged[:r], staged[r:2 * r], staged[2 * r:3 * r], tables, page_size, max(counts),
+                   max(h + n for h, n in zip(held, counts)), parts)
 
 
 def gathered_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout) -> torch.Tensor:
@@ -83,12 +95,13 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
 
     heads, dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
-    block_m = DECODE_BLOCK if layout.width <= DECODE_BLOCK else PREFILL_BLOCK
-    grid = (layout.counts.shape[0], heads, triton.cdiv(layout.width, block_m))
-    paged_attention_kernel[grid](
-        q, keys, values, out, layout.tables, layout.held, layout.counts, layout.starts,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
-        layout.tables.stride(0), dim ** -0.5, heads // keys.shape[1],
-        LONGEST=-(-layout.length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim,
-        BLOCK_M=block_m, BLOCK_N=64)
+    for rows, width, length in layout.parts:
+        block_m = DECODE_BLOCK if width <= DECODE_BLOCK else PREFILL_BLOCK
+        grid = (rows.shape[0], heads, triton.cdiv(width, block_m))
+        paged_attention_kernel[grid](
+            q, keys, values, out, rows, layout.tables, layout.held, layout.counts, layout.starts,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
+            layout.tables.stride(0), dim ** -0.5, heads // keys.shape[1],
+            LONGEST=-(-length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim,
+            BLOCK_M=block_m, BLOCK_N=64)
     return out

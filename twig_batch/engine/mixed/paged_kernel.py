@@ -1,7 +1,7 @@
 """The Triton kernel of `paged_attention.paged_attention` (imported only where it runs: Triton
 imports here, and nowhere a CPU worker goes).
 
-One program per (sequence, head, block of BLOCK_M queries): it walks the sequence's tokens BLOCK_N at
+One program per (sequence of `rows_ptr`, head, block of BLOCK_M queries): it walks the sequence's tokens BLOCK_N at
 a time up to the last one its queries see, finding each token's slot through the page table, and keeps
 flash-attention's running maximum, normaliser and weighted sum in float32.
 """
@@ -10,12 +10,12 @@ import triton.language as tl
 
 
 @triton.jit
-def paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, held_ptr, count_ptr, start_ptr,
+def paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, table_ptr, held_ptr, count_ptr, start_ptr,
                            q_stride_n, q_stride_h, kv_stride_s, kv_stride_h, out_stride_n, out_stride_h,
                            table_stride, scale, group,
                            LONGEST: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.load(rows_ptr + tl.program_id(0))
     head = tl.program_id(1)
     block = tl.program_id(2)
     count = tl.load(count_ptr + row)
