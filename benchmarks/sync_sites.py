@@ -24,6 +24,8 @@ def counted_syncs():
         if "synchronizing" not in str(message):
             return shown(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        if frames and frames[-1].name == "set_sync_debug_mode":  # leaving the debug mode, not the run
+            return
         ours = [f for f in frames if "twig_batch" in f.filename] or frames
         frame = ours[-1]
         sites[f"{frame.filename.split('twig_batch/')[-1]}:{frame.lineno} {frame.name}"] += 1
