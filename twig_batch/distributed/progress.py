@@ -41,6 +41,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     _last_report: float = field(default_factory=time.monotonic)
     _first_rows: float | None = None
+    _latest_rows: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _bar_shown: bool = False
@@ -54,17 +55,26 @@ class Progress:
         return (self.ok + self.errors) / elapsed if elapsed > 0 else 0.0
 
     def eta_s(self) -> float | None:
+        """Seconds left: what is left at the running rate, counted down from the last rows' arrival
+        (rows come back a part at a time: between two parts the ETA falls as the clock runs, where
+        the same figure on every line would look like a stalled run)."""
         steady = self.steady_rate() if self.steady_rate is not None else None
         rate = steady if steady else self.rate()
-        return (self.total - self.done) / rate if rate > 0 else None
+        if rate <= 0:
+            return None
+        since = time.monotonic() - self._latest_rows if self._latest_rows is not None else 0.0
+        return max(0.0, (self.total - self.done) / rate - since)
 
     def update(self, ok: int, errors: int) -> None:
         with self._lock:
             self.ok += ok
             self.errors += errors
-            first = self._first_rows is None and ok + errors > 0
+            arrived = ok + errors > 0
+            first = self._first_rows is None and arrived
+            if arrived:
+                self._latest_rows = time.monotonic()
             if first:
-                self._first_rows = time.monotonic()
+                self._first_rows = self._latest_rows
             due = time.monotonic() - self._last_report >= self.interval_s
         if first or due or self.live:
             self.report()
