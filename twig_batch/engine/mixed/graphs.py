@@ -1,9 +1,10 @@
-"""The mixed loop's one-token steps at fixed shapes, replayed as CUDA graphs on a GPU.
+"""The mixed loop's steps of equal chunks at fixed shapes, replayed as CUDA graphs on a GPU.
 
-A step in which every row feeds one token (every row decoding: most of a run's steps) is laid out
-in fixed-shape buffers: its rows rounded up to a multiple of ROW_BUCKET (the extra rows pad: they
-write the pool's scratch page and read only themselves) and its longest row to a multiple of
-`paged_attention.LENGTH_BUCKET`. Each (rows, length) bucket is captured once per loop as a CUDA
+A step in which every row feeds the same number of tokens T (every row decoding, T = 1: most of a
+run's steps; or the controller's redo of injected rows, T = its control tokens and the token after
+them) is laid out in fixed-shape buffers: its rows rounded up to a multiple of ROW_BUCKET (the extra
+rows pad: they write the pool's scratch page and read only it) and its longest row to a multiple of
+`paged_attention.LENGTH_BUCKET`. Each (T, rows, length) bucket is captured once per loop as a CUDA
 graph over those buffers and the pool, so a step costs one replay instead of hundreds of launches.
 Off a GPU the same buffers run eagerly (what the tests hold to the reference).
 """
@@ -27,63 +28,69 @@ def bucket(value: int, size: int) -> int:
 
 
 class DecodeSteps:
-    """One-token steps over `pool` by (rows, length) bucket; `capture`: as CUDA graphs."""
+    """Steps of equal chunks over `pool` by (tokens per row, rows, length) bucket; `capture`: as CUDA graphs."""
 
     def __init__(self, model: FastModel, pool: PagePool, capture: bool):
         self.model, self.pool, self.capture = model, pool, capture
-        self.steps: dict[tuple[int, int], _FixedStep] = {}
+        self.steps: dict[tuple[int, int, int], _FixedStep] = {}
         self.memory = None  # the graphs' shared memory pool
 
     def __call__(self, chunks) -> torch.Tensor:
-        """The hidden states [len(chunks), D] after feeding each chunk's one token."""
-        count = len(chunks)
+        """The hidden states [len(chunks), D] after feeding each chunk's tokens (as many for each),
+        at each chunk's last token."""
+        count, tokens = len(chunks), chunks[0].count
+        if any(c.count != tokens for c in chunks):
+            raise ValueError(f"a fixed-shape step feeds as many tokens for every row, got {[c.count for c in chunks]}")
         held = [c.sequence.length for c in chunks]
-        key = (bucket(count, ROW_BUCKET), bucket(max(held) + 1, LENGTH_BUCKET))
+        key = (tokens, bucket(count, ROW_BUCKET), bucket(max(held) + tokens, LENGTH_BUCKET))
         step = self.steps.get(key)
         if step is None:
             step = self.steps[key] = _FixedStep(self, *key)
-        step.load(chunks, held, [c.sequence.slots_for(1)[0] for c in chunks])
+        step.load(chunks, held, [slot for c in chunks for slot in c.sequence.slots_for(tokens)])
         return step.run()[:count]
 
 
 class _FixedStep:
     """The buffers of one bucket's step, and its graph once captured."""
 
-    def __init__(self, steps: DecodeSteps, rows: int, length: int):
+    def __init__(self, steps: DecodeSteps, tokens: int, rows: int, length: int):
         pool = steps.pool
         device, dtype = pool.k.device, pool.k.dtype
-        self.steps, self.rows = steps, rows
-        self.embeds = torch.zeros((rows, steps.model.lm.config.hidden_size), dtype=dtype, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.steps, self.tokens, self.rows = steps, tokens, rows
+        fed = rows * tokens
+        self.embeds = torch.zeros((fed, steps.model.lm.config.hidden_size), dtype=dtype, device=device)
+        self.positions = torch.zeros(fed, dtype=torch.long, device=device)
         scratch = pool.scratch_page * pool.page_size
-        self.write = torch.full((rows,), scratch, dtype=torch.long, device=device)
+        self.write = torch.full((fed,), scratch, dtype=torch.long, device=device)
         int32 = {"dtype": torch.int32, "device": device}
         every_row = torch.arange(rows, **int32)
-        self.layout = StepLayout(every_row, torch.ones(rows, **int32), torch.zeros(rows, **int32),
+        self.layout = StepLayout(every_row * tokens, torch.full((rows,), tokens, **int32), torch.zeros(rows, **int32),
                                  torch.full((rows, length // pool.page_size), pool.scratch_page, **int32),
-                                 pool.page_size, 1, length, [(every_row, 1, length)])
+                                 pool.page_size, tokens, length, [(every_row, tokens, length)])
         self.graph = self.out = None
 
     def load(self, chunks, held: list[int], write: list[int]) -> None:
         """Every row of the buffers, the padding rows too: a padding row left from an earlier step
         with more rows would write its old sequence's slot, whoever holds that page now."""
-        count, pool, layout = len(chunks), self.steps.pool, self.layout
-        pad = self.rows - count
+        count, pool, layout, tokens = len(chunks), self.steps.pool, self.layout, self.tokens
+        pad, rows = self.rows - count, self.rows
+        fed = rows * tokens
         width = layout.tables.shape[1]
-        values = write + [pool.scratch_page * pool.page_size] * pad + held + [0] * pad
+        # A row's new tokens sit at the positions that follow what it holds (`stages._Row.feed`).
+        positions = [h + j for h in held for j in range(tokens)]
+        values = write + [pool.scratch_page * pool.page_size] * (pad * tokens) + positions + [0] * (pad * tokens)
+        values += held + [0] * pad
         for chunk in chunks:
             table = chunk.sequence.table
             values += table
             values += [pool.scratch_page] * (width - len(table))
         values += [pool.scratch_page] * (width * pad)
         staged = to_device(values, torch.long, self.write.device)  # one copy the host does not wait for
-        rows = self.rows
-        self.write.copy_(staged[:rows])
-        self.layout.held.copy_(staged[rows:2 * rows])
-        # A row's next token sits at the position of the count of tokens it holds (`stages._Row.feed`).
-        self.positions.copy_(staged[rows:2 * rows])
-        self.layout.tables.copy_(staged[2 * rows:].view(rows, width))
-        self.embeds[:count].copy_(chunk_embeds(chunks))
+        self.write.copy_(staged[:fed])
+        self.positions.copy_(staged[fed:2 * fed])
+        self.layout.held.copy_(staged[2 * fed:2 * fed + rows])
+        self.layout.tables.copy_(staged[2 * fed + rows:].view(rows, width))
+        self.embeds[:count * tokens].copy_(chunk_embeds(chunks))
 
     def body(self) -> torch.Tensor:
         pool, layout = self.steps.pool, self.layout
@@ -95,8 +102,9 @@ class _FixedStep:
             return attention(q[0].transpose(0, 1), pool.k[i], pool.v[i], layout).transpose(0, 1).unsqueeze(0)
 
         shape = (pool.heads, pool.kv_heads, pool.head_dim)
-        return run_layers(self.steps.model, self.embeds.unsqueeze(0), self.positions.unsqueeze(0), shape,
-                          attend_kv)[0]
+        hidden = run_layers(self.steps.model, self.embeds.unsqueeze(0), self.positions.unsqueeze(0), shape,
+                            attend_kv)[0]
+        return hidden[self.tokens - 1::self.tokens]  # each row's last token
 
     def run(self) -> torch.Tensor:
         if not self.steps.capture:

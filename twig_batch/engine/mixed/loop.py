@@ -22,7 +22,7 @@ The loop holds the programs not started yet in a queue and, at every step:
    on as if it had not drawn its stop token, and what it draws after it is dropped), and so are the
    latent controller's verdicts: a run injected after a token has fed that token in the next step
    already, so that step takes it back and feeds it again behind the control tokens, for that run
-   alone, before its rows are sampled.
+   alone (at fixed shapes too, where one-token steps run so), before its rows are sampled.
 """
 from __future__ import annotations
 
@@ -227,14 +227,11 @@ class MixedLoop:
             if not earlier:
                 raise RuntimeError("the mixed loop has runs but nothing to feed and no token to read back")
             for pending in verdicts:  # only runs that are done wait on these: nothing to redo
-                pending.redo(self.model, self.pool, chunks, first_row, None)
+                pending.redo(self._redo_pass, chunks, first_row, None)
             return self._ended(runs, earlier)
-        if self.decode_steps is not None and all(c.count == 1 for c in chunks):
-            hidden = self.decode_steps(chunks)
-        else:
-            hidden = mixed_step(self.model, self.pool, chunks)
+        hidden = self._feed(chunks)
         for pending in verdicts:  # the step is queued: the device works while the verdicts are read
-            hidden = pending.redo(self.model, self.pool, chunks, first_row, hidden)
+            hidden = pending.redo(self._redo_pass, chunks, first_row, hidden)
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)
@@ -250,6 +247,20 @@ class MixedLoop:
         done = self._ended(runs, earlier)
         self._clock("sample", since)
         return done
+
+    def _feed(self, chunks: list[Chunk], fixed: bool | None = None) -> torch.Tensor:
+        """One pass over `chunks`: the hidden state after each one's last token. `fixed`: at fixed
+        shapes (`graphs.DecodeSteps`; chunks of one length: a redo's) where the loop runs those (None:
+        when every chunk feeds one token; a step's prefill chunks vary too much in length for a graph
+        per length)."""
+        if fixed is None:
+            fixed = all(c.count == 1 for c in chunks)
+        if fixed and self.decode_steps is not None:
+            return self.decode_steps(chunks)
+        return mixed_step(self.model, self.pool, chunks)
+
+    def _redo_pass(self, chunks: list[Chunk]) -> torch.Tensor:
+        return self._feed(chunks, fixed=True)  # every redo chunk: the control tokens and one token
 
     def _ended(self, runs: list, earlier: list["_ReadBack"]) -> list:
         """The runs done (removed from `runs`) once the text tokens of the step before are read back:
@@ -317,10 +328,11 @@ class _Verdicts:
     def __init__(self, runs: list[ImageRun], verdicts):
         self.runs, self.verdicts = runs, verdicts
 
-    def redo(self, model: FastModel, pool: PagePool, chunks: list[Chunk], first_row: dict[int, int],
+    def redo(self, feed, chunks: list[Chunk], first_row: dict[int, int],
              hidden: torch.Tensor | None) -> torch.Tensor | None:
         """`hidden` (the step's, over `chunks`; None when no step ran) with the injected runs' rows
-        redone. A run whose band is over gets no control tokens (nothing would read them)."""
+        redone by `feed` (chunks -> the hidden state after each one's last token). A run whose band
+        is over gets no control tokens (nothing would read them)."""
         controls = self.verdicts.resolve([not run.done for run in self.runs])
         redo, places = [], []
         for run, control in zip(self.runs, controls):
@@ -335,7 +347,7 @@ class _Verdicts:
                 places.append(first + r)
         if not redo:
             return hidden
-        hidden[to_device(places, torch.long, hidden.device)] = mixed_step(model, pool, redo)
+        hidden[to_device(places, torch.long, hidden.device)] = feed(redo)
         return hidden
 
 
