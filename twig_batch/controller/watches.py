@@ -4,9 +4,9 @@ Every band being drawn under a watch holds a slot of one pool: its hidden-state 
 history and guard-rail counters are rows of pool-wide tensors, so one step's evaluation of any number
 of images, each at its own step of its own band, is one set of tensor operations per window length
 (all images past their first `window` tokens share one). The arithmetic is `LatentController._judge`'s,
-row for row (`trigger.fire_and_inject`). Evaluations are copied to the host as they are made, without waiting, and moved into the per-image
-logs when a log is asked for; verdicts are read by `Verdicts.resolve`, which an engine may call once the
-next step is queued.
+row for row (`trigger.fire_and_inject`). Evaluations are copied to the host as they are made, without
+waiting, and moved into the per-image logs when a log is asked for; verdicts are read by
+`Verdicts.resolve`, which an engine may call once the next step is queued.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class WatchPool:
         self.filled: list[int] = []  # image tokens each slot's band has drawn (host: it decides the timing)
         self.fresh: list[int] = []  # slots opened since the last evaluation, their device state not reset yet
         self.window = self.previous = self.ring = self.count = self.injections = self.last_injection = None
-        self.pending: list[tuple] = []  # (identities, steps, values [8, n] on their way to the host) per evaluated group
+        self.pending: list[tuple] = []  # (identities, steps, values [8, n] on their way to the host) per group
 
     def open(self, image: int, band: int, attempt: int) -> "BandWatch":
         if not self.free:
