@@ -5,10 +5,11 @@ Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--i
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
 engine is sized as a worker sizes it, the mixed loop's pages fill the free memory. Reported per path:
-images/s, and for the mixed loop its steps, the sequences and tokens one step fed on average and where
-its time went (`MixedLoop.seconds`; with --profile each step waits for its forward pass, so
-"forward" is the device's time); and how many image codes the two paths share (bf16 sampling: a
-first differing token changes every later one). With --syncs N, the mixed loop then draws N images
+images/s, and for the mixed loop its steps (and those that carried a controller's injection), the
+sequences and tokens one step fed on average and where its time went (`MixedLoop.seconds`; with
+--profile each step waits for its forward pass and its redos, so "forward" and "controller" are the
+device's time); and how many image codes the two paths share (bf16 sampling: a first differing token
+changes every later one). With --syncs N, the mixed loop then draws N images
 once more under torch's sync debug mode and the record counts where the host waited for the device
 (`sync_sites.py`; untimed).
 """
@@ -66,6 +67,7 @@ def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = Tru
                "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
                "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
                "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
+               "injection_steps": loop.injection_steps,
                "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
     if sync_images:
         del loop  # its pages: the run below takes what the free memory holds

@@ -269,6 +269,7 @@ def test_with_the_controller_every_image_matches_the_reference_and_its_trigger_l
     assert bool(loop.decode_steps and loop.decode_steps.steps) == fixed
     if fixed:  # one-token steps, and redos of the control tokens and one token
         assert {tokens for tokens, _, _ in loop.decode_steps.steps} == {1, CONTROLLER.control_tokens + 1}
+    assert 0 < loop.injection_steps <= sum(r.record()["n_injections"] for r in got)
     for request, result in zip(requests, got):
         alone = LatentController(small, [request.prompt], CONTROLLER)
         if mode == "plain":  # one pass over the whole image, as Janus-Pro draws it: the controller sees one band

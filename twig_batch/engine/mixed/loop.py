@@ -93,9 +93,11 @@ class MixedLoop:
         self._unread: list[_ReadBack] = []  # text tokens of the last step, on their way to the host
         self._verdicts: list[_Verdicts] = []  # the controller's verdicts on the last step's image tokens
         # Where the time goes: admission and the programs' own work (decodes, canvases, prompts),
-        # building each step, its forward pass, sampling (with the wait for the device) and handing the
-        # tokens on.
-        self.seconds = dict.fromkeys(("programs", "build", "forward", "sample"), 0.0)
+        # building each step, its forward pass, the controller's verdicts (the wait for them, the
+        # thinks and redos of the injected rows), sampling (with the wait for the device) and handing
+        # the tokens on.
+        self.seconds = dict.fromkeys(("programs", "build", "forward", "controller", "sample"), 0.0)
+        self.injection_steps = 0  # steps whose rows were redone behind control tokens
 
     def _clock(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -230,11 +232,18 @@ class MixedLoop:
                 pending.redo(self._redo_pass, chunks, first_row, None)
             return self._ended(runs, earlier)
         hidden = self._feed(chunks)
-        for pending in verdicts:  # the step is queued: the device works while the verdicts are read
-            hidden = pending.redo(self._redo_pass, chunks, first_row, hidden)
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)
+        if verdicts:
+            redone = False
+            for pending in verdicts:  # the step is queued: the device works while the verdicts are read
+                hidden, injected = pending.redo(self._redo_pass, chunks, first_row, hidden)
+                redone = redone or injected
+            self.injection_steps += redone
+            if self.profile and hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+            since = self._clock("controller", since)
         self.steps += 1
         self.fed_rows += len(chunks)
         self.fed_tokens += sum(c.count for c in chunks)
@@ -329,10 +338,10 @@ class _Verdicts:
         self.runs, self.verdicts = runs, verdicts
 
     def redo(self, feed, chunks: list[Chunk], first_row: dict[int, int],
-             hidden: torch.Tensor | None) -> torch.Tensor | None:
+             hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
         """`hidden` (the step's, over `chunks`; None when no step ran) with the injected runs' rows
-        redone by `feed` (chunks -> the hidden state after each one's last token). A run whose band
-        is over gets no control tokens (nothing would read them)."""
+        redone by `feed` (chunks -> the hidden state after each one's last token), and whether any
+        was. A run whose band is over gets no control tokens (nothing would read them)."""
         controls = self.verdicts.resolve([not run.done for run in self.runs])
         redo, places = [], []
         for run, control in zip(self.runs, controls):
@@ -346,9 +355,9 @@ class _Verdicts:
                 redo.append(Chunk(row.sequence, torch.cat([control.to(token.dtype), token]), 0, control.shape[0] + 1))
                 places.append(first + r)
         if not redo:
-            return hidden
+            return hidden, False
         hidden[to_device(places, torch.long, hidden.device)] = feed(redo)
-        return hidden
+        return hidden, True
 
 
 class _ReadBack:
