@@ -3,8 +3,9 @@
 Usage: python benchmarks/mixed_step_profile.py --out DIR [--mode plain] [--images 32] [--first 200] [--steps 10]
 Images of `mode` (random Janus-Pro-7B-sized, bf16; seed and twig: BENCHMARK.md's workloads, seed with
 its controller): steps `first` .. `first + steps` of the loop are profiled (plain: all rows decoding
-by then). Prints and writes the steps' wall time, the GPU's busy time over them,
-and the top kernels by GPU time and operators by host time.
+by then). Prints and writes the steps' wall time, the GPU's busy time over them, their floor (the KV
+they read at the copy rate plus their matmuls at the matmul rate, `floor_ms`), and the top kernels by
+GPU time and operators by host time.
 """
 from __future__ import annotations
 
@@ -24,14 +25,39 @@ from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
 from twig_batch.settings import GenerationSettings
 
 
+# BENCHMARK.md's rates and the 7B model's sizes: a step's floor is its KV read at the copy rate plus
+# its matmuls at the matmul rate (or its weights at the copy rate, for steps of few tokens); today's
+# kernels overlap neither.
+COPY_BYTES_S, MATMUL_FLOP_S = 4.25e12, 790e12
+KV_BYTES_PER_TOKEN, WEIGHT_BYTES, FLOP_PER_TOKEN = 491_520, 13.82e9, 2 * 6.9e9
+
+
+def floor_ms(kv_tokens: int, fed_tokens: int, passes: int) -> float:
+    """The floor of `passes` forward passes that read `kv_tokens` cached tokens and feed `fed_tokens`."""
+    matmuls = max(fed_tokens * FLOP_PER_TOKEN / MATMUL_FLOP_S, passes * WEIGHT_BYTES / COPY_BYTES_S)
+    return 1000 * (kv_tokens * KV_BYTES_PER_TOKEN / COPY_BYTES_S + matmuls)
+
+
 class ProfiledSteps:
-    """Wraps a loop's `_step`: the steps first .. first + count run under torch.profiler."""
+    """Wraps a loop's `_step`: the steps first .. first + count run under torch.profiler; their passes
+    (`_feed`: steps and redos) are counted for the floor."""
 
     def __init__(self, loop: MixedLoop, first: int, count: int):
         self.loop, self.first, self.count = loop, first, count
         self.step, self.prof, self.started = loop._step, None, 0.0
         self.wall = 0.0
+        self.kv_tokens = self.fed_tokens = self.passes = 0
         loop._step = self
+        feed = loop._feed
+
+        def counted_feed(chunks, fixed=None):
+            if self.prof is not None and not self.wall:
+                self.passes += 1
+                self.fed_tokens += sum(c.count for c in chunks)
+                self.kv_tokens += sum(c.sequence.length + c.count for c in chunks)  # what attention reads
+            return feed(chunks, fixed)
+
+        loop._feed = counted_feed
 
     def __call__(self, runs):
         index = self.loop.steps
@@ -76,6 +102,8 @@ def main() -> None:
               "step_ms": 1000 * watch.wall / args.steps,
               "gpu_busy_ms_per_step": gpu_us / 1000 / args.steps, "rows_per_step": watch.fed[0] / args.steps,
               "tokens_per_step": watch.fed[1] / args.steps,
+              "passes_per_step": watch.passes / args.steps,
+              "floor_ms_per_step": floor_ms(watch.kv_tokens, watch.fed_tokens, watch.passes) / args.steps,
               "top_gpu": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total / 1000 / args.steps,
                            "calls_per_step": e.count / args.steps} for e in by_gpu],
               "top_host": [{"name": e.key[:80], "ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
