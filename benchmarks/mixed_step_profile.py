@@ -50,7 +50,7 @@ class ProfiledSteps:
         loop._step = self
         feed = loop._feed
 
-        def counted_feed(chunks, fixed=None):
+        def counted_feed(chunks, fixed):
             if self.prof is not None and not self.wall:
                 self.passes += 1
                 self.fed_tokens += sum(c.count for c in chunks)

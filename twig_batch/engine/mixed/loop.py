@@ -231,7 +231,7 @@ class MixedLoop:
             for pending in verdicts:  # only runs that are done wait on these: nothing to redo
                 pending.redo(self._redo_pass, chunks, first_row, None)
             return self._ended(runs, earlier)
-        hidden = self._feed(chunks)
+        hidden = self._feed(chunks, all(c.count == 1 for c in chunks))
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)
@@ -257,19 +257,16 @@ class MixedLoop:
         self._clock("sample", since)
         return done
 
-    def _feed(self, chunks: list[Chunk], fixed: bool | None = None) -> torch.Tensor:
-        """One pass over `chunks`: the hidden state after each one's last token. `fixed`: at fixed
-        shapes (`graphs.DecodeSteps`; chunks of one length: a redo's) where the loop runs those (None:
-        when every chunk feeds one token; a step's prefill chunks vary too much in length for a graph
-        per length)."""
-        if fixed is None:
-            fixed = all(c.count == 1 for c in chunks)
+    def _feed(self, chunks: list[Chunk], fixed: bool) -> torch.Tensor:
+        """One pass over `chunks`: the hidden state after each one's last token. `fixed`: the chunks
+        are of one length (one-token steps, redos), so they run at fixed shapes (`graphs.DecodeSteps`)
+        where the loop runs those; a step's prefill chunks vary too much in length for a graph each."""
         if fixed and self.decode_steps is not None:
             return self.decode_steps(chunks)
         return mixed_step(self.model, self.pool, chunks)
 
     def _redo_pass(self, chunks: list[Chunk]) -> torch.Tensor:
-        return self._feed(chunks, fixed=True)  # every redo chunk: the control tokens and one token
+        return self._feed(chunks, True)  # every redo chunk: the control tokens and one token
 
     def _ended(self, runs: list, earlier: list["_ReadBack"]) -> list:
         """The runs done (removed from `runs`) once the text tokens of the step before are read back:
