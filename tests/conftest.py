@@ -15,6 +15,29 @@ os.environ.pop("TWIG_BATCH_EMULATE_TEXT_LENGTHS", None)
 # test_fp8_kv.py); Triton reads this once, when it is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_takes_loaded_loop_bounds() -> None:
+    """A kernel's loop may run to a bound it loaded from memory (the paged-attention kernel's). Triton
+    3.5's interpreter turns that scalar into a Python int with int() of a one-element array, which
+    NumPy 2.4 refuses; read its one element instead."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    def patched(tensor):
+        patch_tensor(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_takes_loaded_loop_bounds()
 # One math thread per process, as Ray gives each actor of one CPU. The tiny models' operations are far
 # too small to gain from a second thread, and on a small machine shared with Ray's workers (and other
 # jobs) the threads of a process spin waiting for each other: the docs snippets' in-process drawing

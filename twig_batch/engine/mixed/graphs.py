@@ -66,7 +66,7 @@ class _FixedStep:
         every_row = torch.arange(rows, **int32)
         self.layout = StepLayout(every_row * tokens, torch.full((rows,), tokens, **int32), torch.zeros(rows, **int32),
                                  torch.full((rows, length // pool.page_size), pool.scratch_page, **int32),
-                                 pool.page_size, tokens, length, [(every_row, tokens, length)])
+                                 pool.page_size, tokens, length, [(every_row, tokens)])
         self.graph = self.out = None
 
     def load(self, chunks, held: list[int], write: list[int]) -> None:

@@ -18,21 +18,32 @@ import torch.nn.functional as F
 
 from twig_batch.engine.transfer import to_device
 
-LENGTH_BUCKET = 512  # the kernel's loop runs to the step's longest sequence rounded up to this
-# Queries one program of the kernel takes: a decoding row has one, so a step of them all takes the
-# smallest block `tl.dot` allows; a step with prefill chunks takes larger blocks, each of which reads
-# its sequence's keys and values once for all its queries.
-DECODE_BLOCK, PREFILL_BLOCK = 16, 64
+LENGTH_BUCKET = 512  # a CUDA graph's page tables hold its step's longest sequence rounded up to this
 
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernel runs over a set of rows: queries and keys per iteration of a program, and
+    Triton's warps per program and pipeline stages of its loads."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# A decoding row has one query, so its launch takes the smallest block `tl.dot` allows; prefill chunks
+# take larger blocks, each of which reads its sequence's keys and values once for all its queries.
+DECODE_LAUNCH = Launch(block_m=16, block_n=64, warps=4, stages=3)
+PREFILL_LAUNCH = Launch(block_m=64, block_n=64, warps=4, stages=3)
 
 @dataclass
 class StepLayout:
     """R sequences in one step: `starts`, `counts` [R] their new tokens among the packed ones,
     `held` [R] the tokens each held before, `tables` [R, most pages] their page tables (device
     tensors, int32), `page_size`; `width`, `length`: the most new tokens and the most tokens of any.
-    `parts`: the kernel's launches, (rows [r] on the device, int32; their most new tokens; their most
-    tokens) each: the decoding rows apart from the prefill chunks, so that a row of one query is not
-    run in blocks sized for the longest chunk of the step."""
+    `parts`: the kernel's launches, (rows [r] on the device, int32; their most new tokens) each: the
+    decoding rows apart from the prefill chunks, so that a row of one query is not run in blocks sized
+    for the longest chunk of the step."""
     starts: torch.Tensor
     counts: torch.Tensor
     held: torch.Tensor
@@ -40,7 +51,7 @@ class StepLayout:
     page_size: int
     width: int
     length: int
-    parts: list[tuple[torch.Tensor, int, int]]
+    parts: list[tuple[torch.Tensor, int]]
 
     @classmethod
     def build(cls, counts: list[int], held: list[int], tables: list[list[int]], page_size: int, device) -> "StepLayout":
@@ -59,8 +70,7 @@ class StepLayout:
         parts = []
         for first, rows in ((0, decoding), (len(decoding), chunked)):
             if rows:
-                parts.append((order[first:first + len(rows)], max(counts[i] for i in rows),
-                              max(held[i] + counts[i] for i in rows)))
+                parts.append((order[first:first + len(rows)], max(counts[i] for i in rows)))
         return cls(staged[:r], staged[r:2 * r], staged[2 * r:3 * r], tables, page_size, max(counts),
                    max(h + n for h, n in zip(held, counts)), parts)
 
@@ -87,21 +97,23 @@ def gathered_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return out.transpose(1, 2)[real]  # packed order: sequence by sequence, token by token
 
 
-def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout) -> torch.Tensor:
-    """`gathered_attention`'s result, read in place by the Triton kernel."""
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout,
+                    decode: Launch = DECODE_LAUNCH, prefill: Launch = PREFILL_LAUNCH) -> torch.Tensor:
+    """`gathered_attention`'s result, read in place by the Triton kernel: the decoding rows in one
+    launch (`decode`), the prefill chunks in another (`prefill`)."""
     import triton
 
     from twig_batch.engine.mixed.paged_kernel import paged_attention_kernel
 
     heads, dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
-    for rows, width, length in layout.parts:
-        block_m = DECODE_BLOCK if width <= DECODE_BLOCK else PREFILL_BLOCK
-        grid = (rows.shape[0], heads, triton.cdiv(width, block_m))
+    for rows, width in layout.parts:
+        launch = decode if width <= decode.block_m else prefill
+        grid = (rows.shape[0], heads, triton.cdiv(width, launch.block_m))
         paged_attention_kernel[grid](
             q, keys, values, out, rows, layout.tables, layout.held, layout.counts, layout.starts,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
             layout.tables.stride(0), dim ** -0.5, heads // keys.shape[1],
-            LONGEST=-(-length // LENGTH_BUCKET) * LENGTH_BUCKET, PAGE=layout.page_size, D=dim,
-            BLOCK_M=block_m, BLOCK_N=64)
+            PAGE=layout.page_size, D=dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            num_warps=launch.warps, num_stages=launch.stages)
     return out

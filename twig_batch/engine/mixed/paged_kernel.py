@@ -13,7 +13,7 @@ import triton.language as tl
 def paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, table_ptr, held_ptr, count_ptr, start_ptr,
                            q_stride_n, q_stride_h, kv_stride_s, kv_stride_h, out_stride_n, out_stride_h,
                            table_stride, scale, group,
-                           LONGEST: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           PAGE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     row = tl.load(rows_ptr + tl.program_id(0))
     head = tl.program_id(1)
@@ -32,26 +32,25 @@ def paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, table_ptr, he
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         end = held + tl.minimum(count, (block + 1) * BLOCK_M)  # the tokens this block's queries see
-        # Up to the step's longest sequence (a bucket of it: one compile per bucket), skipping what this
-        # sequence does not reach: Triton's interpreter runs no loop whose bound is not a constant.
-        for first in range(0, LONGEST, BLOCK_N):
-            if first < end:
-                offs_n = first + tl.arange(0, BLOCK_N)
-                n_valid = offs_n < end
-                page = tl.load(table_ptr + row * table_stride + offs_n // PAGE, mask=n_valid, other=0)
-                slot = (page * PAGE + offs_n % PAGE).to(tl.int64)
-                kv_offset = slot[:, None] * kv_stride_s + kv_head * kv_stride_h + offs_d[None, :]
-                k = tl.load(k_ptr + kv_offset, mask=n_valid[:, None], other=0.0)
-                scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-                seen = (offs_n[None, :] <= (held + offs_m)[:, None]) & n_valid[None, :]
-                scores = tl.where(seen, scores, float("-inf"))
-                new_best = tl.maximum(best, tl.max(scores, 1))
-                weights = tl.exp(scores - new_best[:, None])
-                keep = tl.exp(best - new_best)
-                total = total * keep + tl.sum(weights, 1)
-                v = tl.load(v_ptr + kv_offset, mask=n_valid[:, None], other=0.0)
-                acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
-                best = new_best
+        # A loop bound read from the device: the compiler pipelines its loads (num_stages), which it does
+        # not across a branch, and a CUDA graph's replay runs each row as far as it reaches now.
+        for first in range(0, end, BLOCK_N):
+            offs_n = first + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < end
+            page = tl.load(table_ptr + row * table_stride + offs_n // PAGE, mask=n_valid, other=0)
+            slot = (page * PAGE + offs_n % PAGE).to(tl.int64)
+            kv_offset = slot[:, None] * kv_stride_s + kv_head * kv_stride_h + offs_d[None, :]
+            k = tl.load(k_ptr + kv_offset, mask=n_valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            seen = (offs_n[None, :] <= (held + offs_m)[:, None]) & n_valid[None, :]
+            scores = tl.where(seen, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            weights = tl.exp(scores - new_best[:, None])
+            keep = tl.exp(best - new_best)
+            total = total * keep + tl.sum(weights, 1)
+            v = tl.load(v_ptr + kv_offset, mask=n_valid[:, None], other=0.0)
+            acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+            best = new_best
         out = acc / total[:, None]
         tl.store(out_ptr + (start + offs_m)[:, None] * out_stride_n + head * out_stride_h + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
