@@ -50,8 +50,10 @@ def test_the_kernel_reads_the_pages_in_place_as_the_gathered_form_does():
     pytest.importorskip("triton")
     from twig_batch.engine.mixed.paged_attention import paged_attention
 
-    # Steps with prefill chunks, then a step of decoding rows alone (the kernel's smaller blocks).
-    for seed, counts, held in ((0, COUNTS, HELD), (1, COUNTS, HELD), (2, [1, 1, 1], [9, 0, 70])):
+    # Steps with prefill chunks, a step of decoding rows alone (the kernel's smaller blocks), and one of
+    # short chunks that fit those blocks (the controller's redo of injected rows).
+    for seed, counts, held in ((0, COUNTS, HELD), (1, COUNTS, HELD), (2, [1, 1, 1], [9, 0, 70]),
+                               (3, [5, 3, 5], [9, 0, 70])):
         q, keys, values, layout, _ = step_case(seed, counts, held)
         torch.testing.assert_close(paged_attention(q, keys, values, layout),
                                    gathered_attention(q, keys, values, layout), rtol=1e-4, atol=1e-5)
