@@ -75,13 +75,8 @@ class KVArena:
         self.buffer, self._valid = None, {}
 
     def _replace(self, elements: int) -> None:
-        # Drop the old buffer first, so growing never needs the old and the new at once, and hand its
-        # memory back to the device: torch's allocator keeps a freed block for blocks that fit in it,
-        # so a larger buffer would otherwise need the old one's memory on top (a 115 GiB buffer failed
-        # beside the 100 GiB one it replaced, on a GPU of 140).
+        # Drop the old buffer first, so growing never needs the old and the new at once.
         self.release()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         self.buffer = torch.zeros(elements, dtype=self.dtype, device=self.device)
 
 
