@@ -4,7 +4,8 @@ Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--i
        [--syncs N]
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults).
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
-engine is sized as a worker sizes it, the mixed loop's pages fill the free memory. Reported per path:
+engine draws them in parts as a worker plans and sizes them (`lockstep_part`: what fits the free
+memory, in parts of about equal size), the mixed loop's pages fill the free memory. Reported per path:
 images/s, and for the mixed loop its steps (and those that carried a controller's injection), the
 sequences and tokens one step fed on average and where its time went (`MixedLoop.seconds`; with
 --profile each step waits for its forward pass and its redos, so "forward" and "controller" are the
@@ -24,6 +25,7 @@ import torch
 
 from bench_common import controller_for, requests_for, start_fresh, workload_settings
 from sync_sites import counted_syncs
+from twig_batch.distributed.image_generator import even_parts, part_size
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
@@ -48,10 +50,14 @@ def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = Tru
     record = {"mode": mode, "images": images}
     if lockstep:
         generate_images(bundle, requests[:2], settings, engine=engine)
-        engine.reserve(call_shape(bundle, settings), images)
-        drawn, lockstep_s = timed(lambda: generate_images(bundle, requests, settings, engine=engine))
+        start_fresh()
+        size = even_parts(images, part_size(bundle, settings, [r.prompt for r in requests], None, engine.free_bytes()))
+        engine.reserve(call_shape(bundle, settings), size)
+        drawn, lockstep_s = timed(lambda: [image for first in range(0, images, size) for image in
+                                           generate_images(bundle, requests[first:first + size], settings,
+                                                           engine=engine)])
         engine.release()
-        record |= {"lockstep_img_s": images / lockstep_s, "lockstep_s": lockstep_s}
+        record |= {"lockstep_img_s": images / lockstep_s, "lockstep_s": lockstep_s, "lockstep_part": size}
     generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
                    engine=engine, loop=mixed_loop(bundle, engine, pages=4096))  # kernels compiled
     start_fresh()
@@ -85,8 +91,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["plain", "seed", "twig"])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="wait for every step's forward pass, to time it")
-    parser.add_argument("--no-lockstep", action="store_true", help="the mixed loop alone (batches the lockstep "
-                        "engine cannot hold at once)")
+    parser.add_argument("--no-lockstep", action="store_true", help="the mixed loop alone")
     parser.add_argument("--syncs", type=int, default=0, metavar="N",
                         help="then N images under torch's sync debug mode: where the host waits (untimed)")
     args = parser.parse_args()
