@@ -73,7 +73,7 @@ def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = Tru
                "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
                "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
                "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
-               "injection_steps": loop.injection_steps,
+               "redo_passes": loop.redo_passes,
                "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
     if sync_images:
         del loop  # its pages: the run below takes what the free memory holds

@@ -6,7 +6,8 @@ of images, each at its own step of its own band, is one set of tensor operations
 (all images past their first `window` tokens share one). The arithmetic is `LatentController._judge`'s,
 row for row (`trigger.fire_and_inject`). Evaluations are copied to the host as they are made, without
 waiting, and moved into the per-image logs when a log is asked for; verdicts are read by
-`Verdicts.resolve`, which an engine may call once the next step is queued.
+`Verdicts.injected`, which an engine may call once the next step is queued, and the injected
+watches' control tokens made by `Verdicts.control_tokens`, for the verdicts of one step or of several.
 """
 from __future__ import annotations
 
@@ -184,6 +185,17 @@ class BandWatch:
         self.pool.free.append(self.slot)
 
 
+class Pick:
+    """One injected watch of a `Verdicts`: its index there, and its group and row in the group."""
+
+    def __init__(self, verdicts: "Verdicts", index: int, group: int, row: int):
+        self.verdicts, self.index, self.group, self.row = verdicts, index, group, row
+
+    @property
+    def watch(self) -> BandWatch:
+        return self.verdicts.watches[self.index]
+
+
 class Verdicts:
     """One step's evaluations of many watches (`WatchPool.evaluate`), still on the device."""
 
@@ -194,51 +206,57 @@ class Verdicts:
 
     def read_flags(self) -> None:
         """Starts the injected flags' copy to the host (once every group is judged), so that
-        `resolve` waits for the evaluation alone, not for whatever the engine queued after it."""
+        `injected` waits for the evaluation alone, not for whatever the engine queued after it."""
         if self.groups:
             self.flags = HostCopy(torch.cat([group[1] for group in self.groups]))
 
-    def resolve(self, wanted: list[bool] | None = None) -> list[torch.Tensor | None]:
-        """Control tokens [K, D] for each watch injected (None for the others), in the watches'
-        order: one wait for the device. The thinks of the injected watches run as one batch; a watch
-        not `wanted` (its band is over: nothing would read its tokens) is not thought for."""
-        controls: list[torch.Tensor | None] = [None] * len(self.watches)
+    def injected(self, wanted: list[bool] | None = None) -> list[Pick]:
+        """The watches injected, in the watches' order: one wait, for the flags' copy alone. A watch
+        not `wanted` (its band is over: nothing would read its tokens) is left out."""
         if self.flags is None:
-            return controls
-        flags = self.flags.values().tolist()  # the one wait for the device
-        chosen: list[tuple[int, int, int]] = []  # (watch index, group, row in the group)
-        first = 0
+            return []
+        flags = self.flags.values().tolist()
+        picks, first = [], 0
         for g, (members, *_) in enumerate(self.groups):
             for j, index in enumerate(members):
                 if flags[first + j] and (wanted is None or wanted[index]):
-                    chosen.append((index, g, j))
+                    picks.append(Pick(self, index, g, j))
             first += len(members)
-        if chosen:
-            shaped = self._shape([self.watches[index] for index, _, _ in chosen], chosen)
-            for (index, _, _), control in zip(chosen, shaped):
-                controls[index] = control
-        return controls
+        return sorted(picks, key=lambda pick: pick.index)
 
-    def _shape(self, watches: list[BandWatch], chosen: list[tuple[int, int, int]]) -> torch.Tensor:
-        controller = self.controller
+    @staticmethod
+    @torch.no_grad()
+    def control_tokens(picks: list[Pick]) -> torch.Tensor:
+        """Control tokens [len(picks), K, D] for injected watches of one controller, from any number of
+        steps' verdicts: their thinks run as one batch (a watch's first think opens its text's context)."""
+        controller = picks[0].verdicts.controller
+        if any(pick.verdicts.controller is not controller for pick in picks):
+            raise ValueError("control tokens were asked for watches of different controllers; a call's images "
+                             "share one")
         bundle, device = controller.bundle, controller.bundle.device
-        new = [watch for watch in watches if watch.think is None]
-        if new:  # one context over every watch thinking for the first time this step
+        watches = [pick.watch for pick in picks]
+        new = [watch for watch in dict.fromkeys(watches) if watch.think is None]
+        if new:  # one context over every watch thinking for the first time
             texts = [bundle.embed_text(to_device(controller.think_ids[watch.image], torch.long, device))
                      for watch in new]
             context = ThinkContext(bundle, texts, controller.config.memory_tokens, controller.model)
             for row, watch in enumerate(new):
                 watch.think = (context, row)
-        # `chosen` runs group by group: each group's rows are gathered once, in order.
-        memory, m_vec, p_vec = [], [], []
-        for g, (_, _, group_memory, group_m, group_p) in enumerate(self.groups):
-            rows = [j for _, group, j in chosen if group == g]
-            if rows:
-                rows = to_device(rows, torch.long, device)
-                memory.append(group_memory[rows])
-                m_vec.append(group_m[rows])
-                p_vec.append(group_p[rows])
-        memory, m_vec, p_vec = torch.cat(memory), torch.cat(m_vec), torch.cat(p_vec)
+        # Each group's rows are gathered once; `order` puts the gathered rows back in the picks' order.
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, pick in enumerate(picks):
+            by_group.setdefault((id(pick.verdicts), pick.group), []).append(i)
+        memory, m_vec, p_vec, order = [], [], [], []
+        for members in by_group.values():
+            first = picks[members[0]]
+            _, _, group_memory, group_m, group_p = first.verdicts.groups[first.group]
+            rows = to_device([picks[i].row for i in members], torch.long, device)
+            memory.append(group_memory[rows])
+            m_vec.append(group_m[rows])
+            p_vec.append(group_p[rows])
+            order += members
+        back = to_device(sorted(range(len(order)), key=order.__getitem__), torch.long, device)
+        memory, m_vec, p_vec = (torch.cat(parts)[back] for parts in (memory, m_vec, p_vec))
         by_context: dict[int, list[int]] = {}
         for i, watch in enumerate(watches):
             by_context.setdefault(id(watch.think[0]), []).append(i)

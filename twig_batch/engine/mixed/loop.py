@@ -21,8 +21,11 @@ The loop holds the programs not started yet in a queue and, at every step:
    tokens there until their band is done, text rows' tokens are read back one step late (a text goes
    on as if it had not drawn its stop token, and what it draws after it is dropped), and so are the
    latent controller's verdicts: a run injected after a token has fed that token in the next step
-   already, so that step takes it back and feeds it again behind the control tokens, for that run
-   alone (at fixed shapes too, where one-token steps run so), before its rows are sampled.
+   already, so that step takes it back, and the run waits, sampling nothing, until it is redone: its
+   control tokens and that token fed again, in a pass of its own (at fixed shapes too, where one-token
+   steps run so). Injected runs wait for each other (`PARK_ROUND`, `PARK_WAIT`), because every think
+   and every redo is a pass over all of the model's weights, whatever rows it carries: images reach
+   their injections at steps of their own, and one pass each would double a step's cost.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ MIN_STEP_TOKENS = 8
 # Host calls wait for others to join them (each round of them stops the steps while it runs) until
 # HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs.
 HOST_ROUND, HOST_WAIT = 16, 4
+# Injected runs are thought for and redone together once PARK_ROUND are waiting, the oldest has
+# waited PARK_WAIT steps, or nothing else is fed.
+PARK_ROUND, PARK_WAIT = 32, 8
 
 
 class _Program:
@@ -92,12 +98,13 @@ class MixedLoop:
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
         self._unread: list[_ReadBack] = []  # text tokens of the last step, on their way to the host
         self._verdicts: list[_Verdicts] = []  # the controller's verdicts on the last step's image tokens
+        self._parked: list[_Parked] = []  # runs injected, waiting to be redone behind their control tokens
         # Where the time goes: admission and the programs' own work (decodes, canvases, prompts),
-        # building each step, its forward pass, the controller's verdicts (the wait for them, the
-        # thinks and redos of the injected rows), sampling (with the wait for the device) and handing
-        # the tokens on.
+        # building each step, its forward pass, the controller (the wait for its verdicts, the thinks
+        # and redos of the injected runs), sampling (with the wait for the device) and handing the
+        # tokens on.
         self.seconds = dict.fromkeys(("programs", "build", "forward", "controller", "sample"), 0.0)
-        self.injection_steps = 0  # steps whose rows were redone behind control tokens
+        self.redo_passes = 0  # passes that redid injected runs behind their control tokens
 
     def _clock(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -225,37 +232,57 @@ class MixedLoop:
         since = self._clock("build", since)
         earlier, self._unread = self._unread, []
         verdicts, self._verdicts = self._verdicts, []
-        if not chunks:  # every run waits for its last text token to be read back
-            if not earlier:
+        if not chunks:  # every run waits: for its last text token to be read back, or to be redone
+            # (the verdicts are on runs that are done: nothing reads their control tokens)
+            if not earlier and not self._parked:
                 raise RuntimeError("the mixed loop has runs but nothing to feed and no token to read back")
-            for pending in verdicts:  # only runs that are done wait on these: nothing to redo
-                pending.redo(self._redo_pass, chunks, first_row, None)
+            if self._parked:
+                self._redo_parked()
+                self._clock("controller", since)
             return self._ended(runs, earlier)
         hidden = self._feed(chunks, all(c.count == 1 for c in chunks))
         if self.profile and hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
         since = self._clock("forward", since)
-        if verdicts:
-            redone = False
-            for pending in verdicts:  # the step is queued: the device works while the verdicts are read
-                hidden, injected = pending.redo(self._redo_pass, chunks, first_row, hidden)
-                redone = redone or injected
-            self.injection_steps += redone
-            if self.profile and hidden.is_cuda:
-                torch.cuda.synchronize(hidden.device)
+        if verdicts:  # the step is queued: the device works while the verdicts are read
+            parked = [entry for pending in verdicts for entry in pending.park(chunks, first_row, self.steps)]
+            if parked:
+                waits = {id(entry.run) for entry in parked}
+                sampled = [(entry, complete and id(entry[2]) not in waits) for entry, complete in sampled]
+                self._parked += parked
             since = self._clock("controller", since)
         self.steps += 1
         self.fed_rows += len(chunks)
         self.fed_tokens += sum(c.count for c in chunks)
-        ready, first = [], 0  # (entry, the index of its first row in `hidden`) of each run that samples
+        ready, first = [], 0  # (run, the index of its first row in `hidden`) of each run that samples
         for entry, complete in sampled:
             if complete:
-                ready.append((entry, first))
+                ready.append((entry[2], first))
             first += len(entry[2].rows)
         self._sample(ready, hidden)
+        since = self._clock("sample", since)
+        if self._parked and (len(self._parked) >= PARK_ROUND or self.steps - self._parked[0].since >= PARK_WAIT):
+            self._redo_parked()
+            since = self._clock("controller", since)
         done = self._ended(runs, earlier)
         self._clock("sample", since)
         return done
+
+    def _redo_parked(self) -> None:
+        """The injected runs waiting: their thinks as one batch, then their control tokens and the token
+        each took back in one pass, and each samples from there."""
+        parked, self._parked = self._parked, []
+        controls = type(parked[0].pick.verdicts).control_tokens([entry.pick for entry in parked])
+        redo, ready = [], []
+        for entry, control in zip(parked, controls):
+            ready.append((entry.run, len(redo)))
+            for row, token in zip(entry.run.rows, entry.tokens):
+                redo.append(Chunk(row.sequence, torch.cat([control.to(token.dtype), token]), 0, control.shape[0] + 1))
+        hidden = self._feed(redo, True)  # every redo chunk: the control tokens and one token
+        self.redo_passes += 1
+        if self.profile and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        self._sample(ready, hidden)
 
     def _feed(self, chunks: list[Chunk], fixed: bool) -> torch.Tensor:
         """One pass over `chunks`: the hidden state after each one's last token. `fixed`: the chunks
@@ -264,9 +291,6 @@ class MixedLoop:
         if fixed and self.decode_steps is not None:
             return self.decode_steps(chunks)
         return mixed_step(self.model, self.pool, chunks)
-
-    def _redo_pass(self, chunks: list[Chunk]) -> torch.Tensor:
-        return self._feed(chunks, True)  # every redo chunk: the control tokens and one token
 
     def _ended(self, runs: list, earlier: list["_ReadBack"]) -> list:
         """The runs done (removed from `runs`) once the text tokens of the step before are read back:
@@ -279,11 +303,10 @@ class MixedLoop:
         return done
 
     def _sample(self, ready: list, hidden: torch.Tensor) -> None:
-        """Samples a token for every run in `ready` ((entry, its first row in `hidden`)), a group per
+        """Samples a token for every run in `ready` ((run, its first row in `hidden`)), a group per
         rule, each group's rows gathered at once."""
         groups: dict[tuple, list] = {}
-        for entry, first in ready:
-            run = entry[2]
+        for run, first in ready:
             rule = ("text", run.stage.temperature) if isinstance(run, TextRun) else ("image", id(run.stage.settings))
             groups.setdefault(rule, []).append((run, first))
         device = self.bundle.device
@@ -328,33 +351,33 @@ def _take_image_tokens(runs: list[ImageRun], hidden: torch.Tensor, logits: torch
 
 class _Verdicts:
     """The controller's verdicts on one step's image tokens, read once the next step is queued. A run
-    injected there has fed its token in that next step already: `redo` takes the token back and feeds
-    it again behind the control tokens, in one extra pass over the injected runs' rows."""
+    injected there has fed its token in that next step already: `park` takes the token back."""
 
     def __init__(self, runs: list[ImageRun], verdicts):
         self.runs, self.verdicts = runs, verdicts
 
-    def redo(self, feed, chunks: list[Chunk], first_row: dict[int, int],
-             hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-        """`hidden` (the step's, over `chunks`; None when no step ran) with the injected runs' rows
-        redone by `feed` (chunks -> the hidden state after each one's last token), and whether any
-        was. A run whose band is over gets no control tokens (nothing would read them)."""
-        controls = self.verdicts.resolve([not run.done for run in self.runs])
-        redo, places = [], []
-        for run, control in zip(self.runs, controls):
-            if control is None:
-                continue
-            first = first_row[id(run)]
+    def park(self, chunks: list[Chunk], first_row: dict[int, int], step: int) -> list["_Parked"]:
+        """The runs injected, each row's token of this step (`chunks`, a run's rows from `first_row`)
+        taken back, to wait for their redo. A run whose band is over gets no control tokens (nothing
+        would read them)."""
+        parked = []
+        for pick in self.verdicts.injected([not run.done for run in self.runs]):
+            run = self.runs[pick.index]
+            first, tokens = first_row[id(run)], []
             for r, row in enumerate(run.rows):
                 chunk = chunks[first + r]
                 row.sequence.rewind(1)
-                token = chunk.source[chunk.first:chunk.first + 1]
-                redo.append(Chunk(row.sequence, torch.cat([control.to(token.dtype), token]), 0, control.shape[0] + 1))
-                places.append(first + r)
-        if not redo:
-            return hidden, False
-        hidden[to_device(places, torch.long, hidden.device)] = feed(redo)
-        return hidden, True
+                tokens.append(chunk.source[chunk.first:chunk.first + 1])
+            parked.append(_Parked(run, pick, tokens, step))
+        return parked
+
+
+class _Parked:
+    """An injected run waiting for its redo: its verdict (`pick`), the input embedding [1, D] each of
+    its rows took back, and the step it began to wait at."""
+
+    def __init__(self, run: ImageRun, pick, tokens: list[torch.Tensor], since: int):
+        self.run, self.pick, self.tokens, self.since = run, pick, tokens, since
 
 
 class _ReadBack:
