@@ -33,8 +33,8 @@ class Launch:
 
 # A decoding row has one query, so its launch takes the smallest block `tl.dot` allows; prefill chunks
 # take larger blocks, each of which reads its sequence's keys and values once for all its queries.
-# The fastest of `benchmarks/paged_kernel_probe.py`'s grid on an H200 over its cases: decoding rows at
-# 0.96-1.01 of the copy-rate floor, prefill chunks at 2.3-4.1 times their floor.
+# The fastest on average over `benchmarks/paged_kernel_probe.py`'s cases on an H200: decoding rows at
+# 0.96-1.01 of the copy-rate floor, prefill chunks at 2.3-4.2 times their floor.
 DECODE_LAUNCH = Launch(block_m=16, block_n=128, warps=4, stages=2)
 PREFILL_LAUNCH = Launch(block_m=64, block_n=32, warps=4, stages=2)
 
