@@ -53,6 +53,9 @@ def write(path: str, n: int) -> str:
 
 # ---- timing on the GPU ----
 
+COPY_BYTES_S, MATMUL_FLOP_S = 4.25e12, 790e12  # BENCHMARK.md's copy and bf16 matmul rates of an H200
+
+
 def timed(fn):
     torch.cuda.synchronize()
     start = time.perf_counter()

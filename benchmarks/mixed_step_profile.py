@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import controller_for, requests_for, workload_settings
+from bench_common import COPY_BYTES_S, MATMUL_FLOP_S, controller_for, requests_for, workload_settings
 from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
@@ -25,10 +25,8 @@ from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
 from twig_batch.settings import GenerationSettings
 
 
-# BENCHMARK.md's rates and the 7B model's sizes: a step's floor is its KV read at the copy rate plus
-# its matmuls at the matmul rate (or its weights at the copy rate, for steps of few tokens); today's
-# kernels overlap neither.
-COPY_BYTES_S, MATMUL_FLOP_S = 4.25e12, 790e12
+# The 7B model's sizes: a step's floor is its KV read at the copy rate plus its matmuls at the matmul
+# rate (or its weights at the copy rate, for steps of few tokens); today's kernels overlap neither.
 KV_BYTES_PER_TOKEN, WEIGHT_BYTES, FLOP_PER_TOKEN = 491_520, 13.82e9, 2 * 6.9e9
 
 

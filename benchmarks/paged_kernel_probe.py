@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_common import COPY_BYTES_S, MATMUL_FLOP_S, cuda_ms
 from twig_batch.engine.mixed.paged_attention import (DECODE_LAUNCH, PREFILL_LAUNCH, Launch, StepLayout,
                                                      gathered_attention, paged_attention)
 
 HEADS, DIM, PAGE, DTYPE = 32, 128, 16, torch.bfloat16
-COPY_BYTES_S, MATMUL_FLOP_S = 4.25e12, 790e12
 
 # name: (new tokens, tokens held before) of each row
 CASES = {
@@ -56,16 +56,8 @@ def make_case(rows: list[tuple[int, int]], device) -> tuple:
     return q, keys, values, layout
 
 
-def time_us(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / repeats
+def time_us(fn) -> float:
+    return 1000 * cuda_ms(fn)
 
 
 def floor_us(rows: list[tuple[int, int]]) -> float:
