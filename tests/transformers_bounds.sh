@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tests that lean on transformers' own code, run again with the lowest and the highest release
-# of transformers that pyproject.toml allows: loading both checkpoint layouts (tied and untied
+# of transformers that pyproject.toml allows (and pip can install): loading both checkpoint layouts (tied and untied
 # lm_head), the reference paths over transformers' cache, the fast engine's decoder built from its
 # modules against them token for token, its system prompt and its image processing functions.
 #
@@ -44,4 +44,13 @@ run_with() {  # $1: a pip requirement for transformers
 }
 
 run_with "transformers==$lowest"
-run_with "transformers$range"
+# The highest is the release pip resolves from the package index, its own requirements included: a
+# newer release whose requirements the index cannot meet (5.25 asks for a `kernels` release it does
+# not have) is not one pip would install.
+report="$work/resolved.json"
+"$python" -m pip install -q --dry-run --ignore-installed --report "$report" "transformers$range"
+highest="$("$python" -c '
+import json, sys
+print(next(item["metadata"]["version"] for item in json.load(open(sys.argv[1]))["install"]
+           if item["metadata"]["name"].lower() == "transformers"))' "$report")"
+run_with "transformers==$highest"
