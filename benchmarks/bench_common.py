@@ -56,6 +56,12 @@ def write(path: str, n: int) -> str:
 COPY_BYTES_S, MATMUL_FLOP_S = 4.25e12, 790e12  # BENCHMARK.md's copy and bf16 matmul rates of an H200
 
 
+def oom_record(exc: Exception) -> dict:
+    """What a benchmark keeps of an out-of-memory error, so that the rest of its run goes on."""
+    return {"error": f"out of memory: {str(exc)[:400]}", "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+            "allocated_gib": torch.cuda.memory_allocated() / 2**30}
+
+
 def timed(fn):
     torch.cuda.synchronize()
     start = time.perf_counter()

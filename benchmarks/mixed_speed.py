@@ -6,7 +6,8 @@ Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain:
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
 engine draws them in parts as a worker plans and sizes them (`lockstep_part`: what fits the free
 memory, in parts of about equal size), the mixed loop's pages fill the free memory. Reported per path:
-images/s, and for the mixed loop its steps (and those that carried a controller's injection), the
+images/s and peak memory (a path that runs out of memory is recorded as such, `*_error`, and the
+other still runs), and for the mixed loop its steps and redo passes of injected runs, the
 sequences and tokens one step fed on average and where its time went (`MixedLoop.seconds`; with
 --profile each step waits for its forward pass and its redos, so "forward" and "controller" are the
 device's time); and how many image codes the two paths share (bf16 sampling: a first differing token
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import controller_for, requests_for, start_fresh, workload_settings
+from bench_common import controller_for, oom_record, requests_for, start_fresh, workload_settings
 from sync_sites import counted_syncs
 from twig_batch.distributed.image_generator import even_parts, part_size
 from twig_batch.engine.runner import Engine
@@ -48,41 +49,69 @@ def run_mode(bundle, mode: str, images: int, profile: bool, lockstep: bool = Tru
     requests = requests_for(images)
     engine = Engine.for_settings(bundle, settings)
     record = {"mode": mode, "images": images}
+    drawn = None
     if lockstep:
-        generate_images(bundle, requests[:2], settings, engine=engine)
-        start_fresh()
-        size = even_parts(images, part_size(bundle, settings, [r.prompt for r in requests], None, engine.free_bytes()))
-        engine.reserve(call_shape(bundle, settings), size)
-        drawn, lockstep_s = timed(lambda: [image for first in range(0, images, size) for image in
-                                           generate_images(bundle, requests[first:first + size], settings,
-                                                           engine=engine)])
+        drawn, lockstep_record = _path("lockstep", lambda: _lockstep(bundle, settings, requests, engine))
         engine.release()
-        record |= {"lockstep_img_s": images / lockstep_s, "lockstep_s": lockstep_s, "lockstep_part": size}
-    generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
-                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))  # kernels compiled
+        record |= lockstep_record
     start_fresh()
-    loop = mixed_loop(bundle, engine, profile=profile)  # every page the free memory holds
-    mixed, mixed_s = timed(lambda: generate_mixed(bundle, requests, settings,
-                                                  controller_for(bundle, settings, requests, engine), engine=engine,
-                                                  loop=loop))
-    steps = loop.steps
-    if lockstep:
+    mixed, record_mixed = _path("mixed", lambda: _mixed(bundle, settings, requests, engine, profile))
+    record |= record_mixed
+    if drawn is not None and mixed is not None:
         shared = sum(int((a.codes == b.codes).sum()) for a, b in zip(drawn, mixed))
         record["codes_shared"] = shared / sum(r.codes.numel() for r in mixed)
-    record |= {"mixed_img_s": images / mixed_s, "mixed_s": mixed_s, "mixed_steps": steps,
-               "mixed_step_ms": 1000 * mixed_s / steps, "rows_per_step": loop.fed_rows / steps,
-               "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
-               "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
-               "redo_passes": loop.redo_passes,
-               "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
     if sync_images:
-        del loop  # its pages: the run below takes what the free memory holds
         start_fresh()
         few = requests[:sync_images]
         with counted_syncs() as sites:
             generate_mixed(bundle, few, settings, controller_for(bundle, settings, few, engine), engine=engine)
         record["syncs"] = {"images": len(few), "sites": dict(sites.most_common())}
     return record
+
+
+def _path(prefix: str, run) -> tuple[list | None, dict]:
+    """(images, record) of one path (`prefix`: "lockstep" or "mixed"), with its peak memory; an
+    out-of-memory error is recorded instead, and the run goes on to the other path."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        images, record = run()
+    except torch.OutOfMemoryError as exc:
+        images, record = None, {f"{prefix}_{key}": value for key, value in oom_record(exc).items()}
+    if torch.cuda.is_available():
+        record[f"{prefix}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return images, record
+
+
+def _lockstep(bundle, settings, requests, engine) -> tuple[list, dict]:
+    """The lockstep engine, in parts as a worker plans and sizes them, after a two-image warm-up."""
+    images = len(requests)
+    generate_images(bundle, requests[:2], settings, engine=engine)
+    start_fresh()
+    size = even_parts(images, part_size(bundle, settings, [r.prompt for r in requests], None, engine.free_bytes()))
+    engine.reserve(call_shape(bundle, settings), size)
+    drawn, seconds = timed(lambda: [image for first in range(0, images, size) for image in
+                                    generate_images(bundle, requests[first:first + size], settings, engine=engine)])
+    return drawn, {"lockstep_img_s": images / seconds, "lockstep_s": seconds, "lockstep_part": size}
+
+
+def _mixed(bundle, settings, requests, engine, profile: bool) -> tuple[list, dict]:
+    """The mixed loop over every page the free memory holds, after a two-image warm-up (kernels compiled)."""
+    images = len(requests)
+    generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
+                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
+    start_fresh()
+    loop = mixed_loop(bundle, engine, profile=profile)
+    mixed, seconds = timed(lambda: generate_mixed(bundle, requests, settings,
+                                                  controller_for(bundle, settings, requests, engine), engine=engine,
+                                                  loop=loop))
+    steps = loop.steps
+    return mixed, {"mixed_img_s": images / seconds, "mixed_s": seconds, "mixed_steps": steps,
+                   "mixed_step_ms": 1000 * seconds / steps, "rows_per_step": loop.fed_rows / steps,
+                   "tokens_per_step": loop.fed_tokens / steps, "pages": loop.pool.pages,
+                   "page_size": loop.pool.page_size, "profiled": profile, "seconds": loop.seconds,
+                   "redo_passes": loop.redo_passes,
+                   "injections_per_image": sum(r.record()["n_injections"] for r in mixed) / images}
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bench_common import (device_anchors, native_generate_anchor, plain_workload, prompts_of_length, run_staged,
-                          seed_style_anchor, start_fresh, workload_settings)
+from bench_common import (device_anchors, native_generate_anchor, oom_record, plain_workload, prompts_of_length,
+                          run_staged, seed_style_anchor, start_fresh, workload_settings)
 from bf16_checks import distribution_check, graph_vs_eager, greedy_agreement
 from twig_batch.engine.runner import Engine
 from twig_batch.engine.memory import free_device_bytes
@@ -64,8 +64,7 @@ def workload(result: dict, out: Path, name: str, run) -> None:
     try:
         row = run()
     except torch.OutOfMemoryError as exc:
-        row = {"error": f"out of memory: {str(exc)[:400]}", "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-               "allocated_gib": torch.cuda.memory_allocated() / 2**30}
+        row = oom_record(exc)
     step(result, out, "workloads", [{"name": name, **row}])
     (out / "speed_suite.md").write_text(table(result) + "\n")  # the table so far, like the JSON
 
