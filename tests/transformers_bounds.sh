@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The tests that lean on transformers' own code, run again with the lowest and the highest release
-# of transformers that pyproject.toml allows (and pip can install): loading both checkpoint layouts (tied and untied
-# lm_head), the reference paths over transformers' cache, the fast engine's decoder built from its
-# modules against them token for token, its system prompt and its image processing functions.
+# of transformers that pyproject.toml allows (and pip can install): loading both checkpoint layouts
+# (tied and untied lm_head), the reference paths over transformers' cache, the fast engine's decoder
+# built from its modules against them token for token, its system prompt and its image processing
+# functions.
 #
 # Each release is installed on its own into a folder put first on PYTHONPATH, so it shadows the
 # suite's transformers and shares every other package; `pip check` then says whether that release's

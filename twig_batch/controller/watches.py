@@ -211,8 +211,8 @@ class Verdicts:
             self.flags = HostCopy(torch.cat([group[1] for group in self.groups]))
 
     def injected(self, wanted: list[bool] | None = None) -> list[Pick]:
-        """The watches injected, in the watches' order: one wait, for the flags' copy alone. A watch
-        not `wanted` (its band is over: nothing would read its tokens) is left out."""
+        """The watches injected: one wait, for the flags' copy alone. A watch not `wanted` (its band is
+        over: nothing would read its tokens) is left out."""
         if self.flags is None:
             return []
         flags = self.flags.values().tolist()
@@ -222,7 +222,7 @@ class Verdicts:
                 if flags[first + j] and (wanted is None or wanted[index]):
                     picks.append(Pick(self, index, g, j))
             first += len(members)
-        return sorted(picks, key=lambda pick: pick.index)
+        return picks
 
     @staticmethod
     @torch.no_grad()
