@@ -284,9 +284,10 @@ STOP_GRACE_S = 60  # a stopped run records what it drew and stops its actors wit
 
 
 def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: bool, lengths: str, log,
-            actors: int | None = None, time_limit_s: float | None = None) -> dict:
+            actors: int | None = None, time_limit_s: float | None = None, options: tuple[str, ...] = ()) -> dict:
     """One `twig-batch run` into `dest` (a folder or an s3:// URI, read back through the run's own
-    storage layer) and its record; a run past `time_limit_s` is stopped and recorded as cut."""
+    storage layer), with `options` added to its command line, and its record; a run past
+    `time_limit_s` is stopped and recorded as cut."""
     from twig_batch.io.storage import open_storage
 
     env = dict(os.environ)
@@ -297,6 +298,7 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
                "--mode", mode, "--controller" if controller else "--no-controller"]
     if actors:
         command += ["--actors", str(actors)]
+    command += list(options)
     log.write(f"$ {' '.join(command)}\n")
     start = time.monotonic()
     # Each output line is logged at once, with the seconds since the command started: where a run's start
@@ -343,6 +345,7 @@ def run_cli(prompts: str, dest: Path | str, model: str, mode: str, controller: b
                                 if "first_part_at" in a), default=None),
         model_load_s=max((a.get("model_load_s") or 0 for a in stats), default=None),
         part_images=sorted({a.get("part_images") for a in stats if a.get("part_images")}),
+        loops=sorted({a["loop"] for a in stats if a.get("loop")}),
         busy_share=round(sum(a.get("busy_s", 0) for a in stats) / wall / max(len(stats), 1), 3),
         part_event_counts=attempt.get("part_event_counts", {}))
     finished = [a["last_part_at"] for a in stats if "last_part_at" in a]

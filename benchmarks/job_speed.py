@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/job_speed.py --out DIR [--model random-7b] [--images 512] [--modes plain,twig,seed]
                                       [--controller off,on] [--lengths limit,realistic] [--engine-process]
-                                      [--native-images 128] [--actors N]
+                                      [--native-images 128] [--actors N] [--loops auto,lockstep,mixed]
 
 For each mode x controller x text lengths, one `twig-batch run` over a fresh output folder (it joins
 the cluster `ray start` left on this machine, if any, like a workstation user's run), then reads what
@@ -21,7 +21,9 @@ the run recorded (`_COMPLETE.json`, `run.json`) and reports:
 With --native-images N (128 by default; 0 skips it), the same run ends with the anchor: transformers'
 own Janus image `generate` over N images in a process of its own (`bench_common.py`), a record of
 mode "native". With --actors N each run passes `--actors N` (e.g. two runs side by side on a
-two-GPU machine, one actor each); otherwise the CLI's default.
+two-GPU machine, one actor each); otherwise the CLI's default. With --loops, each cell runs once per
+loop setting (`--set loop=...`; auto: none passed, the CLI's default); the record names the loop each
+actor ran.
 `lengths=limit` lets every text run to its token limit (what random weights do);
 `lengths=realistic` stops texts at lengths drawn per row (TWIG_BATCH_EMULATE_TEXT_LENGTHS=realistic,
 twig_batch/pipeline/text_lengths.py says where the numbers come from).
@@ -30,6 +32,7 @@ Writes DIR/job_speed.json (a list of records, rewritten after each run) and DIR/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -98,13 +101,14 @@ print(json.dumps(native_generate_anchor(bundle, {images})))
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| mode | controller | text lengths | images | actors | ok | total img/s | steady img/s | engine img/s | "
-             "steady / engine | startup s | part | GPU busy |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| mode | controller | text lengths | loop | images | actors | ok | total img/s | steady img/s | "
+             "engine img/s | steady / engine | startup s | part | GPU busy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         def f(key, digits=2):
             return number(r, key, digits)
-        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {r['images']} | "
+        loop = ",".join(r.get("loops", [])) or "-"
+        lines.append(f"| {r['mode']} | {'on' if r['controller'] else 'off'} | {r['lengths']} | {loop} | {r['images']} | "
                      f"{r.get('actors', '-')} | "
                      f"{r.get('ok', '-' if r['mode'] == 'native' else 'failed')} | {f('total_img_s')} | {f('steady_img_s')} | {f('engine_img_s')} | "
                      f"{f('ratio')} | {f('startup_s', 1)} | {','.join(map(str, r.get('part_images', [])))} | "
@@ -123,6 +127,7 @@ def main() -> None:
     parser.add_argument("--engine-process", action="store_true")
     parser.add_argument("--native-images", type=int, default=128)
     parser.add_argument("--actors", type=int, default=None)
+    parser.add_argument("--loops", default="auto", help="each run once per loop setting (auto: the CLI's default)")
     parser.add_argument("--run-time-limit-s", type=float, default=None,
                         help="stop a run past this many seconds (Ctrl-C) and record it as cut")
     args = parser.parse_args()
@@ -135,14 +140,15 @@ def main() -> None:
     with open(args.out / "job_speed.log", "a") as log:
         for mode in args.modes.split(","):
             for controller in [c == "on" for c in args.controller.split(",")]:
-                for lengths in args.lengths.split(","):
+                for lengths, loop in itertools.product(args.lengths.split(","), args.loops.split(",")):
                     if mode == "plain" and lengths == "realistic":
                         continue  # plain writes no text
-                    dest = work / f"{mode}-{controller}-{lengths}"
-                    record = {"mode": mode, "controller": controller, "lengths": lengths, "images": args.images,
-                              "model": args.model, "date": time.strftime("%Y-%m-%d")}
+                    dest = work / f"{mode}-{controller}-{lengths}-{loop}"
+                    record = {"mode": mode, "controller": controller, "lengths": lengths, "loop": loop,
+                              "images": args.images, "model": args.model, "date": time.strftime("%Y-%m-%d")}
+                    options = () if loop == "auto" else ("--set", f"loop={loop}")
                     record.update(run_cli(prompts, dest, args.model, mode, controller, lengths, log, args.actors,
-                                          time_limit_s=args.run_time_limit_s))
+                                          time_limit_s=args.run_time_limit_s, options=options))
                     if args.engine_process and record.get("part_images"):
                         record["engine_process_img_s"] = engine_process(args.model, mode, controller, lengths,
                                                                         record["part_images"][0])

@@ -18,6 +18,7 @@ once more under torch's sync debug mode and the record counts where the host wai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,10 +28,11 @@ import torch
 from bench_common import controller_for, oom_record, requests_for, start_fresh, workload_settings
 from sync_sites import counted_syncs
 from twig_batch.distributed.image_generator import even_parts, part_size
+from twig_batch.engine.mixed.sizing import mixed_loop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images
-from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
+from twig_batch.pipeline.mixed import generate_mixed
 from twig_batch.pipeline.sequences import call_shape
 from twig_batch.settings import GenerationSettings
 
@@ -86,6 +88,7 @@ def _path(prefix: str, run) -> tuple[list | None, dict]:
 def _lockstep(bundle, settings, requests, engine) -> tuple[list, dict]:
     """The lockstep engine, in parts as a worker plans and sizes them, after a two-image warm-up."""
     images = len(requests)
+    settings = dataclasses.replace(settings, loop="lockstep")  # `auto` runs twig on a GPU in the mixed loop
     generate_images(bundle, requests[:2], settings, engine=engine)
     start_fresh()
     size = even_parts(images, part_size(bundle, settings, [r.prompt for r in requests], None, engine.free_bytes()))
@@ -99,9 +102,9 @@ def _mixed(bundle, settings, requests, engine, profile: bool) -> tuple[list, dic
     """The mixed loop over every page the free memory holds, after a two-image warm-up (kernels compiled)."""
     images = len(requests)
     generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
-                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
+                   engine=engine, loop=mixed_loop(bundle, engine.model, pages=4096))
     start_fresh()
-    loop = mixed_loop(bundle, engine, profile=profile)
+    loop = mixed_loop(bundle, engine.model, profile=profile)
     mixed, seconds = timed(lambda: generate_mixed(bundle, requests, settings,
                                                   controller_for(bundle, settings, requests, engine), engine=engine,
                                                   loop=loop))

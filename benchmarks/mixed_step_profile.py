@@ -19,9 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_common import COPY_BYTES_S, MATMUL_FLOP_S, controller_for, requests_for, workload_settings
 from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.mixed.sizing import mixed_loop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
-from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
+from twig_batch.pipeline.mixed import generate_mixed
 from twig_batch.settings import GenerationSettings
 
 
@@ -87,8 +88,8 @@ def main() -> None:
     engine = Engine.for_settings(bundle, settings)
     requests = requests_for(args.images)
     generate_mixed(bundle, requests[:2], settings, controller_for(bundle, settings, requests[:2], engine),
-                   engine=engine, loop=mixed_loop(bundle, engine, pages=4096))
-    loop = mixed_loop(bundle, engine, pages=8192)
+                   engine=engine, loop=mixed_loop(bundle, engine.model, pages=4096))
+    loop = mixed_loop(bundle, engine.model, pages=8192)
     watch = ProfiledSteps(loop, args.first, args.steps)
     generate_mixed(bundle, requests, settings, controller_for(bundle, settings, requests, engine), engine=engine,
                    loop=loop)

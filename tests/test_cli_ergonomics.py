@@ -54,8 +54,20 @@ def test_a_mistyped_setting_names_the_nearest_and_lists_them(tmp_path, no_ray):
     assert result.exit_code == 2
     assert result.output.splitlines() == [
         "error: unknown generation setting 'cfg_weigth' (did you mean cfg_weight?); the generation settings are: "
-        "bands, cfg_weight, controller, deterministic, guidance_max_tokens, guidance_temperature, kv_cache, reflect, "
-        "temperature, theta, think_max_tokens, top_k, top_p"]
+        "bands, cfg_weight, controller, deterministic, guidance_max_tokens, guidance_temperature, kv_cache, loop, "
+        "reflect, temperature, theta, think_max_tokens, top_k, top_p"]
+
+
+def test_a_loop_that_cannot_run_the_settings_is_refused_before_anything_starts(tmp_path, no_ray):
+    prompts = write_prompts(tmp_path / "p.parquet", 2)
+    for extra in (["--set", "kv_cache=fp8"], ["--deterministic"]):
+        result = runner.invoke(app, ["run", str(prompts), "-o", str(tmp_path / "o"), "--mode", "twig",
+                                     "--set", "loop=mixed", *extra])
+        assert result.exit_code == 2, result.output
+        assert "loop=mixed runs the KV cache in the model's dtype and without --deterministic" in result.output
+    unknown = runner.invoke(app, ["run", str(prompts), "-o", str(tmp_path / "o"), "--set", "loop=fast"])
+    assert unknown.exit_code == 2 and "loop must be one of auto, lockstep, mixed, got 'fast'" in unknown.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_takes_the_generation_flags_of_generate(tmp_path, monkeypatch):

@@ -12,9 +12,11 @@ from twig_batch.engine.inputs import TextPrompt
 from twig_batch.engine.mixed.loop import HOST_WAIT, MixedLoop
 from twig_batch.engine.mixed.pages import PagePool
 from twig_batch.engine.mixed.stages import HostCall, ImageStage, TextStage
+from twig_batch.engine.mixed.sizing import mixed_loop
+from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
-from twig_batch.pipeline import ImageRequest
-from twig_batch.pipeline.mixed import generate_mixed, mixed_loop
+from twig_batch.pipeline import ImageRequest, generate_images
+from twig_batch.pipeline.mixed import generate_mixed
 from twig_batch.pipeline.programs import HostWork
 from twig_batch.pipeline.reflection import ModelScorer
 from twig_batch.pipeline.thinking import ModelThinker
@@ -335,3 +337,26 @@ def test_texts_end_at_their_stop_token_wherever_it_falls(tiny64):
     written = loop.run(ask_once(TextStage(p, 12, 1.0)) for p in prompts)
     assert written == [reference_text(tiny64, p, 12, 1.0, stop_id=stop) for p in prompts]
     assert sorted(len(w) for w in written)[:2] == [1, 7] and max(len(w) for w in written) == 12
+
+
+def test_a_worker_engine_runs_mixed_settings_in_its_one_loop_and_keeps_it_across_calls(small):
+    """`loop=mixed` through `generate_images` (what every worker calls): the engine's own loop draws the
+    images the lockstep engine draws, and the next call runs in the same loop (its pages and graphs);
+    `auto` on a CPU leaves it to the lockstep engine. After `release` (an out-of-memory error) a new
+    loop is built."""
+    settings = GenerationSettings(mode="twig", bands=3, think_max_tokens=5, loop="mixed")
+    requests = requests_for(PROMPTS[:3])
+    engine = Engine(small)
+    first = generate_images(small, requests[:2], settings, engine=engine)
+    loop = engine.mixed_loop()
+    steps = loop.steps
+    assert steps > 0
+    second = generate_images(small, requests[2:], settings, engine=engine)
+    assert engine.mixed_loop() is loop and loop.steps > steps
+    lockstep = generate_images(small, requests, dataclasses.replace(settings, loop="lockstep"), engine=Engine(small))
+    assert all(same(a, b) for a, b in zip(first + second, lockstep))
+    steps = loop.steps
+    generate_images(small, requests[:1], dataclasses.replace(settings, loop="auto"), engine=engine)
+    assert loop.steps == steps
+    engine.release()
+    assert engine.mixed_loop() is not loop

@@ -41,6 +41,36 @@ def test_twig_mode_with_controller_records_everything(ray_cluster, tmp_path):
     assert info["settings"]["deterministic"] is True
 
 
+def test_twig_in_the_mixed_loop_through_the_batch_job_draws_what_the_lockstep_engine_draws(ray_cluster, tmp_path):
+    """`loop=auto` runs twig on a GPU in the mixed loop; asked for here on the CPU, the run says so,
+    records it per actor, and every image, thought, reflection and trigger log is the lockstep run's."""
+    prompts = write_prompts(tmp_path / "p.parquet", 4)
+    runs = {}
+    for loop in ("mixed", "lockstep"):
+        dest = tmp_path / loop
+        result = CliRunner().invoke(app, ["run", str(prompts), "--output", str(dest), "--mode", "twig", "--actors", "1",
+                                          "--set", "think_max_tokens=6", "--set", f"loop={loop}", "--controller",
+                                          "--controller-set", "force_every=40"])
+        assert result.exit_code == 0, result.output
+        info = json.loads((dest / "run.json").read_text())
+        assert [stats["loop"] for stats in info["attempts"][-1]["actor_stats"].values()] == [loop]
+        said = "the mixed loop: each image" if loop == "mixed" else "every image of a part through each stage together"
+        assert said in result.output
+        runs[loop] = sorted(read_manifest(dest).to_pylist(), key=lambda r: r["id"])
+    for mixed, lockstep in zip(runs["mixed"], runs["lockstep"]):
+        assert mixed["status"] == lockstep["status"] == "ok"
+        assert mixed["thoughts"] == lockstep["thoughts"] and mixed["reflections_json"] == lockstep["reflections_json"]
+        assert mixed["n_injections"] == lockstep["n_injections"] > 0
+        logs = [pq.read_table(run["trigger_log_uri"]).to_pydict() for run in (mixed, lockstep)]
+        for column in ("band", "attempt", "step", "fired", "forced", "injected"):
+            assert logs[0][column] == logs[1][column]
+        for column in ("s_t", "delta_s", "var_s", "u_t"):  # float32 sums in another order
+            assert logs[0][column] == pytest.approx(logs[1][column], abs=1e-6, nan_ok=True)
+        for uri_mixed, uri_lockstep in zip([mixed["image_uri"], *mixed["stage_image_uris"]],
+                                           [lockstep["image_uri"], *lockstep["stage_image_uris"]]):
+            assert Image.open(uri_mixed).tobytes() == Image.open(uri_lockstep).tobytes()
+
+
 def test_a_model_folder_missing_on_the_workers_is_one_line_before_any_actor(ray_cluster, tmp_path):
     """The driver lacks the folder and joins a cluster (whose GPU nodes might have it): one small task
     looks for it on a worker, before anything is written or any model loads."""

@@ -15,6 +15,10 @@ from twig_batch.errors import InputError, unknown_name
 
 MODES = ("plain", "twig", "seed")
 KV_CACHES = ("model", "fp8")  # the image-token cache in the model's dtype, or fp8 (engine/fp8_kv.py)
+# How a call's images are run: "lockstep" (every image of a part through each phase together,
+# pipeline/staged.py), "mixed" (each image through its stages on its own, pipeline/mixed.py), or
+# "auto" (`GenerationSettings.runs_mixed`).
+LOOPS = ("auto", "lockstep", "mixed")
 
 
 @dataclass(slots=True)
@@ -73,6 +77,15 @@ class ControllerConfig:
         if self.weights is not None:
             self.weights = str(self.weights)
 
+    def runs_mixed(self, on_gpu: bool) -> bool:
+        """Whether the mixed loop runs these settings' calls. `auto` picks it where it was measured
+        faster than the lockstep engine, twig on a GPU (benchmarks/README.md; on a CPU the tiny model's
+        steps cost their host work, which the mixed loop has more of), and where it has every feature
+        asked for (a cache in the model's dtype, no `deterministic`)."""
+        if self.loop != "auto":
+            return self.loop == "mixed"
+        return on_gpu and self.mode == "twig" and self.kv_cache == "model" and not self.deterministic
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -117,6 +130,7 @@ class GenerationSettings:
     controller: ControllerConfig | None = None  # None: no latent controller
     kv_cache: str = "model"
     deterministic: bool = False  # the same bits every run on a GPU, at some speed (engine/repeatable.py)
+    loop: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.controller, dict):  # settings that travelled as JSON (batch jobs, Ray actors)
@@ -128,6 +142,11 @@ class GenerationSettings:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.kv_cache not in KV_CACHES:
             raise InputError(f"kv cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+        if self.loop not in LOOPS:
+            raise InputError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.loop == "mixed" and (self.kv_cache != "model" or self.deterministic):
+            raise InputError("loop=mixed runs the KV cache in the model's dtype and without --deterministic (its "
+                             "kernels were not checked to repeat their bits); use loop=lockstep or loop=auto")
         # Values from `--set KEY=VALUE` or JSON may be text, NaN or floats: say so, rather than fail later.
         whole = ("bands", "think_max_tokens", "guidance_max_tokens") + (("top_k",) if self.top_k is not None else ())
         for name in whole:
@@ -153,6 +172,15 @@ class GenerationSettings:
         for name in ("think_max_tokens", "guidance_max_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+
+    def runs_mixed(self, on_gpu: bool) -> bool:
+        """Whether the mixed loop runs these settings' calls. `auto` picks it where it was measured
+        faster than the lockstep engine, twig on a GPU (benchmarks/README.md; on a CPU the tiny model's
+        steps cost their host work, which the mixed loop has more of), and where it has every feature
+        asked for (a cache in the model's dtype, no `deterministic`)."""
+        if self.loop != "auto":
+            return self.loop == "mixed"
+        return on_gpu and self.mode == "twig" and self.kv_cache == "model" and not self.deterministic
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -42,8 +42,12 @@ def describe_event(event: dict) -> str:
                 f"(model loaded in {event.get('model_load_s', 0):.1f}s, kernels compiled in "
                 f"{event.get('warm_up_s', 0):.1f}s)")
     if kind == "part_size":
-        origin = (f"at most {event.get('most', event['images'])} fit its free memory" if event.get("from_free_memory")
-                  else f"at most {event.get('most', event['images'])} as set")
+        most = event.get("most", event["images"])
+        if event.get("loop") == "mixed":
+            origin = "the mixed loop: each image through its stages on its own"
+        else:
+            origin = f"at most {most} fit its free memory" if event.get("from_free_memory") else f"at most {most} as set"
+            origin += "; every image of a part through each stage together" if event.get("loop") else ""
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"
     if kind == "uncompiled_kernels":
         kernels = event["kernels"]

@@ -50,6 +50,10 @@ WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
 DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it
+# Images per part in the mixed loop, which takes its memory as its images need it: a part is then the
+# unit of progress (its rows come back together) and of a retry, and each part ends on its last image
+# alone, so parts are as large as keeps the rows coming every half-minute or so (twig: 3-4 images/s).
+MIXED_PART_IMAGES = 128
 
 
 class ImageGenerator:
@@ -193,8 +197,10 @@ class ImageGenerator:
             self._reserve(most, self._size)  # the graphs of this batch's calls, before its first part
             if getattr(self, "_reported", None) != (self._size, most):
                 self._reported = (self._size, most)
+                mixed = self._runs_mixed()
                 self._event({"kind": "part_size", "actor": self.name, "images": self._size, "most": most,
-                             "from_free_memory": self.images_per_call is None and self.bundle.device.type == "cuda"})
+                             "loop": "mixed" if mixed else "lockstep", "from_free_memory":
+                             self.images_per_call is None and self.bundle.device.type == "cuda" and not mixed})
         size = min(self._size, self._parts.cap or self._size)
         part = waiting[:size]
         del waiting[:size]
@@ -227,7 +233,7 @@ class ImageGenerator:
 
     def _part_size(self, requests: list[ImageRequest]) -> int:
         free = None
-        if self.images_per_call is None and self.bundle.device.type == "cuda":
+        if self.images_per_call is None and self.bundle.device.type == "cuda" and not self._runs_mixed():
             import torch
 
             torch.cuda.empty_cache()  # cached blocks of the last part's cache would fragment this one's
@@ -238,11 +244,16 @@ class ImageGenerator:
     def _reserve(self, most: int, call_images: int | None = None) -> None:
         """The engine's sizing step (on a GPU): its arena for parts of up to `most` images, once, so
         later parts reuse it and the graphs over it; the image step's graphs for parts of
-        `call_images` (None: `most`)."""
+        `call_images` (None: `most`). In the mixed loop: the loop's page pool, whatever the parts."""
         from twig_batch.pipeline.sequences import call_shape
 
-        if self.bundle.device.type == "cuda":
+        if self._runs_mixed():
+            self.engine.mixed_loop()
+        elif self.bundle.device.type == "cuda":
             self.engine.reserve(call_shape(self.bundle, self.settings), most, call_images)
+
+    def _runs_mixed(self) -> bool:
+        return self.settings.runs_mixed(self.bundle.device.type == "cuda")
 
     def _event(self, event: dict) -> None:
         """Kept for the driver (`report_events`), else said in the actor's own log."""
@@ -317,12 +328,15 @@ def _done(row: dict) -> Future:
 
 def part_size(bundle, settings: GenerationSettings, prompts: list[str], fixed: int | None,
               free_bytes: int | None) -> int:
-    """Images per model call: `fixed` when given; else what fits `free_bytes` of device memory for
-    these prompts; with no figure (off a GPU), all of them at once."""
+    """Images per model call: `fixed` when given; in the mixed loop, at most `MIXED_PART_IMAGES`; else
+    what fits `free_bytes` of device memory for these prompts; with no figure (off a GPU), all of them
+    at once."""
     from twig_batch.pipeline.sequences import PROMPT_TOKENS, images_per_call
 
     if fixed is not None:
         return fixed
+    if settings.runs_mixed(bundle.device.type == "cuda"):  # its pages fill the free memory, whatever the part
+        return max(1, min(len(prompts), MIXED_PART_IMAGES))
     if free_bytes is None or not prompts:
         return max(1, len(prompts))
     longest = max(len(bundle.encode(prompt)) for prompt in prompts)

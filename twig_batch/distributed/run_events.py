@@ -74,6 +74,8 @@ class RunEvents:
             if kind == "startup":
                 record.update(device=event.get("device"), model_load_s=event.get("model_load_s"),
                               warm_up_s=event.get("warm_up_s"))
+            elif "loop" in event:  # which loop draws its images (they differ in bf16)
+                record["loop"] = event["loop"]
             self.echo(describe_event(event))
             return True
         if kind == "uncompiled_kernels":  # a compile fallback: slower, the same images

@@ -23,7 +23,9 @@ too are captured on first use.
 
 Two calls run: `draw_image_tokens` (`fast.py`, CFG row pairs: `inputs.py`) and `write_texts`
 (`fast_text.py`). As in nano-vllm's split, the pipeline decides what to draw and write and in which
-batches; the engine only runs it.
+batches; the engine only runs it. A worker whose settings run the mixed loop instead
+(`GenerationSettings.runs_mixed`) takes the engine's one loop (`mixed_loop`): its page pool, sized from
+the free memory, and its graphs live as long as the worker, like the arena and graphs above.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ from twig_batch.engine.hooks import ImageTokenObserver
 from twig_batch.engine.inputs import TextPrompt
 from twig_batch.engine.kv_arena import KVArenas
 from twig_batch.engine.memory import CallShape, arena_bytes, free_device_bytes
+from twig_batch.engine.mixed.loop import MixedLoop
+from twig_batch.engine.mixed.sizing import mixed_loop
 from twig_batch.engine.repeatable import attention_for
 from twig_batch.engine.static_decoder import StaticKVCache
 from twig_batch.engine.warm_up import warm_up
@@ -60,6 +64,7 @@ class Engine:
         self.arenas = KVArenas(bundle.device, on_release=self.graphs.forget)
         lm = bundle.language_model
         self.model = FastModel.for_device(lm) if fused is None else FastModel.compiled(lm, join=fused)
+        self._mixed: MixedLoop | None = None  # built on first use (`mixed_loop`)
         warm_up(bundle, self.model)  # kernels compile now, not during the first call (a no-op off a GPU)
 
     @classmethod
@@ -97,8 +102,22 @@ class Engine:
                 for attend in self.image_buckets(shape, cache.max_len):
                     graphs.capture(attend)
 
+    def mixed_loop(self) -> MixedLoop:
+        """The mixed loop every call of this worker runs in (`pipeline/mixed.py`), over this model.
+        Built on first use, over as many KV pages as the free memory then holds (idle arenas and the
+        graphs over them go first: a worker runs one kind of call), and kept, with its graphs, for
+        every later call."""
+        if self._mixed is None:
+            self.release()
+            if self.bundle.device.type == "cuda":
+                torch.cuda.empty_cache()  # the arenas' blocks, back to the device before the pool is sized
+            self._mixed = mixed_loop(self.bundle, self.model)
+        return self._mixed
+
     def release(self) -> None:
-        """Every kept graph and idle arena goes (after an out-of-memory error: start from an empty device)."""
+        """Every kept graph, idle arena and the mixed loop's pages go (after an out-of-memory error:
+        start from an empty device)."""
+        self._mixed = None
         self.graphs.forget()
         self.arenas.release()
 

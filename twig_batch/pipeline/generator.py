@@ -10,7 +10,9 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
                     templates=None, engine=None) -> list[ImageResult]:
     """Generate one image per request; all requests share the settings, each has its own seed.
 
-    Every mode runs the one band loop (`staged.generate_staged`); `templates` (see
+    Every mode runs the one band loop: each phase of every image together (`staged.generate_staged`),
+    or, where `settings.runs_mixed`, each image through its stages on its own in the engine's mixed
+    loop (`mixed.generate_mixed`; the same images in float64); `templates` (see
     `prompts.load_templates`) replaces the wording of the staged modes' prompts. With
     `settings.controller` set (and no `observer` given) a latent controller watches every image and
     its trigger log lands in the image's result. `engine` (`engine/runner.py`) is the worker's own,
@@ -30,5 +32,10 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
         observer = LatentController(bundle, [r.prompt for r in requests], settings.controller,
                                     weights=shared_controller_net(bundle, settings.controller), model=engine.model)
 
+    if settings.runs_mixed(bundle.device.type == "cuda"):
+        from twig_batch.pipeline.mixed import generate_mixed
+
+        return generate_mixed(bundle, requests, settings, observer, engine=engine, templates=templates,
+                              loop=engine.mixed_loop())
     with attention_for(engine.deterministic):
         return generate_staged(bundle, requests, settings, observer, engine=engine, templates=templates)
