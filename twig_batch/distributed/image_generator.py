@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import sys
 import threading
 import time
@@ -50,10 +51,10 @@ WRITER_THREADS = 8  # images encoded and written at once per actor
 ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary())),
                    ("trigger_log_json", pa.string())]
 DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it
-# Images per part in the mixed loop, which takes its memory as its images need it: a part is then the
-# unit of progress (its rows come back together) and of a retry, and each part ends on its last image
-# alone, so parts are as large as keeps the rows coming every half-minute or so (twig: 3-4 images/s).
-MIXED_PART_IMAGES = 128
+# In the mixed loop a call is one part (the loop takes memory as its images need it, and every part
+# would end on its slowest image alone): its rows come back as images finish, once STREAM_ROWS are
+# written or STREAM_EVERY_S after the last rows, whichever comes first.
+STREAM_ROWS, STREAM_EVERY_S = 32, 10.0
 
 
 class ImageGenerator:
@@ -94,6 +95,8 @@ class ImageGenerator:
         # while the next part is drawn.
         self._drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twig-draw")
         self._parts = PartDrawer(self._draw, free_memory=self._free_memory)
+        self._finished: queue.Queue | None = None  # the mixed loop's finished images, on their way to the writers
+        self._delivered: set[int] = set()  # of the batch streamed now, the requests handed to the writers
         self.name = _actor_name()
         if self.storage is not None:  # the batch driver's retry time, and its board to say that writes wait
             from twig_batch.io.retry import RetryPolicy
@@ -170,6 +173,9 @@ class ImageGenerator:
         on how a batch is split (per-row seeds and positions)."""
         if not requests:
             return
+        if self._runs_mixed():
+            yield from self._generate_streamed(requests)
+            return
         waiting = list(requests)
         drawing = self._drawing.submit(self._next_part, waiting, first=True)
         while drawing is not None:
@@ -182,12 +188,54 @@ class ImageGenerator:
             drawing = self._drawing.submit(self._next_part, waiting) if waiting else None
             writes = [self._writers.submit(self._store, d.request, d.result, d.seconds) if d.error is None
                       else _done(self._error(d.request, d.error)) for d in drawn]
-            rows = []
-            for write in writes:
-                rows.append(write.result())
-                if self.faults is not None:
-                    self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+            yield self._written(writes)
+
+    def _generate_streamed(self, requests: list[ImageRequest]):
+        """Rows as the mixed loop finishes images: the batch is one part, each image written as soon as
+        it is done, its row handed back with the others written by then (`STREAM_ROWS`,
+        `STREAM_EVERY_S`), each group with a "part" event of its own (the driver's rates and ETA); the
+        rows that failed come last. A part split after a failure draws only the images not handed back."""
+        self._finished, self._delivered = queue.Queue(), set()
+        drawing = self._drawing.submit(self._every_part, list(requests))
+        writes, since = [], time.perf_counter()
+        while True:
+            try:
+                request, result, seconds = self._finished.get(timeout=0.2)
+                writes.append(self._writers.submit(self._store, request, result, seconds))
+            except queue.Empty:
+                pass
+            over = drawing.done() and self._finished.empty()  # every image is put before the part ends
+            now = time.perf_counter()
+            if writes and (over or len(writes) >= STREAM_ROWS or now - since >= STREAM_EVERY_S):
+                self._event({"kind": "part", "actor": self.name, "images": len(writes), "draw_s": round(now - since, 3)})
+                yield self._written(writes)
+                writes, since = [], now
+            if over:
+                break
+        try:
+            drawn = drawing.result()
+        except Exception as exc:
+            if breaks_the_device(exc):
+                self._end_process(exc)
+            raise
+        rows = [self._error(d.request, d.error) for d in drawn if d.error is not None]
+        if rows:
             yield rows
+
+    def _every_part(self, waiting: list[ImageRequest]) -> list[Drawn]:
+        """Every request of `waiting` drawn: in one part, or in parts as an earlier out-of-memory error caps them."""
+        drawn = self._next_part(waiting, first=True)
+        while waiting:
+            drawn += self._next_part(waiting)
+        return drawn
+
+    def _written(self, writes: list[Future]) -> list[dict]:
+        rows = []
+        for write in writes:
+            rows.append(write.result())
+            if self.faults is not None:
+                self.faults.row_stored()  # an injected kill lands here: objects written, rows not yet returned
+        return rows
 
     def _next_part(self, waiting: list[ImageRequest], first: bool = False) -> list[Drawn]:
         """Draws the next part of `waiting` (and takes it off); the first part of a batch sizes them."""
@@ -210,8 +258,9 @@ class ImageGenerator:
         for event in self._parts.events[known:]:
             self._event({**event.record(), "actor": self.name})
         self._say_uncompiled()
-        self._event({"kind": "part", "actor": self.name, "images": len(part),
-                     "draw_s": round(time.perf_counter() - start, 3)})
+        if self._finished is None:  # streamed rows come with part events of their own
+            self._event({"kind": "part", "actor": self.name, "images": len(part),
+                         "draw_s": round(time.perf_counter() - start, 3)})
         return drawn
 
     def _draw(self, requests: list[ImageRequest]):
@@ -219,7 +268,20 @@ class ImageGenerator:
 
         if self.faults is not None:
             self.faults.before_part(requests)
-        return generate_images(self.bundle, requests, self.settings, templates=self.templates, engine=self.engine)
+        if self._finished is None:
+            return generate_images(self.bundle, requests, self.settings, templates=self.templates, engine=self.engine)
+        # Streamed: each image goes to the writers as it is done; those handed back already are not drawn again.
+        todo = [request for request in requests if id(request) not in self._delivered]
+        start = time.perf_counter()
+
+        def finished(index: int, result) -> None:
+            self._delivered.add(id(todo[index]))
+            seconds = (time.perf_counter() - start) / (len(self._delivered) or 1)  # the call's time so far, shared
+            self._finished.put((todo[index], result, seconds))
+
+        generate_images(self.bundle, todo, self.settings, templates=self.templates, engine=self.engine,
+                        on_result=finished)
+        return [None] * len(requests)  # every result went to the writers
 
     def _free_memory(self) -> None:
         """After an out-of-memory error: every cache and captured graph goes, so the smaller parts
@@ -328,15 +390,14 @@ def _done(row: dict) -> Future:
 
 def part_size(bundle, settings: GenerationSettings, prompts: list[str], fixed: int | None,
               free_bytes: int | None) -> int:
-    """Images per model call: `fixed` when given; in the mixed loop, at most `MIXED_PART_IMAGES`; else
-    what fits `free_bytes` of device memory for these prompts; with no figure (off a GPU), all of them
-    at once."""
+    """Images per model call: `fixed` when given; in the mixed loop, all of them; else what fits
+    `free_bytes` of device memory for these prompts; with no figure (off a GPU), all of them at once."""
     from twig_batch.pipeline.sequences import PROMPT_TOKENS, images_per_call
 
     if fixed is not None:
         return fixed
     if settings.runs_mixed(bundle.device.type == "cuda"):  # its pages fill the free memory, whatever the part
-        return max(1, min(len(prompts), MIXED_PART_IMAGES))
+        return max(1, len(prompts))
     if free_bytes is None or not prompts:
         return max(1, len(prompts))
     longest = max(len(bundle.encode(prompt)) for prompt in prompts)

@@ -9,6 +9,9 @@ from twig_batch.errors import InputError
 from twig_batch.settings import GenerationSettings
 
 GPU_WORK_BATCH = 256
+# The mixed loop hands rows back as its images finish, so a call may be long; each call ends on its
+# slowest image alone, so the fewer calls the better.
+MIXED_WORK_BATCH = 1024
 CPU_BATCH = 16
 
 if TYPE_CHECKING:
@@ -27,8 +30,8 @@ class RunConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     images_per_call: int | None = None  # images per model call; default: what fits the GPU (all of a call on a CPU)
-    # Work items per actor call; default: images_per_call
-    # when given, else up to 256 on a GPU (fewer on a short run, see `work_batch`; 16 on a CPU).
+    # Work items per actor call; default: images_per_call when given, else up to 256 on a GPU (1024 in
+    # the mixed loop; fewer on a short run, see `work_batch`; 16 on a CPU).
     work_batch_size: int | None = None
     samples_per_prompt: int = 1
     seed: int = 0
@@ -94,8 +97,9 @@ class RunConfig:
 
     def work_batch(self, gpus_per_actor: float, items: int | None = None, actors: int = 1) -> int:
         """Work items per actor call. Left to the GPU, a call brings enough work for the largest batch
-        that fits (the actor draws it in memory-sized parts), at most 256, and a run of `items` is cut into
-        equal calls, the same number for each of its `actors`; on a CPU a call is one small batch."""
+        that fits (the actor draws it in memory-sized parts), at most 256 (in the mixed loop, which streams
+        its rows back, 1024), and a run of `items` is cut into equal calls, the same number for each of its
+        `actors`; on a CPU a call is one small batch."""
         if self.work_batch_size is not None:
             return self.work_batch_size
         if self.images_per_call is not None:
@@ -107,7 +111,8 @@ class RunConfig:
         # Calls of one size, as many for each actor: a short run reaches every GPU, and no actor is
         # left drawing a last call alone while the others wait.
         actors = max(actors, 1)
-        calls = actors * -(-items // (actors * GPU_WORK_BATCH))
+        most = MIXED_WORK_BATCH if self.settings.runs_mixed(on_gpu=True) else GPU_WORK_BATCH
+        calls = actors * -(-items // (actors * most))
         return -(-items // calls)
 
     def retry_policy(self):

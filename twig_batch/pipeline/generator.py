@@ -7,7 +7,7 @@ from twig_batch.settings import GenerationSettings
 
 
 def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None,
-                    templates=None, engine=None) -> list[ImageResult]:
+                    templates=None, engine=None, on_result=None) -> list[ImageResult]:
     """Generate one image per request; all requests share the settings, each has its own seed.
 
     Every mode runs the one band loop: each phase of every image together (`staged.generate_staged`),
@@ -16,7 +16,8 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
     `prompts.load_templates`) replaces the wording of the staged modes' prompts. With
     `settings.controller` set (and no `observer` given) a latent controller watches every image and
     its trigger log lands in the image's result. `engine` (`engine/runner.py`) is the worker's own,
-    built once; without one, a fresh one for `settings` serves this call.
+    built once; without one, a fresh one for `settings` serves this call. `on_result(index, result)`
+    hears of each image as soon as it is done: in the mixed loop one by one, in lockstep all at the end.
     """
     if not requests:
         return []
@@ -36,6 +37,9 @@ def generate_images(bundle, requests: list[ImageRequest], settings: GenerationSe
         from twig_batch.pipeline.mixed import generate_mixed
 
         return generate_mixed(bundle, requests, settings, observer, engine=engine, templates=templates,
-                              loop=engine.mixed_loop())
+                              loop=engine.mixed_loop(), on_result=on_result)
     with attention_for(engine.deterministic):
-        return generate_staged(bundle, requests, settings, observer, engine=engine, templates=templates)
+        results = generate_staged(bundle, requests, settings, observer, engine=engine, templates=templates)
+    for index, result in enumerate(results if on_result is not None else ()):
+        on_result(index, result)
+    return results

@@ -25,11 +25,11 @@ from twig_batch.settings import GenerationSettings
 @torch.no_grad()
 def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSettings, observer=None, *,
                    engine=None, templates: Templates | None = None, thinker=None, scorer=None, guide=None,
-                   loop: MixedLoop | None = None) -> list[ImageResult]:
+                   loop: MixedLoop | None = None, on_result=None) -> list[ImageResult]:
     """One image per request, as `generate_staged` draws it; `observer` (the latent controller, built
     for `requests`) watches every band of every image. `loop` runs them (a worker's is its engine's,
     `Engine.mixed_loop`; None: a new one over as many pages as the free memory holds, running
-    `engine`'s model)."""
+    `engine`'s model). `on_result(index, result)` hears of each image as soon as it is done."""
     if not requests:
         return []
     templates = templates or DEFAULT_TEMPLATES
@@ -38,4 +38,5 @@ def generate_mixed(bundle, requests: list[ImageRequest], settings: GenerationSet
                     scorer or ModelScorer(templates, lengths=lengths), guide or ModelGuide(templates, lengths=lengths))
     loop = loop or mixed_loop(bundle, None if engine is None else engine.model)
     work = HostWork(bundle, BandSchedule(bundle.grid, settings.bands))
-    return loop.run(image_program(bundle, r, settings, askers, work, observer, i) for i, r in enumerate(requests))
+    return loop.run((image_program(bundle, r, settings, askers, work, observer, i) for i, r in enumerate(requests)),
+                    on_result)

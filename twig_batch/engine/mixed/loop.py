@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -112,8 +112,9 @@ class MixedLoop:
         return now
 
     @torch.no_grad()
-    def run(self, programs: Iterable[Iterator]) -> list:
-        """Every program's return value, in the programs' order."""
+    def run(self, programs: Iterable[Iterator], on_outcome: Callable[[int, object], None] | None = None) -> list:
+        """Every program's return value, in the programs' order; `on_outcome(index, value)` hears of
+        each as soon as its program returns it."""
         waiting = deque(enumerate(programs))
         asked: deque = deque()  # (program, stage index, stage): asked by a running program, not admitted
         host: list = []  # (program, stage index, HostCall): waiting for the next round of host calls
@@ -124,6 +125,8 @@ class MixedLoop:
             stages = program.ask(sent)
             if not stages:
                 outcomes[program.index] = program.outcome
+                if on_outcome is not None:
+                    on_outcome(program.index, program.outcome)
             for i, stage in enumerate(stages):
                 (host if isinstance(stage, HostCall) else asked).append((program, i, stage))
 
