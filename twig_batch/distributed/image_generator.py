@@ -4,7 +4,8 @@ callable class of a Ray Data `map_batches` in a pipeline of the user's own.
 `__init__` loads the model once per actor, `__call__(batch)` turns a batch of work items (id,
 prompt, sample_index, seed) into manifest rows. It is a generator: the batch is
 drawn in parts that fit the device, and each part's rows are handed back as soon as they are
-written, so the driver sees progress part by part. With `output` set, the images are written there
+written, so the driver sees progress part by part. In the mixed loop (`GenerationSettings.runs_mixed`)
+the batch is one part, and rows come back as its images finish, a few at a time. With `output` set, the images are written there
 and the rows carry their URIs; without it, the PNG bytes travel in the returned batches, for
 pipelines that want to handle images themselves.
 
@@ -24,7 +25,8 @@ sizing step (`Engine.reserve`: the KV arena, and the CUDA graphs of the image de
 a GPU as soon as the call size is known: in `__init__` when `images_per_call` is given, else at the
 first part of the first batch (the size then comes from the free memory and the batch's prompts).
 Each batch's first part sizes again for its own part size (equal parts may be smaller than the
-most that fit): only what is missing is captured, before that part is drawn.
+most that fit): only what is missing is captured, before that part is drawn. In the mixed loop the
+sizing step is the loop's page pool, built once over the free memory (`Engine.mixed_loop`).
 """
 from __future__ import annotations
 
