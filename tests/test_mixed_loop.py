@@ -326,6 +326,27 @@ def test_host_calls_of_bands_ending_a_few_steps_apart_wait_for_each_other(small)
     assert rounds == [lengths]
 
 
+def test_no_more_programs_run_at_once_than_allowed_and_each_outcome_is_heard_when_it_comes(small):
+    """With `max_programs` 2, a program starts only once another has returned; the images are the
+    same as with every program at once, and `on_outcome` hears of each as its program returns."""
+    running, most, heard = set(), [], []
+
+    def program(n):
+        running.add(n)
+        most.append(len(running))
+        [codes] = yield [ImageStage(t2i_prompt_ids(small, PROMPTS[n]), 100 + n, GenerationSettings(), n_tokens=2 + n)]
+        running.discard(n)
+        return codes
+
+    capped = MixedLoop(small, PagePool(small.language_model, 200, 4), max_programs=2)
+    got = capped.run((program(n) for n in range(5)), lambda i, codes: heard.append((i, set(running))))
+    assert max(most) == 2
+    assert [i for i, _ in heard] == [0, 1, 2, 3, 4] and all(i not in now for i, now in heard)
+    most.clear()
+    free = MixedLoop(small, PagePool(small.language_model, 200, 4)).run(program(n) for n in range(5))
+    assert max(most) == 5 and all(torch.equal(a, b) for a, b in zip(got, free))
+
+
 def test_texts_end_at_their_stop_token_wherever_it_falls(tiny64):
     """A stop token the tiny model does draw (random weights never draw their real one): texts end
     there, at different steps, and every other text runs on; each as the reference writes it."""

@@ -7,8 +7,8 @@ a canvas seen by the vision model) it asks for as a `HostCall`, which the loop m
 program waiting on it at once, between two steps, once a few are waiting (`HOST_ROUND`, `HOST_WAIT`).
 The loop holds the programs not started yet in a queue and, at every step:
 1. admits stages: first those asked by programs already running (in the order asked), then the first
-   stages of new programs, while the page pool can promise what each stage may need (`stages.py`) and
-   the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
+   stages of new programs (while fewer than `MAX_PROGRAMS` run), while the page pool can promise what
+   each stage may need (`stages.py`) and the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
    after it wait behind it, so no image starves;
 2. builds one step: every run that is decoding feeds its one token, runs still prefilling share what
    is left of the step's token budget in chunks (a run's two CFG rows always take the same chunk);
@@ -52,6 +52,11 @@ HOST_ROUND, HOST_WAIT = 16, 4
 # Injected runs are thought for and redone together once PARK_ROUND are waiting, the oldest has
 # waited PARK_WAIT steps, or nothing else is fed.
 PARK_ROUND, PARK_WAIT = 32, 8
+# Images in the loop at once, at most. More than fill a step's token budget only make every image
+# slower: a call of 512 twig images at once finished its first image after 150 s and ran at 2.6
+# images/s on an H200, against 2.95 in calls of 128 (benchmarks/README.md). A new image starts as one
+# finishes, so images finish at a steady pace.
+MAX_PROGRAMS = 128
 
 
 class _Program:
@@ -78,10 +83,12 @@ class _Program:
 
 class MixedLoop:
     """Runs image programs over one page pool. `step_tokens`: tokens one step feeds at most (decoding
-    rows first, then prefill chunks); `max_rows`: sequences in one step at most."""
+    rows first, then prefill chunks); `max_rows`: sequences in one step at most; `max_programs`:
+    programs running at once at most (the others wait their turn)."""
 
     def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = 2048,
-                 max_rows: int = 512, profile: bool = False, fixed_steps: bool | None = None):
+                 max_rows: int = 512, profile: bool = False, fixed_steps: bool | None = None,
+                 max_programs: int = MAX_PROGRAMS):
         """With `profile`, each step waits for its forward pass, so that `seconds["forward"]` is the
         device's time for it (without, the time to queue it) and `seconds["sample"]` the rest.
         `fixed_steps`: steps where every row feeds one token run at fixed shapes (`graphs.DecodeSteps`,
@@ -95,6 +102,7 @@ class MixedLoop:
         self.decode_steps = DecodeSteps(self.model, pool, capture=on_gpu) if (
             on_gpu if fixed_steps is None else fixed_steps) else None
         self.step_tokens, self.max_rows, self.profile = step_tokens, max_rows, profile
+        self.max_programs = max_programs
         self.steps = self.fed_tokens = self.fed_rows = 0  # steps run, tokens and sequences fed over them
         self._unread: list[_ReadBack] = []  # text tokens of the last step, on their way to the host
         self._verdicts: list[_Verdicts] = []  # the controller's verdicts on the last step's image tokens
@@ -137,6 +145,7 @@ class MixedLoop:
                 start(program, program.results)
 
         host_since = 0  # the step at which the oldest host call waiting was asked for
+        started = 0  # programs started (those running: started, less those with an outcome)
         while waiting or asked or host or runs:
             since = time.perf_counter()
             if host and (not runs or len(host) >= HOST_ROUND or self.steps - host_since >= HOST_WAIT):
@@ -145,7 +154,9 @@ class MixedLoop:
                     for (program, i, _), result in zip(calls, _call_together([call for _, _, call in calls])):
                         finish(program, i, result)
             self._admit(asked, runs)
-            while not asked and waiting and self._rows(runs) + 2 <= self.max_rows:
+            while (not asked and waiting and self._rows(runs) + 2 <= self.max_rows
+                   and started - len(outcomes) < self.max_programs):
+                started += 1
                 index, generator = waiting.popleft()
                 start(_Program(index, generator), None)
                 self._admit(asked, runs)
