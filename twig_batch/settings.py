@@ -77,15 +77,6 @@ class ControllerConfig:
         if self.weights is not None:
             self.weights = str(self.weights)
 
-    def runs_mixed(self, on_gpu: bool) -> bool:
-        """Whether the mixed loop runs these settings' calls. `auto` picks it where it was measured
-        faster than the lockstep engine, twig on a GPU (benchmarks/README.md; on a CPU the tiny model's
-        steps cost their host work, which the mixed loop has more of), and where it has every feature
-        asked for (a cache in the model's dtype, no `deterministic`)."""
-        if self.loop != "auto":
-            return self.loop == "mixed"
-        return on_gpu and self.mode == "twig" and self.kv_cache == "model" and not self.deterministic
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -55,7 +55,7 @@ ENCODED_COLUMNS = [("image_png", pa.binary()), ("stage_pngs", pa.list_(pa.binary
 DEVICE_BROKEN_EXIT_CODE = 87  # the actor ends itself after a CUDA error: Ray restarts it
 # In the mixed loop a call is one part (the loop takes memory as its images need it, and every part
 # would end on its slowest image alone): its rows come back as images finish, once STREAM_ROWS are
-# written or STREAM_EVERY_S after the last rows, whichever comes first.
+# written or STREAM_EVERY_S after the first of them, whichever comes first.
 STREAM_ROWS, STREAM_EVERY_S = 32, 10.0
 
 
@@ -181,12 +181,7 @@ class ImageGenerator:
         waiting = list(requests)
         drawing = self._drawing.submit(self._next_part, waiting, first=True)
         while drawing is not None:
-            try:
-                drawn = drawing.result()
-            except Exception as exc:
-                if breaks_the_device(exc):
-                    self._end_process(exc)
-                raise
+            drawn = self._drawn(drawing)
             drawing = self._drawing.submit(self._next_part, waiting) if waiting else None
             writes = [self._writers.submit(self._store, d.request, d.result, d.seconds) if d.error is None
                       else _done(self._error(d.request, d.error)) for d in drawn]
@@ -203,24 +198,20 @@ class ImageGenerator:
         while True:
             try:
                 request, result, seconds = self._finished.get(timeout=0.2)
+                if not writes:  # a group waits STREAM_EVERY_S from its first image: the first image
+                    first = time.perf_counter()  # alone would give the driver's ETA a rate of one image
                 writes.append(self._writers.submit(self._store, request, result, seconds))
             except queue.Empty:
                 pass
             over = drawing.done() and self._finished.empty()  # every image is put before the part ends
             now = time.perf_counter()
-            if writes and (over or len(writes) >= STREAM_ROWS or now - since >= STREAM_EVERY_S):
+            if writes and (over or len(writes) >= STREAM_ROWS or now - first >= STREAM_EVERY_S):
                 self._event({"kind": "part", "actor": self.name, "images": len(writes), "draw_s": round(now - since, 3)})
                 yield self._written(writes)
                 writes, since = [], now
             if over:
                 break
-        try:
-            drawn = drawing.result()
-        except Exception as exc:
-            if breaks_the_device(exc):
-                self._end_process(exc)
-            raise
-        rows = [self._error(d.request, d.error) for d in drawn if d.error is not None]
+        rows = [self._error(d.request, d.error) for d in self._drawn(drawing) if d.error is not None]
         if rows:
             yield rows
 
@@ -230,6 +221,15 @@ class ImageGenerator:
         while waiting:
             drawn += self._next_part(waiting)
         return drawn
+
+    def _drawn(self, drawing: Future) -> list[Drawn]:
+        """What the drawing thread drew; after an error that leaves the device unusable, the process ends."""
+        try:
+            return drawing.result()
+        except Exception as exc:
+            if breaks_the_device(exc):
+                self._end_process(exc)
+            raise
 
     def _written(self, writes: list[Future]) -> list[dict]:
         rows = []
