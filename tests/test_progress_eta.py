@@ -49,3 +49,18 @@ def test_between_two_parts_the_eta_counts_down_and_stops_at_zero(monkeypatch):
     assert progress.eta_s() == 0.0
     progress.update(16, 0)  # rows again: the count starts afresh from what is left
     assert progress.eta_s() == 20.0
+
+
+def test_an_actor_in_the_mixed_loop_counts_its_first_rows_drawing_time_in_its_rate(tmp_path):
+    """Its images run side by side: the first rows come after a whole chain of stages, and the rows
+    after them were mostly drawn before. Its rate is every row over every second it drew."""
+    from twig_batch.distributed.run_events import RunEvents
+    from twig_batch.io.storage import open_storage
+
+    events = RunEvents(storage=open_storage(str(tmp_path)), info={"attempts": [{}]}, echo=lambda line: None)
+    events.add([{"kind": "part_size", "actor": "a", "images": 512, "most": 512, "loop": "mixed"},
+                {"kind": "part", "actor": "a", "images": 32, "draw_s": 60.0}])
+    assert events.steady_images_per_s() == 32 / 60
+    events.add([{"kind": "part", "actor": "a", "images": 32, "draw_s": 2.0},
+                {"kind": "part", "actor": "a", "images": 32, "draw_s": 2.0}])
+    assert events.steady_images_per_s() == 96 / 64  # not 64 images over the 4 s since the first rows

@@ -33,11 +33,11 @@ class RunEvents:
             write_run_info(self.storage, self.info)
 
     def steady_images_per_s(self) -> float | None:
-        """Images per second once running: each actor's rows after its first part over the time from
-        that part's arrival to its last, summed over the actors (None before any has two parts)."""
-        rates = [(a["images"] - a["first_part_images"]) / (a["last_part_at"] - a["first_part_at"])
-                 for a in self.attempt["actor_stats"].values()
-                 if a.get("parts", 0) > 1 and a["last_part_at"] > a["first_part_at"]]
+        """Images per second once running, summed over the actors (None before any has a rate): each
+        actor's rows after its first part over the time from that part's arrival to its last. An actor
+        in the mixed loop hands rows back as images finish, and those after its first rows were drawn
+        partly before them: all its rows over its drawing time count instead."""
+        rates = [rate for rate in map(_steady_rate, self.attempt["actor_stats"].values()) if rate is not None]
         return sum(rates) if rates else None
 
     def running_images_per_s(self) -> float | None:
@@ -94,3 +94,11 @@ class RunEvents:
             self._said.add(said)
             self.echo(describe_event(event))
         return True
+
+
+def _steady_rate(actor: dict) -> float | None:
+    if actor.get("loop") == "mixed":
+        return actor["images"] / actor["busy_s"] if actor.get("parts") and actor.get("busy_s") else None
+    if actor.get("parts", 0) > 1 and actor["last_part_at"] > actor["first_part_at"]:
+        return (actor["images"] - actor["first_part_images"]) / (actor["last_part_at"] - actor["first_part_at"])
+    return None
