@@ -47,7 +47,9 @@ def test_rows_come_back_as_the_mixed_loop_finishes_images(monkeypatch, lockstep_
     tables = list(generator(work(5)))
     rows = [row for table in tables for row in detach_events(table)[0].to_pylist()]
     events = [event for table in tables for event in detach_events(table)[1]]
-    assert len(tables) == 5 and sorted(r["id"] for r in rows) == sorted(lockstep_rows)
+    first_rows, first_events = detach_events(tables[0])  # the start, said before the first rows
+    assert first_rows.num_rows == 0 and {e["kind"] for e in first_events} >= {"startup", "part_size"}
+    assert len(tables) == 6 and sorted(r["id"] for r in rows) == sorted(lockstep_rows)
     assert [e["images"] for e in events if e["kind"] == "part"] == [1] * 5
     assert [e["loop"] for e in events if e["kind"] == "part_size"] == ["mixed"]
     assert len(finished) == 5

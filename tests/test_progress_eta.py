@@ -58,8 +58,14 @@ def test_an_actor_in_the_mixed_loop_counts_its_first_rows_drawing_time_in_its_ra
     from twig_batch.io.storage import open_storage
 
     events = RunEvents(storage=open_storage(str(tmp_path)), info={"attempts": [{}]}, echo=lambda line: None)
-    events.add([{"kind": "part_size", "actor": "a", "images": 512, "most": 512, "loop": "mixed"},
-                {"kind": "part", "actor": "a", "images": 32, "draw_s": 60.0}])
+    lines = []
+    progress = Progress(total=512, echo=lines.append, drawing=events.actors_drawing)
+    progress.report()
+    assert "waiting for the first part (actors load the model" in lines[-1]
+    events.add([{"kind": "part_size", "actor": "a", "images": 512, "most": 512, "loop": "mixed"}])
+    progress.report()
+    assert "waiting for the first rows (1 actor(s) drawing)" in lines[-1]
+    events.add([{"kind": "part", "actor": "a", "images": 32, "draw_s": 60.0}])
     assert events.steady_images_per_s() == 32 / 60
     events.add([{"kind": "part", "actor": "a", "images": 32, "draw_s": 2.0},
                 {"kind": "part", "actor": "a", "images": 32, "draw_s": 2.0}])

@@ -67,7 +67,7 @@ def test_progress_and_summary_are_printed(big_run):
     _, dest, result = big_run
     assert "200 prompts x 2 samples" in result.output
     progress = [line for line in result.output.splitlines() if line.startswith("progress:")]
-    waiting = [line for line in progress if "waiting for the first part" in line]
+    waiting = [line for line in progress if "waiting for the first" in line]
     drawing = progress[len(waiting):]  # the actors' start is said until the first rows arrive, then the rate
     assert all(line.startswith("progress: 0/400 images") for line in waiting)
     assert drawing and all("images/s" in line and "ETA" in line and "errors 0" in line for line in drawing)

@@ -123,6 +123,7 @@ def run_batch(config: RunConfig, echo=print) -> dict:
                 echo(checked.text_lengths.describe())
             events = RunEvents(storage, info, progress.say)
             progress.steady_rate = events.running_images_per_s
+            progress.drawing = events.actors_drawing
             board_name = f"twig-batch-retries-{attempt}"
             board = new_board(board_name)
             storage.retry_watcher = WriteWatcher(board, "driver")

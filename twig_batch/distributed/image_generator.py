@@ -191,11 +191,17 @@ class ImageGenerator:
         """Rows as the mixed loop finishes images: the batch is one part, each image written as soon as
         it is done, its row handed back with the others written by then (`STREAM_ROWS`,
         `STREAM_EVERY_S`), each group with a "part" event of its own (the driver's rates and ETA); the
-        rows that failed come last. A part split after a failure draws only the images not handed back."""
+        rows that failed come last. A part split after a failure draws only the images not handed back.
+        For the batch driver, an empty table first brings the actor's start and part size."""
         self._finished, self._delivered = queue.Queue(), set()
         drawing = self._drawing.submit(self._every_part, list(requests))
         writes, since = [], time.perf_counter()
+        announced = not self.report_events  # a pipeline of the user's own gets no events
         while True:
+            if not announced and self._part_size_said():
+                # The first rows are a whole chain of stages away: the driver hears of the start now.
+                announced = True
+                yield []
             try:
                 request, result, seconds = self._finished.get(timeout=0.2)
                 if not writes:  # a group waits STREAM_EVERY_S from its first image: the first image
@@ -221,6 +227,10 @@ class ImageGenerator:
         while waiting:
             drawn += self._next_part(waiting)
         return drawn
+
+    def _part_size_said(self) -> bool:
+        with self._events_lock:
+            return any(event["kind"] == "part_size" for event in self._events)
 
     def _drawn(self, drawing: Future) -> list[Drawn]:
         """What the drawing thread drew; after an error that leaves the device unusable, the process ends."""

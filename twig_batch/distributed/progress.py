@@ -36,6 +36,7 @@ class Progress:
     # the steady one). The ETA uses it: the rate since the start still carries the actors' start, which
     # would put a first ETA of a long run hours off.
     steady_rate: callable = None
+    drawing: callable = None  # how many actors have begun to draw (None: not known); said while no row has come
     ok: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -83,11 +84,16 @@ class Progress:
         percent = 100.0 * self.done / self.total if self.total else 100.0
         note = f" | {note}" if note else ""
         if self._first_rows is None:
-            return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | waiting for the first part "
-                    f"(actors load the model, compile kernels, capture graphs) | "
+            return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | {self._waiting()} | "
                     f"{format_duration(time.monotonic() - self.started)} elapsed{note}")
         return (f"progress: {self.done}/{self.total} images ({percent:.1f}%) | {self.rate():.2f} images/s | "
                 f"ETA {format_duration(self.eta_s())} | errors {self.errors}{note}")
+
+    def _waiting(self) -> str:
+        drawing = self.drawing() if self.drawing is not None else 0
+        if drawing:
+            return f"waiting for the first rows ({drawing} actor(s) drawing)"
+        return "waiting for the first part (actors load the model, compile kernels, capture graphs)"
 
     def bar(self, width: int = 24, note: str = "") -> str:
         filled = int(width * self.done / self.total) if self.total else width

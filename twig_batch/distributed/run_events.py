@@ -40,6 +40,10 @@ class RunEvents:
         rates = [rate for rate in map(_steady_rate, self.attempt["actor_stats"].values()) if rate is not None]
         return sum(rates) if rates else None
 
+    def actors_drawing(self) -> int:
+        """Actors that have said their part size: they have started to draw."""
+        return sum(1 for a in self.attempt["actor_stats"].values() if "part_images" in a)
+
     def running_images_per_s(self) -> float | None:
         """The steady rate once known; before that, each actor's own rate over its first part (graph
         captures included), summed: after the first rows, an ETA from it is minutes closer than one from
