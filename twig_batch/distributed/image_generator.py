@@ -5,9 +5,9 @@ callable class of a Ray Data `map_batches` in a pipeline of the user's own.
 prompt, sample_index, seed) into manifest rows. It is a generator: the batch is
 drawn in parts that fit the device, and each part's rows are handed back as soon as they are
 written, so the driver sees progress part by part. In the mixed loop (`GenerationSettings.runs_mixed`)
-the batch is one part, and rows come back as its images finish, a few at a time. With `output` set, the images are written there
-and the rows carry their URIs; without it, the PNG bytes travel in the returned batches, for
-pipelines that want to handle images themselves.
+the batch is one part, and rows come back as its images finish, a few at a time. With `output` set,
+the images are written there and the rows carry their URIs; without it, the PNG bytes travel in the
+returned batches, for pipelines that want to handle images themselves.
 
 The batch job hands every actor its one `GenerationSettings` and work items that carry their final
 ids and seeds: nothing is derived again here. A pipeline of the user's own may pass a dict of

@@ -8,8 +8,8 @@ program waiting on it at once, between two steps, once a few are waiting (`HOST_
 The loop holds the programs not started yet in a queue and, at every step:
 1. admits stages: first those asked by programs already running (in the order asked), then the first
    stages of new programs (while fewer than `MAX_PROGRAMS` run), while the page pool can promise what
-   each stage may need (`stages.py`) and the step's row limit allows. A stage that cannot be promised its pages waits, and the ones asked
-   after it wait behind it, so no image starves;
+   each stage may need (`stages.py`) and the step's row limit allows. A stage that cannot be promised
+   its pages waits, and the ones asked after it wait behind it, so no image starves;
 2. builds one step: every run that is decoding feeds its one token, runs still prefilling share what
    is left of the step's token budget in chunks (a run's two CFG rows always take the same chunk);
 3. runs it (`step.mixed_step`; a step where every row feeds one token at fixed shapes, `graphs.py`,
@@ -52,10 +52,9 @@ HOST_ROUND, HOST_WAIT = 16, 4
 # Injected runs are thought for and redone together once PARK_ROUND are waiting, the oldest has
 # waited PARK_WAIT steps, or nothing else is fed.
 PARK_ROUND, PARK_WAIT = 32, 8
-# Images in the loop at once, at most. More than fill a step's token budget only make every image
-# slower: a call of 512 twig images at once finished its first image after 150 s and ran at 2.6
-# images/s on an H200, against 2.95 in calls of 128 (benchmarks/README.md). A new image starts as one
-# finishes, so images finish at a steady pace.
+# Images in the loop at once, at most. Once the steps are full, more do not draw faster and each image
+# takes longer: 512 twig images at once on an H200 finished their first image after 150 s, 128 at once
+# after 57 s, at the same rate (2.7 images/s, benchmarks/README.md). A new image starts as one finishes.
 MAX_PROGRAMS = 128
 
 
