@@ -46,7 +46,7 @@ def describe_event(event: dict) -> str:
         if event.get("loop") == "mixed":
             origin = "the mixed loop: each image through its stages on its own, its row handed back when done"
         else:
-            origin = f"at most {most} fit its free memory" if event.get("from_free_memory") else f"at most {most} as set"
+            origin = f"at most {most} " + ("fit its free memory" if event.get("from_free_memory") else "as set")
             origin += "; every image of a part through each stage together" if event.get("loop") else ""
         return f"actor {actor} draws parts of {event['images']} image(s) ({origin})"
     if kind == "uncompiled_kernels":

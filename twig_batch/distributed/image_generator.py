@@ -212,7 +212,8 @@ class ImageGenerator:
             over = drawing.done() and self._finished.empty()  # every image is put before the part ends
             now = time.perf_counter()
             if writes and (over or len(writes) >= STREAM_ROWS or now - first >= STREAM_EVERY_S):
-                self._event({"kind": "part", "actor": self.name, "images": len(writes), "draw_s": round(now - since, 3)})
+                self._event({"kind": "part", "actor": self.name, "images": len(writes),
+                             "draw_s": round(now - since, 3)})
                 yield self._written(writes)
                 writes, since = [], now
             if over:
