@@ -1,11 +1,12 @@
 """The mixed loop beside the lockstep engine on one GPU (random Janus-Pro-7B-sized, bf16), per mode.
 
 Usage: python benchmarks/mixed_speed.py --out DIR [--modes plain seed twig] [--images 64] [--no-lockstep]
-       [--syncs N] [--defaults] [--step-tokens 2048 ...] [--max-programs 128 ...]
+       [--syncs N] [--defaults] [--step-tokens 2048 ...] [--max-programs 128 ...] [--host-round R --host-wait W]
 Each mode's workload is BENCHMARK.md's (`bench_common.workload_settings`; plain: the model's defaults),
 or with --defaults the settings `twig-batch run` uses by default (set TWIG_BATCH_EMULATE_TEXT_LENGTHS
 for realistic text lengths). With several --step-tokens or --max-programs the mixed loop runs
-once per combination (its step budget, `STEP_TOKENS`; images in it at once, `MAX_PROGRAMS`).
+once per combination (its step budget, `STEP_TOKENS`; images in it at once, `MAX_PROGRAMS`);
+--host-round and --host-wait replace the loop's `HOST_ROUND` and `HOST_WAIT` for the whole run.
 Both paths run the same requests once after a two-image warm-up (kernels compiled); the lockstep
 engine draws them in parts as a worker plans and sizes them (`lockstep_part`: what fits the free
 memory, in parts of about equal size), the mixed loop's pages fill the free memory. Reported per path:
@@ -187,9 +188,12 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true", help="the settings `twig-batch run` uses by default")
     parser.add_argument("--step-tokens", type=int, nargs="+", default=[STEP_TOKENS])
     parser.add_argument("--max-programs", type=int, nargs="+", default=[MAX_PROGRAMS])
+    parser.add_argument("--host-round", type=int, default=loop_module.HOST_ROUND)
+    parser.add_argument("--host-wait", type=int, default=loop_module.HOST_WAIT)
     parser.add_argument("--syncs", type=int, default=0, metavar="N",
                         help="then N images under torch's sync debug mode: where the host waits (untimed)")
     args = parser.parse_args()
+    loop_module.HOST_ROUND, loop_module.HOST_WAIT = args.host_round, args.host_wait
     bundle = load_janus("random-7b", "cuda", torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -198,7 +202,8 @@ def main() -> None:
     for mode, step_tokens, max_programs in runs:
         record = run_mode(bundle, mode, args.images, args.profile, not args.no_lockstep, args.syncs,
                           args.defaults, step_tokens, max_programs)
-        record |= {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+        record |= {"host_round": args.host_round, "host_wait": args.host_wait, "gpu": torch.cuda.get_device_name(),
+                   "date": time.strftime("%Y-%m-%d")}
         records.append(record)
         print(json.dumps(record), flush=True)
         (args.out / "mixed_speed.json").write_text(json.dumps(records, indent=1))

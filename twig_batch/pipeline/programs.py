@@ -53,12 +53,15 @@ class HostWork:
         for index, (_, band, _) in enumerate(items):
             by_band.setdefault(band, []).append(index)
         for band, members in by_band.items():
-            rows = self.schedule.rows_after(band) * self.schedule.grid
-            codes = torch.stack([items[i][0][:rows] for i in members])
+            drawn = self.schedule.rows_after(band) * self.schedule.grid  # codes drawn so far
+            codes = torch.stack([items[i][0][:drawn] for i in members])
             pixels = band_pixels(self.bundle, codes, self.schedule, band)
             seen = [i for i in members if items[i][2]]
-            canvases = canvas_pixels(self.bundle, torch.stack([items[i][0][:rows] for i in seen])) if seen else []
-            canvas_of = dict(zip(seen, canvases))
+            if drawn == self.bundle.image_tokens:  # the last band: its image is the whole canvas, decoded once
+                canvas_of = {i: pixels[members.index(i)] for i in seen}
+            else:
+                canvases = canvas_pixels(self.bundle, torch.stack([items[i][0][:drawn] for i in seen])) if seen else []
+                canvas_of = dict(zip(seen, canvases))
             for n, index in enumerate(members):
                 results[index] = (pixels[n:n + 1], canvas_of.get(index))
         return results
