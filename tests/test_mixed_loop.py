@@ -306,17 +306,21 @@ def test_images_that_reach_a_decode_together_are_decoded_and_seen_in_one_call(sm
         assert same(result, reference_staged(small, request, settings))
 
 
-def test_twig_decodes_the_last_band_once_its_image_being_the_canvas_the_model_sees(small):
+@pytest.mark.parametrize("loop", ["mixed", "lockstep"])
+def test_twig_decodes_the_last_band_once_its_image_being_the_canvas_the_model_sees(small, loop):
     """A band image is decoded from the rows drawn so far, a canvas from the whole grid with the rows
     not drawn yet as code 0; after the last band the two are the same codes, so they are decoded once:
-    per image 3 band images and 2 canvases go through the VQ decoder, not 6, and the images, thoughts
-    and reflections are still the reference's."""
+    per image 3 band images and 2 canvases go through the VQ decoder, not 6, in either loop, and the
+    images, thoughts and reflections are still the reference's."""
     settings = GenerationSettings(mode="twig", bands=3, think_max_tokens=5)
     requests = requests_for(PROMPTS[:3])
     decoded = []
     hook = small.model.model.vqmodel.decoder.register_forward_hook(lambda _, args, out: decoded.append(out.shape[0]))
     try:
-        got = generate_mixed(small, requests, settings, loop=mixed_loop(small, pages=4000, page_size=4))
+        if loop == "mixed":
+            got = generate_mixed(small, requests, settings, loop=mixed_loop(small, pages=4000, page_size=4))
+        else:
+            got = generate_images(small, requests, dataclasses.replace(settings, loop="lockstep"))
     finally:
         hook.remove()
     assert all(result.redrawn_bands == [] for result in got)  # else a redraw adds its own decodes

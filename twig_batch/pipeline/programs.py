@@ -19,7 +19,7 @@ import torch
 from twig_batch.engine.mixed.stages import HostCall, ImageStage, TextStage
 from twig_batch.engine.transfer import HostCopy
 from twig_batch.imaging import to_pil
-from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
+from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvases_after
 from twig_batch.pipeline.guidance import GuidanceRequest
 from twig_batch.pipeline.modes import condition_text, redraw_seed
 from twig_batch.pipeline.reflection import ReflectionRequest, read_reflection
@@ -56,12 +56,9 @@ class HostWork:
             drawn = self.schedule.rows_after(band) * self.schedule.grid  # codes drawn so far
             codes = torch.stack([items[i][0][:drawn] for i in members])
             pixels = band_pixels(self.bundle, codes, self.schedule, band)
-            seen = [i for i in members if items[i][2]]
-            if drawn == self.bundle.image_tokens:  # the last band: its image is the whole canvas, decoded once
-                canvas_of = {i: pixels[members.index(i)] for i in seen}
-            else:
-                canvases = canvas_pixels(self.bundle, torch.stack([items[i][0][:drawn] for i in seen])) if seen else []
-                canvas_of = dict(zip(seen, canvases))
+            seen = [n for n, i in enumerate(members) if items[i][2]]
+            canvases = canvases_after(self.bundle, codes[seen], self.schedule, band, pixels[seen]) if seen else []
+            canvas_of = {members[n]: canvas for n, canvas in zip(seen, canvases)}
             for n, index in enumerate(members):
                 results[index] = (pixels[n:n + 1], canvas_of.get(index))
         return results

@@ -24,7 +24,7 @@ import torch
 
 from twig_batch.engine.runner import Engine
 from twig_batch.imaging import to_pil
-from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvas_pixels
+from twig_batch.pipeline.bands import BandSchedule, band_label, band_pixels, canvases_after
 from twig_batch.pipeline.request import ImageRequest, ImageResult
 from twig_batch.pipeline.guidance import GuidanceRequest, ModelGuide
 from twig_batch.pipeline.modes import condition_text, redraw_seed
@@ -166,7 +166,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
         looks_again = mode == "twig" and (settings.reflect or band + 1 < bands)
         with clock("decode_s", everyone):
             pixels = band_pixels(bundle, codes, schedule, band)
-            canvas = canvas_pixels(bundle, codes) if looks_again else None
+            canvas = canvases_after(bundle, codes, schedule, band, pixels) if looks_again else None
         for i, image in enumerate(to_pil(pixels)):
             band_images[i].append((band_label(band, bands), image))
         if mode != "twig" or not settings.reflect:
@@ -189,7 +189,7 @@ def generate_staged(bundle, requests: list[ImageRequest], settings: GenerationSe
         codes[again, schedule.start(band):] = draw(again, band, [redraw_seed(requests[i].seed, band) for i in again])
         with clock("decode_s", again):
             pixels[again] = band_pixels(bundle, codes[again], schedule, band)
-            canvas[again] = canvas_pixels(bundle, codes[again])
+            canvas[again] = canvases_after(bundle, codes[again], schedule, band, pixels[again])
         for i in again:
             band_images[i].append((band_label(band, bands, redrawn=True), to_pil(pixels[i:i + 1])[0]))
 
