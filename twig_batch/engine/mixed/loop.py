@@ -47,15 +47,21 @@ from twig_batch.seeds import STREAM_TEXT
 
 MIN_STEP_TOKENS = 8
 # Host calls wait for others to join them (each round of them stops the steps while it runs) until
-# HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs.
-HOST_ROUND, HOST_WAIT = 16, 4
+# HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs. A round's cost
+# is mostly the launches of the VQ decoder and the vision model, whatever it carries: for 256 twig
+# images on an H200, rounds of 3.5 calls on average (16, 4) took 9.4 s of host time, rounds of 7.7
+# (48, 12) 6.5 s, and the images drew at 3.13/s against 2.89 (benchmarks/README.md).
+HOST_ROUND, HOST_WAIT = 48, 12
 # Injected runs are thought for and redone together once PARK_ROUND are waiting, the oldest has
 # waited PARK_WAIT steps, or nothing else is fed.
 PARK_ROUND, PARK_WAIT = 32, 8
-# Images in the loop at once, at most. Once the steps are full, more do not draw faster and each image
-# takes longer: 512 twig images at once on an H200 finished their first image after 150 s, 128 at once
-# after 57 s, at the same rate (2.7 images/s, benchmarks/README.md). A new image starts as one finishes.
-MAX_PROGRAMS = 128
+# Images in the loop at once, at most; a new image starts as one finishes. Each image is a chain of
+# about 1,000 steps, one token each, so the rate is the images at once over the chain's time while
+# the steps are not full: for twig on an H200 128 at once fed 1,035 tokens a step on average, 256 at
+# once 1,553, and drew at 3.36 images/s against 2.89. More do not draw faster once the steps are full
+# or the pages are all held, and each image takes longer: 512 twig images at once finished their
+# first image after 150 s, 128 at once after 57 s (benchmarks/README.md).
+MAX_PROGRAMS = 256
 
 
 class _Program:

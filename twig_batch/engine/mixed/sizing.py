@@ -7,7 +7,9 @@ from twig_batch.engine.mixed.loop import MixedLoop
 from twig_batch.engine.mixed.pages import PagePool
 
 PAGE_SIZE = 16  # token slots per KV page
-STEP_TOKENS = 2048  # tokens one step feeds at most: every decoding row, then prefill chunks
+# Tokens one step feeds at most: every decoding row, then prefill chunks. For twig on an H200, 2,048
+# held prefills back (35 % of steps full) and drew 2.82 images/s; 4,096 (11 % full) drew 3.05.
+STEP_TOKENS = 4096
 HOST_POOL_BYTES = 1 << 30  # the page pool off a GPU, where no free memory is measured
 
 
