@@ -49,8 +49,9 @@ MIN_STEP_TOKENS = 8
 # Host calls wait for others to join them (each round of them stops the steps while it runs) until
 # HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs. A round's cost
 # is mostly the launches of the VQ decoder and the vision model, whatever it carries: for 256 twig
-# images on an H200, rounds of 3.5 calls on average (16, 4) took 9.4 s of host time, rounds of 7.7
-# (48, 12) 6.5 s, and the images drew at 3.13/s against 2.89 (benchmarks/README.md).
+# images on an H200, 128 at once, rounds of 3.5 calls on average (16, 4) took 9.4 s of host time,
+# rounds of 7.7 (48, 12) 6.5 s, and the images drew at 3.13/s against 2.89; 256 at once, 3.13 against
+# 3.00 (benchmarks/README.md).
 HOST_ROUND, HOST_WAIT = 48, 12
 # Injected runs are thought for and redone together once PARK_ROUND are waiting, the oldest has
 # waited PARK_WAIT steps, or nothing else is fed.
