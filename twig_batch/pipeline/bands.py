@@ -87,7 +87,8 @@ def canvas_pixels(bundle, codes: torch.Tensor) -> torch.Tensor:
     return decode_codes(bundle, fill_to_grid(codes, bundle.grid))
 
 
-def canvases_after(bundle, codes: torch.Tensor, schedule: BandSchedule, band: int, pixels: torch.Tensor) -> torch.Tensor:
+def canvases_after(bundle, codes: torch.Tensor, schedule: BandSchedule, band: int,
+                   pixels: torch.Tensor) -> torch.Tensor:
     """The canvases [B, px, px, 3] the model looks at after band `band` of partial rasters `codes`
     [B, rows_after(band) * grid], whose band images are `pixels` (`band_pixels`). After the last band
     a band image is the whole picture, the same codes as its canvas: it is not decoded again."""
