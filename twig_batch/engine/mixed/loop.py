@@ -59,9 +59,10 @@ PARK_ROUND, PARK_WAIT = 32, 8
 # Images in the loop at once, at most; a new image starts as one finishes. Each image is a chain of
 # about 1,000 steps, one token each, so the rate is the images at once over the chain's time while
 # the steps are not full: for twig on an H200 128 at once fed 1,035 tokens a step on average, 256 at
-# once 1,553, and drew at 3.36 images/s against 2.89. More do not draw faster once the steps are full
-# or the pages are all held, and each image takes longer: 512 twig images at once finished their
-# first image after 150 s, 128 at once after 57 s (benchmarks/README.md).
+# once 1,553, and drew at 3.36 images/s against 2.89 on one machine (3.00 on another). More do not
+# draw faster once the steps are full or the pages are all held, and each image takes longer: 512
+# twig images at once finished their first image after 150 s, 128 at once after 57 s
+# (benchmarks/README.md).
 MAX_PROGRAMS = 256
 
 
