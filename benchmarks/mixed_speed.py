@@ -33,8 +33,8 @@ from bench_common import controller_for, oom_record, requests_for, start_fresh, 
 from sync_sites import counted_syncs
 from twig_batch.distributed.image_generator import even_parts, part_size
 from twig_batch.engine.mixed import loop as loop_module
-from twig_batch.engine.mixed.loop import MAX_PROGRAMS, STEP_TOKENS
-from twig_batch.engine.mixed.sizing import mixed_loop
+from twig_batch.engine.mixed.loop import MAX_PROGRAMS
+from twig_batch.engine.mixed.sizing import STEP_TOKENS, mixed_loop
 from twig_batch.engine.runner import Engine
 from twig_batch.model import load_janus
 from twig_batch.pipeline import generate_images

@@ -57,8 +57,7 @@ class HostWork:
             codes = torch.stack([items[i][0][:drawn] for i in members])
             pixels = band_pixels(self.bundle, codes, self.schedule, band)
             seen = [n for n, i in enumerate(members) if items[i][2]]
-            take = seen if len(seen) < len(members) else slice(None)  # twig wants every canvas: no gather
-            canvases = canvases_after(self.bundle, codes[take], self.schedule, band, pixels[take]) if seen else []
+            canvases = canvases_after(self.bundle, codes[seen], self.schedule, band, pixels[seen]) if seen else []
             canvas_of = {members[n]: canvas for n, canvas in zip(seen, canvases)}
             for n, index in enumerate(members):
                 results[index] = (pixels[n:n + 1], canvas_of.get(index))

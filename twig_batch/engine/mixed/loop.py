@@ -46,9 +46,6 @@ from twig_batch.engine.shared_prefix import shared_picture_prefix
 from twig_batch.seeds import STREAM_TEXT
 
 MIN_STEP_TOKENS = 8
-# Tokens one step feeds at most: every decoding row, then prefill chunks. For twig on an H200, 2,048
-# held prefills back (35 % of steps full) and drew 2.82 images/s; 4,096 (11 % full) drew 3.05.
-STEP_TOKENS = 4096
 # Host calls wait for others to join them (each round of them stops the steps while it runs) until
 # HOST_ROUND are waiting, the oldest has waited HOST_WAIT steps, or nothing else runs. A round's cost
 # is mostly the launches of the VQ decoder and the vision model, whatever it carries: for 256 twig
@@ -96,7 +93,7 @@ class MixedLoop:
     rows first, then prefill chunks); `max_rows`: sequences in one step at most; `max_programs`:
     programs running at once at most (the others wait their turn)."""
 
-    def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = STEP_TOKENS,
+    def __init__(self, bundle, pool: PagePool, model: FastModel | None = None, step_tokens: int = 2048,
                  max_rows: int = 512, profile: bool = False, fixed_steps: bool | None = None,
                  max_programs: int = MAX_PROGRAMS):
         """With `profile`, each step waits for its forward pass, so that `seconds["forward"]` is the
